@@ -1,0 +1,372 @@
+"""Top-down glimpse geometry and extraction (papers 002 and 000; CanViT's glimpse, paper 003).
+
+Papers
+  [002] Prisadnikov, Paudel, Fu, Van Gool, "Vision encoders should be image size agnostic and
+        task driven", arXiv 2508.16317.
+  [000] "Self-supervised pretraining for an iterative image size agnostic vision transformer",
+        arXiv 2604.20392.
+  [003] Berreby, Du, Durand, Krishna, "CanViT: Toward Active-Vision Foundation Models".
+
+A patch is *top-down*: its size is a fraction of the image, not a number of pixels, so the same
+gaze sees the same part of the scene at any resolution. This module turns gazes into pixel
+boxes (the geometry) and boxes into fixed-size patches (the extraction). The extraction of
+choice is a box filter over a summed-area table built once per image [000, App. A]: its cost
+per output pixel does not depend on the image or the box size, and it does not alias.
+
+Conventions (one geometry for all three papers)
+  * A point is (y, x) = (row, col) in [-1, 1]^2, (-1, -1) the top-left corner of the image.
+  * A square patch of zoom z has side min(H, W) / 2^z pixels [002, Sec. 5.1]; in CanViT's terms
+    its scale is s = 2^-z, the side as a fraction of the shorter image side.
+  * Boxes are pixel rectangles (y0, x0, y1, x1), continuous: pixel (i, j) covers [i, i+1) x [j, j+1).
+  * Outside the image counts as zero (after normalisation: the mean colour), as in both
+    official codes.
+
+Shapes
+  B batch, P patches per image, C channels, H x W image, p patch pixels (side), g grid side,
+  M multi-zoom patches, gp glimpse pixels (side).
+
+Paper -> code
+  002 Sec. 5.1, Alg. 1   multi-zoom patches             multizoom_patches
+  000 App. B, Eq. 5-6    dense foveal grid              foveal_grid, foveal_context
+  000 Sec. 5.3           "ViT mode" grid                vit_grid
+  000 App. B, Eq. 7      random implicit crops          random_grid_crops, area_to_zoom
+  000 App. A, Eq. 3      summed-area table              integral_image
+  000 App. A, Eq. 4      box filter extraction          box_patches (exact=False: the paper's)
+  003 Sec. 3             viewpoint -> glimpse           bilinear_glimpse, viewpoint_boxes
+
+Run `python fovea.py` for a picture of the patches, `python fovea.py --bench` for the
+extraction benchmark, `python -m pytest tests/test_fovea.py` for the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry: gazes and zoom levels -> pixel boxes
+# ----------------------------------------------------------------------------------------------
+
+class Patches(NamedTuple):
+    """Where the patches of a glimpse lie.
+
+    boxes: (B, P, 4) float32 pixel rectangles (y0, x0, y1, x1) of the image they were made for.
+    yxz:   (B, P, 3) float32 patch centre (y, x) in [-1, 1] and zoom level z (side = min(H, W) / 2^z).
+    """
+    boxes: Tensor
+    yxz: Tensor
+
+
+def cat_patches(*parts: Patches) -> Patches:
+    """Concatenate patch sets along P (e.g. multi-zoom + foveal grid)."""
+    return Patches(torch.cat([p.boxes for p in parts], 1), torch.cat([p.yxz for p in parts], 1))
+
+
+def zoom_to_scale(z: Tensor | float) -> Tensor | float:
+    """[002] zoom level z -> CanViT scale s = 2^-z (side / shorter image side)."""
+    return 2.0 ** (-z)
+
+
+def scale_to_zoom(s: Tensor | float) -> Tensor | float:
+    """CanViT scale s -> [002] zoom level z = -log2(s)."""
+    return -torch.log2(s) if isinstance(s, Tensor) else -math.log2(s)
+
+
+def from_paper002(xy01: Tensor) -> Tensor:
+    """[002] gaze (x, y) in [0, 1]^2 -> (y, x) in [-1, 1]^2. (..., 2) -> (..., 2)."""
+    # NOTE(paper): 002 writes centres as (x, y) in [0, 1] (Alg. 1 reads center[1] as the row);
+    # this project uses (row, col) in [-1, 1], as the official CanViT code does.
+    return xy01.flip(-1) * 2.0 - 1.0
+
+
+def to_paper002(center_yx: Tensor) -> Tensor:
+    """(y, x) in [-1, 1]^2 -> [002] (x, y) in [0, 1]^2. (..., 2) -> (..., 2)."""
+    return (center_yx.flip(-1) + 1.0) / 2.0
+
+
+def _check_centres(center_yx: Tensor) -> None:
+    if center_yx.dim() != 2 or center_yx.shape[-1] != 2:
+        raise ValueError(f"gaze centres must be (B, 2) (y, x), got shape {tuple(center_yx.shape)}")
+    if not center_yx.is_floating_point():
+        raise TypeError(f"gaze centres must be floating point, got {center_yx.dtype}")
+
+
+def _square_boxes(cy: Tensor, cx: Tensor, side: Tensor) -> Tensor:
+    """Pixel centres and sides (broadcastable) -> (..., 4) boxes (y0, x0, y1, x1)."""
+    half = side / 2
+    return torch.stack(torch.broadcast_tensors(cy - half, cx - half, cy + half, cx + half), -1)
+
+
+def _to_pixels(center_yx: Tensor, image_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """(B, 2) (y, x) in [-1, 1] -> pixel row and column, (B,) each."""
+    H, W = image_hw
+    return (center_yx[:, 0] + 1) / 2 * H, (center_yx[:, 1] + 1) / 2 * W
+
+
+def _to_unit(py: Tensor, px: Tensor, image_hw: tuple[int, int]) -> Tensor:
+    """Pixel rows and columns (same shape) -> (..., 2) (y, x) in [-1, 1]."""
+    H, W = image_hw
+    return torch.stack([py / H * 2 - 1, px / W * 2 - 1], -1)
+
+
+def multizoom_patches(center_yx: Tensor, image_hw: tuple[int, int], num_patches: int = 16,
+                      max_z: float = 4.0) -> Patches:
+    """[002] Sec. 5.1, Alg. 1: M concentric square crops around each gaze.
+
+    center_yx: (B, 2) gaze (y, x) in [-1, 1]. Zoom levels z = linspace(0, max_z, M); the crop of
+    zoom z has side min(H, W) / 2^z, so z = 0 spans the shorter side and each unit of z halves it.
+    Returns Patches with P = M, coarsest first.
+    """
+    _check_centres(center_yx)
+    B, dev = center_yx.shape[0], center_yx.device
+    H, W = image_hw
+    z = torch.linspace(0, max_z, num_patches, device=dev, dtype=torch.float32)   # (M,)
+    side = min(H, W) / 2.0 ** z                                                   # (M,)
+    py, px = _to_pixels(center_yx.float(), image_hw)                              # (B,)
+    boxes = _square_boxes(py[:, None], px[:, None], side[None, :])               # (B, M, 4)
+    yxz = torch.cat([center_yx.float()[:, None, :].expand(B, num_patches, 2),
+                     z[None, :, None].expand(B, num_patches, 1)], -1)             # (B, M, 3)
+    return Patches(boxes, yxz)
+
+
+def foveal_grid(center_yx: Tensor, image_hw: tuple[int, int], grid: int,
+                z: Tensor | float) -> Patches:
+    """[000] App. B, Eq. 5-6: a g x g grid of square patches of zoom z centred on the gaze.
+
+    Eq. 5: each patch has side S = min(H, W) / 2^z. Eq. 6: patch (i, j) is centred at
+    gaze + ((i, j) - (g - 1) / 2) * S, so the grid (side g * S) is centred on the gaze.
+    center_yx: (B, 2); z: a float or (B,). Returns Patches with P = g^2, row-major.
+    """
+    _check_centres(center_yx)
+    B, dev = center_yx.shape[0], center_yx.device
+    z = torch.as_tensor(z, dtype=torch.float32, device=dev).expand(B)             # (B,)
+    side = min(image_hw) / 2.0 ** z                                               # (B,)
+    offs = torch.arange(grid, device=dev, dtype=torch.float32) - (grid - 1) / 2   # (g,)
+    oy, ox = torch.meshgrid(offs, offs, indexing="ij")                            # (g, g)
+    py, px = _to_pixels(center_yx.float(), image_hw)
+    cy = py[:, None] + oy.reshape(1, -1) * side[:, None]                          # (B, g*g)
+    cx = px[:, None] + ox.reshape(1, -1) * side[:, None]
+    boxes = _square_boxes(cy, cx, side[:, None])                                  # (B, g*g, 4)
+    yxz = torch.cat([_to_unit(cy, cx, image_hw),
+                     z[:, None, None].expand(B, grid * grid, 1)], -1)             # (B, g*g, 3)
+    return Patches(boxes, yxz)
+
+
+def foveal_context(center_yx: Tensor, image_hw: tuple[int, int], num_zoom: int = 16,
+                   max_z: float = 4.0, grid: int = 5, grid_z: Tensor | float = 3.0) -> Patches:
+    """[000] Sec. 3.2: the composite context, multi-zoom patches (periphery) then the dense
+    foveal grid (fovea). A fixed token count M + g^2 whatever the image size."""
+    return cat_patches(multizoom_patches(center_yx, image_hw, num_zoom, max_z),
+                       foveal_grid(center_yx, image_hw, grid, grid_z))
+
+
+def vit_grid(batch: int, image_hw: tuple[int, int], grid: int,
+             device: torch.device | str | None = None) -> Patches:
+    """[000] Sec. 5.3 "ViT mode": a static g x g grid tiling the whole image.
+
+    Cells are H/g x W/g pixels (square for a square image, where the zoom is log2(g)).
+    NOTE(paper): for a non-square image the paper does not say; tiling the whole image keeps
+    every pixel in view, and z = log2(g) is the zoom of the shorter side's cells.
+    """
+    H, W = image_hw
+    centres = (torch.arange(grid, device=device, dtype=torch.float32) + 0.5) / grid * 2 - 1
+    gy, gx = torch.meshgrid(centres, centres, indexing="ij")                      # (g, g)
+    yx = torch.stack([gy.reshape(-1), gx.reshape(-1)], -1)                        # (g*g, 2)
+    py, px = (yx[:, 0] + 1) / 2 * H, (yx[:, 1] + 1) / 2 * W
+    boxes = torch.stack([py - H / grid / 2, px - W / grid / 2,
+                         py + H / grid / 2, px + W / grid / 2], -1)               # (g*g, 4)
+    z = torch.full((grid * grid, 1), math.log2(grid), device=device)
+    yxz = torch.cat([yx, z], -1)                                                  # (g*g, 3)
+    return Patches(boxes.expand(batch, -1, -1), yxz.expand(batch, -1, -1))
+
+
+def area_to_zoom(area: Tensor | float, grid: int,
+                 image_hw: tuple[int, int] = (1, 1)) -> Tensor | float:
+    """[000] App. B, Eq. 7: the zoom at which a g x g grid covers `area` (a fraction of H * W).
+
+    A patch of zoom z has side min(H, W) / 2^z, so the grid covers g^2 min(H, W)^2 / 4^z / (H W);
+    setting that to `area` gives z = log2(g * min(H, W) / sqrt(area * H * W)). For a square image,
+    z = log2(g / sqrt(area)), and area >= a_min <=> z <= log2(g / sqrt(a_min)) (Eq. 7).
+    """
+    H, W = image_hw
+    ratio = grid * min(H, W) / math.sqrt(H * W)
+    if isinstance(area, Tensor):
+        return torch.log2(ratio / area.sqrt())
+    return math.log2(ratio / math.sqrt(area))
+
+
+def random_grid_crops(batch: int, image_hw: tuple[int, int], grid: int,
+                      area_range: tuple[float, float], generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> Patches:
+    """[000] App. B: a DINO random-resized crop done top-down, as a g x g foveal grid.
+
+    The grid's total area is a fraction a ~ U(area_range) of the image (DINO: (0.32, 1) for
+    global views, (0.05, 0.32) for local ones); its zoom follows from Eq. 7 and its centre is
+    uniform over the positions that keep the whole grid inside the image.
+    NOTE(paper): the paper picks "the zoom level range" from the area range; we draw the area
+    uniformly, as torchvision's RandomResizedCrop (the augmentation being imitated) does.
+    """
+    H, W = image_hw
+    a_lo, a_hi = area_range
+    if not 0 < a_lo <= a_hi <= 1:
+        raise ValueError(f"area_range must satisfy 0 < lo <= hi <= 1, got {area_range}")
+    # A square grid fits inside the image only if its side <= min(H, W).
+    a_hi = min(a_hi, min(H, W) / max(H, W))
+    a_lo = min(a_lo, a_hi)
+    u = torch.rand(batch, 3, generator=generator, device="cpu", dtype=torch.float64)
+    area = a_lo + (a_hi - a_lo) * u[:, 0]                                         # (B,)
+    span = torch.sqrt(area * H * W)                                               # grid side, px
+    cy = span / 2 + u[:, 1] * (H - span)                                          # centre, px
+    cx = span / 2 + u[:, 2] * (W - span)
+    centre = _to_unit(cy, cx, image_hw).float().to(device)                        # (B, 2)
+    z = area_to_zoom(area, grid, image_hw).float().to(device)                     # (B,)
+    return foveal_grid(centre, image_hw, grid, z)
+
+
+def viewpoint_boxes(center_yx: Tensor, scale: Tensor, image_hw: tuple[int, int]) -> Tensor:
+    """[003] viewpoint (centre, scale) -> (B, 4) pixel box: a square of side s * min(H, W)."""
+    _check_centres(center_yx)
+    py, px = _to_pixels(center_yx.float(), image_hw)
+    return _square_boxes(py, px, scale.float() * min(image_hw))
+
+
+# ----------------------------------------------------------------------------------------------
+# Extraction: summed-area table + box filter [000, App. A]
+# ----------------------------------------------------------------------------------------------
+
+def integral_image(images: Tensor) -> Tensor:
+    """[000] App. A, Eq. 3: summed-area table with a zero first row and column.
+
+    images: (B, C, H, W), float or integer. Returns (B, C, H+1, W+1) with
+    table[..., i, j] = sum of images[..., :i, :j], float64 for float input and int64 for integer
+    input (a float32 running sum over a 4096^2 image has lost the low bits a small box needs).
+    The table is stored channels-last, so the C values of one corner are read together.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    acc = torch.float64 if images.is_floating_point() else torch.int64
+    table = images.to(acc).cumsum(2).cumsum(3)                                    # (B, C, H, W)
+    table = F.pad(table, (1, 0, 1, 0))                                            # (B, C, H+1, W+1)
+    return table.contiguous(memory_format=torch.channels_last)
+
+
+def _corner_sums(table: Tensor, ys: Tensor, xs: Tensor, exact: bool) -> Tensor:
+    """Integral of the zero-extended image over [0, y) x [0, x) at every pair (ys[a], xs[b]).
+
+    table: (B, C, H+1, W+1); ys: (B, P, Ny), xs: (B, P, Nx) pixel coordinates (float64).
+    Returns (B, P, Ny, Nx, C) float64.
+    exact=True: the integral of the piecewise-constant pixel image is exactly the bilinear
+    interpolation of the table between integer corners, so 4 weighted lookups give it at
+    sub-pixel positions. exact=False: ys and xs are already integers, 1 lookup each.
+    Outside the image the image is zero, so clamping a corner to [0, H] x [0, W] is exact.
+    """
+    B, C, H1, W1 = table.shape
+    flat = table.permute(0, 2, 3, 1).reshape(B, H1 * W1, C)                     # (B, N, C) view
+    ys = ys.clamp(0, H1 - 1)
+    xs = xs.clamp(0, W1 - 1)
+    P, Ny, Nx = ys.shape[1], ys.shape[2], xs.shape[2]
+    if exact:
+        iy = ys.floor().clamp(max=H1 - 2)                                          # (B, P, Ny)
+        ix = xs.floor().clamp(max=W1 - 2)
+        fy, fx = ys - iy, xs - ix                                                  # in [0, 1]
+        iy = torch.stack([iy, iy + 1], -1).long()                                  # (B, P, Ny, 2)
+        ix = torch.stack([ix, ix + 1], -1).long()                                  # (B, P, Nx, 2)
+        wy = torch.stack([1 - fy, fy], -1)                                         # (B, P, Ny, 2)
+        wx = torch.stack([1 - fx, fx], -1)
+        idx = iy[:, :, :, :, None, None] * W1 + ix[:, :, None, None, :, :]          # (B,P,Ny,2,Nx,2)
+        vals = flat[torch.arange(B, device=table.device)[:, None], idx.reshape(B, -1)]
+        vals = vals.reshape(B, P, Ny, 2, Nx, 2, C).to(torch.float64)
+        w = wy[:, :, :, :, None, None] * wx[:, :, None, None, :, :]                # (B,P,Ny,2,Nx,2)
+        return (vals * w[..., None]).sum((3, 5))                                   # (B,P,Ny,Nx,C)
+    idx = ys.long()[:, :, :, None] * W1 + xs.long()[:, :, None, :]                 # (B, P, Ny, Nx)
+    vals = flat[torch.arange(B, device=table.device)[:, None], idx.reshape(B, -1)]
+    return vals.reshape(B, P, Ny, Nx, C).to(torch.float64)
+
+
+def box_patches_eager(table: Tensor, boxes: Tensor, patch_px: int, exact: bool = True) -> Tensor:
+    """The eager twin of `box_patches` (same arguments, same result); see there."""
+    B, P = boxes.shape[:2]
+    p = patch_px
+    y0, x0, y1, x1 = boxes.to(torch.float64).unbind(-1)                          # (B, P) each
+    t = torch.arange(p + 1, device=boxes.device, dtype=torch.float64) / p          # (p+1,)
+    ys = y0[..., None] + (y1 - y0)[..., None] * t                                 # (B, P, p+1)
+    xs = x0[..., None] + (x1 - x0)[..., None] * t
+    if exact:
+        # Eq. 4 with sub-pixel corners: the cell grid shares its edges, so (p+1)^2 corner
+        # integrals give all p^2 cells.
+        S = _corner_sums(table, ys, xs, exact=True)                               # (B,P,p+1,p+1,C)
+        sums = S[:, :, 1:, 1:] - S[:, :, :-1, 1:] - S[:, :, 1:, :-1] + S[:, :, :-1, :-1]
+        area = ((y1 - y0) * (x1 - x0) / (p * p))[:, :, None, None, None]           # (B,P,1,1,1)
+    else:
+        # Eq. 4 as in the paper: cell edges snapped to the nearest pixel corner. A cell smaller
+        # than a pixel keeps at least one pixel (nearest-neighbour sampling when upsampling).
+        ry, rx = torch.floor(ys + 0.5), torch.floor(xs + 0.5)                      # (B, P, p+1)
+        lo_y, lo_x = ry[..., :-1], rx[..., :-1]                                   # (B, P, p)
+        hi_y, hi_x = torch.maximum(ry[..., 1:], lo_y + 1), torch.maximum(rx[..., 1:], lo_x + 1)
+        S = _corner_sums(table, torch.cat([lo_y, hi_y], -1), torch.cat([lo_x, hi_x], -1),
+                         exact=False)                                              # (B,P,2p,2p,C)
+        S_ll, S_lh = S[:, :, :p, :p], S[:, :, :p, p:]
+        S_hl, S_hh = S[:, :, p:, :p], S[:, :, p:, p:]
+        sums = S_hh - S_hl - S_lh + S_ll                                          # (B,P,p,p,C)
+        area = ((hi_y - lo_y)[..., :, None] * (hi_x - lo_x)[..., None, :])[..., None]
+    return (sums / area).permute(0, 1, 4, 2, 3).to(torch.float32)                 # (B,P,C,p,p)
+
+
+_box_patches_compiled = torch.compile(box_patches_eager, dynamic=False, fullgraph=True)
+
+
+def box_patches(table: Tensor, boxes: Tensor, patch_px: int, exact: bool = True,
+                compiled: bool = True) -> Tensor:
+    """[000] App. A, Eq. 4: resample each box to a p x p patch by box filtering the table.
+
+    table: (B, C, H+1, W+1) from `integral_image`; boxes: (B, P, 4) pixel rectangles
+    (y0, x0, y1, x1) of any size and position, partly or wholly outside the image (outside
+    counts as zero). Output pixel (i, j) is the mean of the image over cell (i, j) of its box.
+    Returns (B, P, C, p, p) float32.
+
+    exact=True: corners at their sub-pixel positions (bilinear lookups in the table), which is
+    the exact area mean of the pixel image. exact=False: the paper's nearest-pixel corners.
+    The cost per output pixel is a fixed number of table lookups, whatever the box or image
+    size. compiled=True runs the `torch.compile`d twin (static shapes: new box values never
+    recompile); compiled=False the eager one.
+    """
+    if table.dim() != 4 or boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != table.shape[0]:
+        raise ValueError(f"expected table (B, C, H+1, W+1) and boxes (B, P, 4), got "
+                         f"{tuple(table.shape)} and {tuple(boxes.shape)}")
+    # A box must have positive, finite extent; checked on the device without a host sync.
+    ok = ((boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])).all()
+    torch._assert_async(ok, "box_patches: every box needs y1 > y0 and x1 > x0 (and no NaN)")
+    fn = _box_patches_compiled if compiled else box_patches_eager
+    return fn(table, boxes, patch_px, exact)
+
+
+# ----------------------------------------------------------------------------------------------
+# CanViT's glimpse [003, Sec. 3]: bilinear grid_sample, exactly as the official code
+# ----------------------------------------------------------------------------------------------
+
+def bilinear_glimpse(images: Tensor, center_yx: Tensor, scale: Tensor, glimpse_px: int) -> Tensor:
+    """[003] Sec. 3: the glimpse at viewpoint (centre, scale), resampled to gp x gp pixels.
+
+    images: (B, C, H, W); center_yx: (B, 2) in [-1, 1]; scale: (B,) in (0, 1], the crop side as
+    a fraction of the shorter image side. Output pixel (i, j) samples the image bilinearly at
+    centre + scale * cell_centre(i, j) (align_corners=False, zeros outside), which for a square
+    scene is the official CanViT `sample_at_viewpoint`. Returns (B, C, gp, gp) float32.
+    Cheap, but it aliases when the crop is much larger than gp pixels: see `box_patches`.
+    """
+    _check_centres(center_yx)
+    B, _, H, W = images.shape
+    n = glimpse_px
+    cells = (torch.arange(n, device=images.device, dtype=torch.float32) + 0.5) / n * 2 - 1
+    sy = scale.float() * (min(H, W) / H)                                          # (B,) y half-extent
+    sx = scale.float() * (min(H, W) / W)
+    y = center_yx[:, 0, None].float() + sy[:, None] * cells                       # (B, gp)
+    x = center_yx[:, 1, None].float() + sx[:, None] * cells
+    grid = torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), -1)  # (B,gp,gp,2) (x,y)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
