@@ -42,11 +42,12 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,6 +371,273 @@ def bilinear_glimpse(images: Tensor, center_yx: Tensor, scale: Tensor, glimpse_p
     grid = torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), -1)  # (B,gp,gp,2) (x,y)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros",
                          align_corners=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The foveal iterative ViT [002, Sec. 5.2, A.3.1; 000, Sec. 2, 4, App. D]
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class FovealConfig:
+    """The foveal iterative ViT. Defaults: paper 002's ViT-B on 16 multi-zoom patches."""
+    dim: int = 768                 # [002] A.3.1: ViT-B ([000] Sec. 4: ViT-S, 384)
+    depth: int = 12                # [002] A.3.1, [000] Sec. 4
+    heads: int = 12                # [002] A.3.1 ([000] Sec. 4: 6)
+    mlp_ratio: float = 4.0         # ViT
+    layerscale: float = 1e-5       # DINOv2's ViT ([002] A.3.1 "similar to DINOv2"); 0 = none
+    num_state: int = 16            # [002] Sec. 6.2: N = 16 ([000] Sec. 5.4: N = 8)
+    patch_px: int = 16             # [002] Sec. 5.1: every crop resized to 16 x 16
+    num_zoom: int = 16             # [002] Sec. 6.2: M = 16 multi-zoom patches
+    max_z: float = 4.0             # NOTE(paper): unstated; 4 puts the finest crop at 16 px of a 256 px image
+    grid: int = 0                  # [000] Sec. 3.2: foveal grid side (5 in [000] Table 4); 0 = none ([002])
+    grid_z: tuple[float, float] = (3.0, 4.0)  # [000] Sec. 3.2: "a predefined zoom range" (values unstated)
+    z_scale: float = 4.0           # [002] A.3.1: z / z_scale, so z in [0, 1] at the position MLP
+    pos_hidden: int = 256          # [002] A.3.1: "a small MLP" with 3 inputs (width unstated)
+    head: str = "combine_mlp"      # "combine_mlp" [002] A.3.2 | "linear" | "transformer" [000] Sec. 4
+    num_classes: int = 1000        # ImageNet-1k
+    exact: bool = True             # sub-pixel box filter; False: [000] App. A nearest-pixel corners
+    compile_extraction: bool = True  # box_patches through torch.compile
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block (DINOv2 style, LayerScale). `query_pos` (B, n, D) is added to the
+    inputs of the attention's queries and keys, as DETR adds its object queries [002, A.3.1]."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, layerscale: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qk = nn.Linear(dim, 2 * dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(),
+                                 nn.Linear(int(dim * mlp_ratio), dim))
+        self.ls1 = nn.Parameter(torch.full((dim,), layerscale)) if layerscale else None
+        self.ls2 = nn.Parameter(torch.full((dim,), layerscale)) if layerscale else None
+
+    def forward(self, x: Tensor, query_pos: Tensor) -> Tensor:
+        B, n, D = x.shape
+        h = self.norm1(x)
+        qk = self.qk(h + query_pos).view(B, n, 2, self.heads, D // self.heads)
+        q, k = qk.permute(2, 0, 3, 1, 4)                                          # (B, heads, n, hd)
+        v = self.v(h).view(B, n, self.heads, D // self.heads).transpose(1, 2)     # (B, heads, n, hd)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, n, D)
+        a = self.proj(a)
+        x = x + (a * self.ls1 if self.ls1 is not None else a)
+        m = self.mlp(self.norm2(x))
+        return x + (m * self.ls2 if self.ls2 is not None else m)
+
+
+class CombineMLPHead(nn.Module):
+    """[002] A.3.2: a learned linear combination of the N state vectors, then an MLP."""
+
+    def __init__(self, dim: int, num_state: int, num_classes: int):
+        super().__init__()
+        self.weights = nn.Parameter(torch.full((num_state,), 1.0 / num_state))
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, num_classes))
+
+    def forward(self, state: Tensor) -> Tensor:                                   # (B, N, D) -> (B, K)
+        return self.mlp(torch.einsum("n,bnd->bd", self.weights.to(state.dtype), state))
+
+
+class LinearHead(nn.Module):
+    """[000] Sec. 4: a linear layer on the first state token."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, state: Tensor) -> Tensor:                                   # (B, N, D) -> (B, K)
+        return self.fc(state[:, 0])
+
+
+class TransformerHead(nn.Module):
+    """[000] Sec. 4: one transformer layer pooling all state tokens into a learned token, then
+    a linear layer. NOTE(paper): the pooling token and its LayerNorm are our reading."""
+
+    def __init__(self, dim: int, heads: int, num_classes: int):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.block = Block(dim, heads, 4.0, 0.0)
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, state: Tensor) -> Tensor:                                   # (B, N, D) -> (B, K)
+        x = torch.cat([self.token.expand(state.shape[0], -1, -1), state], 1)      # (B, 1 + N, D)
+        x = self.block(x, torch.zeros_like(x))
+        return self.fc(self.norm(x[:, 0]))
+
+
+class FovealViT(nn.Module):
+    """The iterative transformer of [002] Sec. 5.2: N state tokens evolve over glimpses.
+
+    Each step embeds the glimpse's top-down patches (linear patch embedding + an MLP of the
+    patch's (x, y, z)), runs the ViT blocks on [state; patches] and keeps the state outputs.
+    The state entering a step is detached: no gradient crosses steps (no BPTT).
+    """
+
+    def __init__(self, cfg: FovealConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, p = cfg.dim, cfg.patch_px
+        self.patch_embed = nn.Linear(3 * p * p, D)
+        self.pos_mlp = nn.Sequential(nn.Linear(3, cfg.pos_hidden), nn.GELU(), nn.Linear(cfg.pos_hidden, D))
+        self.state_prompt = nn.Parameter(torch.randn(1, cfg.num_state, D) * 0.02)  # the task prompt
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.layerscale)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D)
+        if cfg.head == "combine_mlp":
+            self.head = CombineMLPHead(D, cfg.num_state, cfg.num_classes)
+        elif cfg.head == "linear":
+            self.head = LinearHead(D, cfg.num_classes)
+        elif cfg.head == "transformer":
+            self.head = TransformerHead(D, cfg.heads, cfg.num_classes)
+        else:
+            raise ValueError(f"unknown head {cfg.head!r}; choose combine_mlp, linear or transformer")
+
+    def init_state(self, batch_size: int) -> Tensor:
+        """The learned initial state s_1 [002, Sec. 4], (B, N, D)."""
+        return self.state_prompt.expand(batch_size, -1, -1)
+
+    def glimpse(self, gaze_yx: Tensor, image_hw: tuple[int, int], grid_z: Tensor | float | None = None) -> Patches:
+        """The top-down patches seen at a gaze: multi-zoom [002], plus the foveal grid [000]."""
+        mz = multizoom_patches(gaze_yx, image_hw, self.cfg.num_zoom, self.cfg.max_z)
+        if not self.cfg.grid:
+            return mz
+        z = sum(self.cfg.grid_z) / 2 if grid_z is None else grid_z
+        return cat_patches(mz, foveal_grid(gaze_yx, image_hw, self.cfg.grid, z))
+
+    def embed(self, table: Tensor, patches: Patches) -> Tensor:
+        """Extract the patches from the summed-area table and embed them: (B, P, D)."""
+        p = self.cfg.patch_px
+        pix = box_patches(table, patches.boxes, p, self.cfg.exact, self.cfg.compile_extraction)
+        tokens = self.patch_embed(pix.flatten(2))                                 # (B, P, 3*p*p) -> (B, P, D)
+        y, x, z = patches.yxz.unbind(-1)
+        # [002] A.3.1: position from (x, y, z), each in [0, 1]. NOTE(paper): kept in float32 under
+        # autocast (DESIGN: coordinates stay float32); bf16 would snap positions to 1/256 steps.
+        xyz = torch.stack([(x + 1) / 2, (y + 1) / 2, z / self.cfg.z_scale], -1)    # (B, P, 3)
+        with torch.autocast(xyz.device.type, enabled=False):
+            pos = self.pos_mlp(xyz.float())
+        return tokens + pos.to(tokens.dtype)
+
+    def forward(self, table: Tensor, state: Tensor, patches: Patches) -> Tensor:
+        """One step: state (B, N, D) and the patches of one glimpse -> new state (B, N, D)."""
+        state = state.detach()                                                    # no BPTT [002, Sec. 5.2]
+        tokens = self.embed(table, patches)                                       # (B, P, D)
+        x = torch.cat([state.to(tokens.dtype), tokens], 1)                        # (B, N + P, D)
+        # NOTE(paper): "similarly to DETR the state query vectors are added to each layer as skip
+        # connections" [002, A.3.1]. DETR adds its queries to the input of every attention layer;
+        # we add the incoming state to the query/key inputs of every block at the state slots.
+        # Adding it to the residual stream instead would compound across steps.
+        query_pos = F.pad(state.to(tokens.dtype), (0, 0, 0, tokens.shape[1]))     # (B, N + P, D)
+        for blk in self.blocks:
+            x = blk(x, query_pos)
+        # The state leaves through the final LayerNorm (DINOv2's), so it keeps its scale over steps.
+        return self.norm(x[:, :self.cfg.num_state])                               # (B, N, D)
+
+    def step(self, table: Tensor, state: Tensor, gaze_yx: Tensor,
+             grid_z: Tensor | float | None = None) -> Tensor:
+        """The step interface: (table, state, gaze) -> new state, extracting the foveal context."""
+        return self(table, state, self.glimpse(gaze_yx, _table_hw(table), grid_z))
+
+    def vit_mode(self, table: Tensor, grid: int = 16) -> Tensor:
+        """[000] Sec. 5.3: the same model run once on a static g x g grid over the whole image."""
+        B = table.shape[0]
+        patches = vit_grid(B, _table_hw(table), grid, table.device)
+        return self(table, self.init_state(B), patches)
+
+    def classify(self, state: Tensor) -> Tensor:
+        """Task head: (B, N, D) -> (B, K) logits."""
+        return self.head(state)
+
+
+def _table_hw(table: Tensor) -> tuple[int, int]:
+    return table.shape[-2] - 1, table.shape[-1] - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage-1 training with random gazes [002, A.3.4] (an objective of train.py)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class FovealTrainConfig:
+    model: FovealConfig = field(default_factory=FovealConfig)
+    steps: int = 8                 # [002] A.3.4: 8 steps per episode
+    glimpse: str = "foveal"        # "foveal": random gazes [002] A.3.4 | "shuffled_vit": [002] Sec. 6.1
+    vit_grid: int = 16             # shuffled_vit: g x g patches of the image, split into `steps` groups
+    mixup_alpha: float = 0.8       # [002] A.3.4 uses MixUp (alpha unstated; DeiT's 0.8); 0 = off
+    label_smoothing: float = 0.0
+
+
+def mixup(images: Tensor, labels: Tensor, num_classes: int, lam: float) -> tuple[Tensor, Tensor]:
+    """MixUp (Zhang et al. 2018) with the batch flipped as partner: images (B, C, H, W),
+    labels (B,) -> mixed images and soft targets (B, K), both lam * own + (1 - lam) * partner."""
+    target = F.one_hot(labels, num_classes).float()
+    return (lam * images + (1 - lam) * images.flip(0),
+            lam * target + (1 - lam) * target.flip(0))
+
+
+class FovealSupervised(nn.Module):
+    """Cross-entropy after every step of an episode of random glimpses, averaged over steps.
+
+    Randomness (gazes, grid zooms, patch shuffles, MixUp's lambda) is drawn for the global batch
+    from a generator seeded by (seed, step), and each rank takes its samples: a run is the same
+    on any number of processes and after a resume.
+    """
+
+    def __init__(self, cfg: FovealTrainConfig, seed: int):
+        super().__init__()
+        if cfg.glimpse not in ("foveal", "shuffled_vit"):
+            raise ValueError(f"unknown glimpse {cfg.glimpse!r}; choose foveal or shuffled_vit")
+        if cfg.glimpse == "shuffled_vit" and cfg.vit_grid ** 2 % cfg.steps:
+            raise ValueError(f"shuffled_vit: {cfg.vit_grid}^2 patches do not split into {cfg.steps} groups")
+        self.cfg, self.seed = cfg, seed
+        self.model = FovealViT(cfg.model)
+
+    def episode_patches(self, gen: torch.Generator, batch: int, image_hw: tuple[int, int],
+                        device: torch.device) -> list[Patches]:
+        """The patches of every step of an episode, for `batch` images: a list of Patches."""
+        cfg, T = self.cfg, self.cfg.steps
+        if cfg.glimpse == "shuffled_vit":
+            # [002] Sec. 6.1: the g^2 patches of a ViT, shuffled into T groups, one group a step.
+            grid = vit_grid(batch, image_hw, cfg.vit_grid, device)
+            perm = torch.argsort(torch.rand(batch, cfg.vit_grid ** 2, generator=gen), 1).to(device)
+            pick = lambda t: perm[:, t * perm.shape[1] // T:(t + 1) * perm.shape[1] // T]
+            take = lambda x, i: x.gather(1, i[..., None].expand(-1, -1, x.shape[-1]))
+            return [Patches(take(grid.boxes, pick(t)), take(grid.yxz, pick(t))) for t in range(T)]
+        # [002] A.3.4: gaze centres uniform over the image at every step.
+        gazes = (torch.rand(T, batch, 2, generator=gen) * 2 - 1).to(device)
+        lo, hi = cfg.model.grid_z
+        zs = (lo + (hi - lo) * torch.rand(T, batch, generator=gen)).to(device)
+        return [self.model.glimpse(gazes[t], image_hw, zs[t]) for t in range(T)]
+
+    def train_step(self, batch: dict, step: int, autocast, rank: int = 0, world: int = 1) -> dict:
+        images, labels = batch["image"], batch["label"]
+        B, dev = images.shape[0], images.device
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        if self.cfg.mixup_alpha > 0:
+            # The Beta draw from the seeded generator: Beta(a, a) = G1 / (G1 + G2), G ~ Gamma(a).
+            g = torch._standard_gamma(torch.full((2,), float(self.cfg.mixup_alpha)), generator=gen)
+            lam = float(g[0] / g.sum())
+            images, target = mixup(images, labels, self.cfg.model.num_classes, lam)
+        else:
+            target = F.one_hot(labels, self.cfg.model.num_classes).float()
+        glimpses = self.episode_patches(gen, B * world, tuple(images.shape[-2:]), dev)
+        glimpses = [Patches(g.boxes[rank::world], g.yxz[rank::world]) for g in glimpses]
+        table = integral_image(images)                           # once per image, on the device
+        state = self.model.init_state(B)
+        losses = []
+        for patches in glimpses:
+            with autocast():
+                state = self.model(table, state, patches)
+                logits = self.model.classify(state)
+                loss = F.cross_entropy(logits.float(), target, label_smoothing=self.cfg.label_smoothing)
+            (loss / len(glimpses)).backward()                    # one graph per step: no BPTT
+            losses.append(loss.detach())
+        hit = (logits.argmax(-1) == target.argmax(-1)).float().mean()
+        return {"loss": torch.stack(losses).mean(), "loss_first": losses[0], "loss_last": losses[-1],
+                "acc_last": hit.detach(), "glimpses": B * len(glimpses)}
 
 
 # ----------------------------------------------------------------------------------------------
