@@ -305,3 +305,114 @@ def test_bad_geometry_inputs_fail_loudly():
         fovea.multizoom_patches(torch.zeros(2), (32, 32))
     with pytest.raises(ValueError, match="area_range"):
         fovea.random_grid_crops(2, (32, 32), 4, (0.5, 0.2))
+
+
+# ---------------------------------------------------------------------------------------------
+# The foveal iterative ViT [002, 000]
+# ---------------------------------------------------------------------------------------------
+
+def tiny_foveal(**kw) -> fovea.FovealConfig:
+    base = dict(dim=32, depth=2, heads=2, num_state=3, num_zoom=4, max_z=3.0, grid=2, grid_z=(3.0, 3.0),
+                num_classes=5, layerscale=0.0, compile_extraction=False)
+    return fovea.FovealConfig(**{**base, **kw})
+
+
+def test_no_gradient_reaches_the_previous_step():
+    torch.manual_seed(0)
+    model = fovea.FovealViT(tiny_foveal())
+    table = fovea.integral_image(torch.randn(2, 3, 64, 64))
+    s1 = model.step(table, model.init_state(2), torch.tensor([[0.1, 0.2], [-0.3, 0.4]]))
+    reached = []
+    s1.register_hook(lambda g: reached.append(g))
+    s2 = model.step(table, s1, torch.tensor([[-0.5, 0.0], [0.6, -0.6]]))
+    model.classify(s2).sum().backward()
+    assert not reached                                      # step 2's loss stops at its input
+    assert model.blocks[0].qk.weight.grad.abs().sum() > 0   # and still trains step 2
+
+
+def test_token_count_and_step_cost_do_not_depend_on_the_image_size():
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = fovea.FovealViT(tiny_foveal())
+    gaze = torch.tensor([[0.2, -0.1]])
+    flops, tokens = [], []
+    for side in (64, 1024):
+        table = fovea.integral_image(torch.randn(1, 3, side, side))
+        tokens.append(model.embed(table, model.glimpse(gaze, (side, side))).shape)
+        with FlopCounterMode(display=False) as fc:
+            model.step(table, model.init_state(1), gaze)
+        flops.append(fc.get_total_flops())
+    assert tokens[0] == tokens[1] == (1, 4 + 4, 32)
+    assert flops[0] == flops[1] > 0
+
+
+def test_vit_mode_equals_an_independent_forward_on_pixel_patches():
+    """On a 64 px image a 4 x 4 grid is exactly the 16 px pixel patches of a ViT."""
+    torch.manual_seed(0)
+    model = fovea.FovealViT(tiny_foveal(z_scale=2.0)).eval()
+    img = torch.randn(2, 3, 64, 64)
+    got = model.vit_mode(fovea.integral_image(img), grid=4)
+    pix = F.unfold(img, 16, stride=16).transpose(1, 2)                      # (B, 16, 3*16*16)
+    c = (torch.arange(4) + 0.5) / 4                                         # centres in [0, 1]
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    xyz = torch.stack([xx.reshape(-1), yy.reshape(-1), torch.full((16,), 2.0 / 2.0)], -1)
+    tokens = model.patch_embed(pix) + model.pos_mlp(xyz)
+    state = model.state_prompt.expand(2, -1, -1)
+    x = torch.cat([state, tokens], 1)
+    q = F.pad(state, (0, 0, 0, 16))
+    for blk in model.blocks:
+        x = blk(x, q)
+    torch.testing.assert_close(got, model.norm(x[:, :3]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["combine_mlp", "linear", "transformer"])
+def test_heads(head):
+    torch.manual_seed(0)
+    model = fovea.FovealViT(tiny_foveal(head=head))
+    state = torch.randn(4, 3, 32)
+    assert model.classify(state).shape == (4, 5)
+    if head == "linear":                                   # [000]: the first state token only
+        other = state.clone()
+        other[:, 1:] = torch.randn(4, 2, 32)
+        torch.testing.assert_close(model.classify(state), model.classify(other))
+    with pytest.raises(ValueError, match="unknown head"):
+        fovea.FovealViT(tiny_foveal(head="mean"))
+
+
+def test_mixup_mixes_labels_as_it_mixes_images():
+    labels = torch.tensor([0, 3, 1, 4])
+    images = labels.float()[:, None, None, None].expand(4, 3, 8, 8)       # image value = its label
+    mixed, target = fovea.mixup(images, labels, 5, lam=0.3)
+    expected_label = (target * torch.arange(5.0)).sum(-1)                   # E[label] under the target
+    torch.testing.assert_close(mixed[:, 0, 0, 0], expected_label)
+    torch.testing.assert_close(target.sum(-1), torch.ones(4))
+    assert target[0, 0] == pytest.approx(0.3) and target[0, 4] == pytest.approx(0.7)
+
+
+def test_shuffled_vit_episode_shows_every_patch_once():
+    cfg = fovea.FovealTrainConfig(model=tiny_foveal(grid=0), steps=4, glimpse="shuffled_vit", vit_grid=16)
+    obj = fovea.FovealSupervised(cfg, seed=0)
+    groups = obj.episode_patches(torch.Generator().manual_seed(0), 2, (256, 256), torch.device("cpu"))
+    assert len(groups) == 4 and all(g.boxes.shape == (2, 64, 4) for g in groups)
+    boxes = torch.cat([g.boxes for g in groups], 1)                         # (2, 256, 4)
+    for b in range(2):
+        got = sorted(map(tuple, boxes[b].tolist()))
+        assert got == sorted(map(tuple, fovea.vit_grid(1, (256, 256), 16).boxes[0].tolist()))
+        assert (boxes[b, :64] != fovea.vit_grid(1, (256, 256), 16).boxes[0, :64]).any()   # shuffled
+    assert (groups[0].boxes[0] != groups[0].boxes[1]).any()                 # per image
+
+
+def test_a_short_training_run_lowers_the_loss():
+    import contextlib
+    torch.manual_seed(0)
+    cfg = fovea.FovealTrainConfig(model=tiny_foveal(), steps=3, mixup_alpha=0.0)
+    obj = fovea.FovealSupervised(cfg, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    batch = {"image": torch.randn(10, 3, 48, 48, generator=gen), "label": torch.arange(10) % 5}
+    opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        losses.append(obj.train_step(batch, 0, contextlib.nullcontext)["loss"].item())
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < 0.5 * losses[0]
