@@ -292,7 +292,7 @@ class ViTBackbone(nn.Module):
     def __init__(self, cfg: BackboneConfig, dinov3_buffers: bool = False):
         super().__init__()
         if cfg.embed_dim % cfg.num_heads:
-            raise ValueError(f"embed_dim {cfg.embed_dim} not divisible by num_heads {cfg.num_heads}")
+            raise ValueError(f"embed_dim {cfg.embed_dim} not divisible by {cfg.num_heads} heads")
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
         self.blocks = nn.ModuleList(Block(cfg, dinov3_buffers) for _ in range(cfg.n_blocks))
@@ -453,7 +453,7 @@ class Standardizer(nn.Module):
             self._initialized.fill_(True)
 
     def fit(self, samples: Tensor) -> None:
-        """samples (S, N, Dt), e.g. 4096 teacher outputs; biased variance, accumulated in float64."""
+        """samples (S, N, Dt), e.g. 4096 teacher outputs; biased variance, in float64."""
         x = samples.double()
         self.set(x.mean(0).float(), x.var(0, unbiased=False).float())
 
@@ -898,7 +898,8 @@ class EntropyGuidedC2F:
         if canvas_grid % finest:
             raise ValueError(f"canvas grid {canvas_grid} is not a multiple of the finest "
                              f"quadtree level's {finest} tiles per side")
-        self.level_start = [sum(4 ** k for k in range(lv)) for lv in range(_levels_covering(n_glimpses))]
+        levels = range(_levels_covering(n_glimpses))
+        self.level_start = [sum(4 ** k for k in range(lv)) for lv in levels]  # first t per level
         self.visited: Tensor | None = None
 
     def step(self, entropy: Tensor) -> Viewpoint:
@@ -992,8 +993,14 @@ def count_flops(model, *, glimpse_grid: int = 8, canvas_grid: int = 32,
     return {**parts, "total": sum(parts.values()), "read_each": read, "write_each": write}
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def count_params(module: nn.Module, readout_heads: bool = True) -> int:
+    """Number of parameters. Table 3 counts CanViT without its pretraining heads W_spatial and
+    W_global (readout_heads=False): 95.2M for CanViT-B, 26.4M with a ViT-S backbone."""
+    skip = set()
+    if not readout_heads and isinstance(module, CanViT):
+        skip = {id(p) for head in (module.scene_patches_head, module.scene_cls_head)
+                for p in head.parameters()}
+    return sum(p.numel() for p in module.parameters() if id(p) not in skip)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1076,7 +1083,8 @@ def demo() -> None:
     f = count_flops(CanViTConfig(), seg_classes=150)
     print(f"CanViT-B, 8x8 glimpse, 32x32 canvas (Table 10): backbone {f['backbone'] / 1e9:.1f}, "
           f"reads {f['reads'] / 1e9:.1f}, writes {f['writes'] / 1e9:.1f}, seg "
-          f"{f['seg'] / 1e9:.1f}, total {f['total'] / 1e9:.1f} GFLOPs (paper 12.3/1.6/1.6/0.3/15.9)")
+          f"{f['seg'] / 1e9:.1f}, total {f['total'] / 1e9:.1f} GFLOPs "
+          "(paper: 12.3 / 1.6 / 1.6 / 0.3 / 15.9)")
     print(f"DINOv3 ViT-B at 512 px: {count_flops(BackboneConfig())['total'] / 1e9:.1f} GFLOPs "
           f"(paper 215.2)")
 
