@@ -56,7 +56,8 @@ def rollout_matches_reference(model, ref):
 
     hooks = [model.backbone.patch_embed.register_forward_hook(keep("patch_embed")),
              model.vpe.register_forward_hook(keep("vpe_encoder"))]
-    hooks += [b.register_forward_hook(keep(f"block{i}")) for i, b in enumerate(model.backbone.blocks)]
+    blocks = model.backbone.blocks
+    hooks += [b.register_forward_hook(keep(f"block{i}")) for i, b in enumerate(blocks)]
     hooks += [m.register_forward_hook(keep(f"read{i}")) for i, m in enumerate(model.canvas_read)]
     hooks += [m.register_forward_hook(keep(f"write{i}")) for i, m in enumerate(model.canvas_write)]
     worst = 0.0
@@ -195,7 +196,8 @@ def test_strict_loading_names_every_problem(ref):
     sd["scene_cls_head.proj.bias"] = torch.zeros(41)
     with pytest.raises(ValueError) as e:
         canvit.from_official(sd, ref["model_config"], ref["backbone_kwargs"])
-    for name in ["vpe.norm.bias", "unexpected.weight", "scene_cls_head.proj.bias: checkpoint (41,)"]:
+    for name in ["vpe.norm.bias", "unexpected.weight",
+                 "scene_cls_head.proj.bias: checkpoint (41,)"]:
         assert name in str(e.value)
     for bad in [{"canvas_update_mode": "convex"}, {"canvas_proj_mode": "full"}, {"foo": 1}]:
         with pytest.raises(ValueError):
@@ -237,7 +239,8 @@ def test_dinov3_non_square_uses_per_axis_coordinates(dino_ref):
     ys, xs = (torch.arange(2) + 0.5) / 2 * 2 - 1, (torch.arange(5) + 0.5) / 5 * 2 - 1
     pos = torch.tensor([[y, x] for y in ys for x in xs])[None]
     periods = 100.0 ** (torch.arange(16) / 16)
-    angles = torch.cat([2 * math.pi * pos[..., :1] / periods, 2 * math.pi * pos[..., 1:] / periods], -1)
+    angles = torch.cat([2 * math.pi * pos[..., :1] / periods,               # y frequencies
+                        2 * math.pi * pos[..., 1:] / periods], -1)          # then x
     expected_rope = (angles.tile(2).sin()[:, None], angles.tile(2).cos()[:, None])
     calls = []
     original = model.rope_embed.forward
@@ -257,7 +260,7 @@ def test_dinov3_architecture_inferred_from_official_keys(name, depth):
     cfg = canvit.backbone_config(name)
     with torch.device("meta"):
         sd = canvit.DINOv3ViT(cfg).state_dict()
-    assert "blocks.0.attn.qkv.bias_mask" in sd and "rope_embed.periods" in sd and "mask_token" in sd
+    assert {"blocks.0.attn.qkv.bias_mask", "rope_embed.periods", "mask_token"} <= set(sd)
     sd["rope_embed.periods"] = canvit.rope_periods(64, 100.0)
     got, n_storage = canvit.dinov3_config(sd)
     assert got == cfg and got.n_blocks == depth and n_storage == 4
@@ -278,9 +281,10 @@ def tiny():
 def rollout(model, scene, policy="riid", T=4, G=8, seed=0, step=None):
     vps = canvit.policy_viewpoints(policy, T, scene.shape[0], torch.Generator().manual_seed(seed))
     state = model.init_state(scene.shape[0], G)
+    step = model if step is None else step
     for t in range(T):
         glimpse = fovea.bilinear_glimpse(scene, vps.center_yx[t], vps.scale[t], 64)
-        state = (model if step is None else step)(glimpse, state, vps.center_yx[t], vps.scale[t]).state
+        state = step(glimpse, state, vps.center_yx[t], vps.scale[t]).state
     return state
 
 
@@ -449,7 +453,8 @@ def test_entropy_guided_c2f_visits_uncertain_tiles_first():
             tile_h = entropy[i].view(n, G // n, n, G // n).mean((1, 3))
             centres = [((vp.center_yx[i] + 1) / 2 * n - 0.5).round().long() for vp in vps[a:b]]
             seq = [tile_h[r, c].item() for r, c in centres]
-            assert seq == sorted(seq, reverse=True) and len({tuple(c.tolist()) for c in centres}) == n * n
+            assert seq == sorted(seq, reverse=True)
+            assert len({tuple(c.tolist()) for c in centres}) == n * n
     with pytest.raises(RuntimeError):
         policy.step(entropy)
     h = canvit.predictive_entropy(torch.zeros(1, 150, 2, 2))
