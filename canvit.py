@@ -108,6 +108,10 @@ class CanViTConfig:
     vpe_sigma: float = 1.0          # Table 1: VPE RFF standard deviation
     teacher_dim: int = 768          # Sec. 5.1: DINOv3 ViT-B teacher width
 
+    def __post_init__(self):
+        if isinstance(self.backbone, dict):                            # e.g. from YAML
+            self.backbone = BackboneConfig(**self.backbone)
+
     @property
     def canvas_dim(self) -> int:
         return self.canvas_num_heads * self.canvas_head_dim

@@ -231,6 +231,15 @@ def test_dinov3_matches_official(dino_ref, stress):
     close(model.rope_embed.periods, dino_ref["rope_periods"], "RoPE periods")
 
 
+def test_dinov3_loads_from_a_pth_path(dino_ref, tmp_path):
+    torch.save(dino_ref["state_dict"], tmp_path / "dinov3_vits16_depth2.pth")
+    model = canvit.load_dinov3(tmp_path / "dinov3_vits16_depth2.pth").eval()
+    with torch.no_grad():
+        close(model(dino_ref["input"])["cls"], dino_ref["outputs"]["x_norm_clstoken"], "cls")
+    assert canvit.CanViTConfig(backbone={"embed_dim": 384, "num_heads": 6}).backbone == \
+        canvit.BackboneConfig(embed_dim=384, num_heads=6)
+
+
 def test_dinov3_non_square_uses_per_axis_coordinates(dino_ref):
     """DINOv3's 'separate' normalisation: y by the patch rows, x by the columns. An h x w
     image's tokens must equal the same image's run with RoPE tables built independently."""
