@@ -937,8 +937,9 @@ class EntropyGuidedC2F:
 # its two LayerNorms and RoPE on Q and K of all n tokens (Eq. 18 + 2n RoPE_apply); Canvas
 # Read / Write count LN on both sides and RoPE on both sides (Eqs. 21-22); the DINOv3 rows
 # (Tables 5, 16) have no segmentation head, the CanViT rows of Table 5 do (Eq. 20, C_seg);
-# Table 3's GFLOPs column has none. With matmul_only the LN / RoPE terms are dropped: what
-# torch.utils.flop_counter counts (matrix products, convolutions, SDPA).
+# Table 3's GFLOPs column has none. The VPE's (1, 3) @ (3, D/2) product (not in the paper,
+# 3D FLOPs) is counted. With matmul_only the LN / RoPE terms are dropped: what
+# torch.utils.flop_counter counts (matrix products, convolutions; SDPA as matmuls).
 
 def _linear(n: int, d_in: int, d_out: int) -> int:
     return 2 * n * d_in * d_out
@@ -983,11 +984,11 @@ def count_flops(model, *, glimpse_grid: int = 8, canvas_grid: int = 32,
     d, dc = b.embed_dim, cfg.canvas_dim
     n_l = int(cfg.enable_vpe) + 1 + cfg.n_backbone_registers + glimpse_grid ** 2   # 71 in G.3
     n_c = cfg.n_canvas_registers + canvas_grid ** 2                                 # 1040 in G.3
-    norms = 0 if matmul_only else 5 * n_l * d + 5 * n_c * dc + 4 * n_l * dc + 4 * n_c * dc
+    ln_rope = 0 if matmul_only else 5 * n_l * d + 5 * n_c * dc + 4 * n_l * dc + 4 * n_c * dc
     # Eq. (21): W_Q, W_O on the backbone side; canvas tokens are K and V after LN only
-    read = _linear(n_l, d, dc) + 4 * n_l * n_c * dc + _linear(n_l, dc, d) + norms
+    read = _linear(n_l, d, dc) + 4 * n_l * n_c * dc + _linear(n_l, dc, d) + ln_rope
     # Eq. (22): W_K, W_V on the backbone side; canvas tokens are Q after LN, no W_O
-    write = 2 * _linear(n_l, d, dc) + 4 * n_c * n_l * dc + norms
+    write = 2 * _linear(n_l, d, dc) + 4 * n_c * n_l * dc + ln_rope
     reads, writes = rw_schedule(b.n_blocks, cfg.rw_stride, cfg.enable_reads)
     parts = {
         "backbone": _patch_embed(glimpse_grid ** 2, b.patch_size, d)
