@@ -355,6 +355,18 @@ class DINOv3ViT(ViTBackbone):
         return {"cls": xn[:, 0], "registers": xn[:, 1:r], "patches": xn[:, r:], "prenorm": x}
 
 
+class ViTClassifier(nn.Module):
+    """The passive, bottom-up patch-16 ViT baseline: DINOv3ViT and a linear head on its CLS.
+    (B, 3, H, W) -> (B, K) logits; a larger image means more, finer patches."""
+    def __init__(self, cfg: BackboneConfig, num_classes: int, n_storage_tokens: int = 4):
+        super().__init__()
+        self.vit = DINOv3ViT(cfg, n_storage_tokens)
+        self.head = nn.Linear(cfg.embed_dim, num_classes)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.vit(images)["cls"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Sec. 4: VPE token, Canvas Attention, heads, standardizers
 # ----------------------------------------------------------------------------------------------

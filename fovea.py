@@ -570,6 +570,12 @@ class FovealTrainConfig:
     label_smoothing: float = 0.0
 
 
+def mixup_lambda(gen: torch.Generator, alpha: float) -> float:
+    """lambda ~ Beta(alpha, alpha) from a seeded generator: G1 / (G1 + G2), G ~ Gamma(alpha)."""
+    g = torch._standard_gamma(torch.full((2,), float(alpha)), generator=gen)
+    return float(g[0] / g.sum())
+
+
 def mixup(images: Tensor, labels: Tensor, num_classes: int, lam: float) -> tuple[Tensor, Tensor]:
     """MixUp (Zhang et al. 2018) with the batch flipped as partner: images (B, C, H, W),
     labels (B,) -> mixed images and soft targets (B, K), both lam * own + (1 - lam) * partner."""
@@ -617,9 +623,7 @@ class FovealSupervised(nn.Module):
         B, dev = images.shape[0], images.device
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         if self.cfg.mixup_alpha > 0:
-            # The Beta draw from the seeded generator: Beta(a, a) = G1 / (G1 + G2), G ~ Gamma(a).
-            g = torch._standard_gamma(torch.full((2,), float(self.cfg.mixup_alpha)), generator=gen)
-            lam = float(g[0] / g.sum())
+            lam = mixup_lambda(gen, self.cfg.mixup_alpha)
             images, target = mixup(images, labels, self.cfg.model.num_classes, lam)
         else:
             target = F.one_hot(labels, self.cfg.model.num_classes).float()

@@ -8,6 +8,7 @@
 Objectives (each comes from its module; train.py only runs them)
   distill     passive-to-active dense latent distillation of CanViT [003, Sec. 5]  distill.py
   foveal_sup  the foveal ViT's stage-1 training with random gazes [002, A.3.4]    fovea.py
+  vit_sup     the passive patch-16 ViT baseline of [000] Fig. 1 (canvit.ViTClassifier)  below
 
 An objective is an nn.Module with
   .model                      the network being trained (saved as ckpt["model"], strictly loaded)
@@ -45,6 +46,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+import canvit
 import data
 import distill
 import fovea
@@ -70,7 +72,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    objective: str = "distill"     # distill | foveal_sup
+    objective: str = "distill"     # distill | foveal_sup | vit_sup
     out_dir: str = "runs/default"
     max_steps: int = 2_000_000     # [003] Table 2
     batch_size: int = 64           # global, in scenes: [003] Table 2
@@ -84,6 +86,41 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: distill.DistillConfig = field(default_factory=distill.DistillConfig)
     foveal: fovea.FovealTrainConfig = field(default_factory=fovea.FovealTrainConfig)
+    vit: PassiveViTConfig = field(default_factory=PassiveViTConfig)
+
+
+@dataclass
+class PassiveViTConfig:
+    """The bottom-up patch-16 ViT baseline of [000] Fig. 1 (canvit.ViTClassifier), supervised."""
+    backbone: canvit.BackboneConfig = field(default_factory=lambda: canvit.backbone_config("vits16"))
+    n_storage_tokens: int = 4
+    num_classes: int = 1000
+    mixup_alpha: float = 0.8       # as the foveal model it is compared with
+    label_smoothing: float = 0.0
+
+
+class PassiveViTSupervised(torch.nn.Module):
+    """Cross-entropy of the passive ViT on whole images, with MixUp (the objective `vit_sup`)."""
+
+    def __init__(self, cfg: PassiveViTConfig, seed: int):
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        self.model = canvit.ViTClassifier(cfg.backbone, cfg.num_classes, cfg.n_storage_tokens)
+
+    def train_step(self, batch: dict, step: int, autocast, rank: int = 0, world: int = 1) -> dict:
+        images, labels = batch["image"], batch["label"]
+        target = torch.nn.functional.one_hot(labels, self.cfg.num_classes).float()
+        if self.cfg.mixup_alpha > 0:                          # lambda from the (seed, step) stream
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            lam = fovea.mixup_lambda(gen, self.cfg.mixup_alpha)
+            images, target = fovea.mixup(images, labels, self.cfg.num_classes, lam)
+        with autocast():
+            logits = self.model(images)
+            loss = torch.nn.functional.cross_entropy(logits.float(), target,
+                                                     label_smoothing=self.cfg.label_smoothing)
+        loss.backward()
+        acc = (logits.argmax(-1) == target.argmax(-1)).float().mean()
+        return {"loss": loss.detach(), "acc": acc.detach(), "glimpses": images.shape[0]}
 
 
 # Fields that may change when a run resumes; any other difference means another experiment.
@@ -192,8 +229,8 @@ def parse_config(argv: list[str]) -> tuple[TrainConfig, str | None]:
         cursor[leaf] = value
         apply_overrides(cfg, node)
         i += 1
-    if cfg.objective not in ("distill", "foveal_sup"):
-        raise ConfigError(f"unknown objective {cfg.objective!r}; choose distill or foveal_sup")
+    if cfg.objective not in ("distill", "foveal_sup", "vit_sup"):
+        raise ConfigError(f"unknown objective {cfg.objective!r}; choose distill, foveal_sup or vit_sup")
     if cfg.dtype not in ("bfloat16", "float32"):
         raise ConfigError(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
     if cfg.optim.schedule not in ("constant", "cosine"):
@@ -304,7 +341,9 @@ def build_objective(cfg: TrainConfig) -> torch.nn.Module:
         return distill.Distillation(cfg.distill, seed=cfg.seed)
     if cfg.objective == "foveal_sup":
         return fovea.FovealSupervised(cfg.foveal, seed=cfg.seed)
-    raise ConfigError(f"unknown objective {cfg.objective!r}; choose distill or foveal_sup")
+    if cfg.objective == "vit_sup":
+        return PassiveViTSupervised(cfg.vit, seed=cfg.seed)
+    raise ConfigError(f"unknown objective {cfg.objective!r}; choose distill, foveal_sup or vit_sup")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
