@@ -462,6 +462,8 @@ class ImageFolder(Dataset):
     Item i: image (3, S, S) float32 normalised, label () int64, index i; or, when the file cannot
     be decoded (truncated, empty, not an image, too large), {"index": i, "bad": reason}, which
     `collate` drops and counts. Files without an image extension are listed in `self.ignored`.
+    Paths and labels are numpy arrays (`paths` of UTF-8 bytes, `labels` int64), not lists of
+    Python objects, whose refcounts would copy them into every DataLoader worker's memory.
     """
 
     def __init__(self, root: str, image_size: int, max_pixels: int = Image.MAX_IMAGE_PIXELS):
@@ -470,26 +472,27 @@ class ImageFolder(Dataset):
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not self.classes:
             raise FileNotFoundError(f"no class folders in {root!r} (expected root/<class>/<image>)")
-        self.samples: list[tuple[str, int]] = []
-        self.ignored: list[str] = []
+        paths, labels, self.ignored = [], [], []
         for label, name in enumerate(self.classes):
             for folder, subfolders, files in os.walk(os.path.join(root, name), followlinks=True):
                 subfolders.sort()
                 for f in sorted(files):
                     path = os.path.join(folder, f)
                     if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                        self.samples.append((path, label))
+                        paths.append(path.encode())
+                        labels.append(label)
                     else:
                         self.ignored.append(path)
-        if not self.samples:
+        if not paths:
             raise FileNotFoundError(f"no images with extensions {IMAGE_EXTENSIONS} under {root!r}")
+        self.paths, self.labels = np.array(paths), np.array(labels, np.int64)
         self.image_size, self.max_pixels, self.num_classes = image_size, max_pixels, len(self.classes)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        path, label = self.samples[i]
+        path, label = self.paths[i].decode(), int(self.labels[i])
         try:
             im = to_rgb(load_image(path, self.image_size, self.max_pixels))
             image = _normalise(np.asarray(resize_center_crop(im, self.image_size)))
@@ -518,7 +521,7 @@ class ADE20K(Dataset):
     augment=True (probe training, F.2.1): a random resized crop of scale r ~ U[0.5, 2.0] and a
     horizontal flip with probability 1/2, drawn from torch's RNG (seeded per DataLoader worker).
     """
-    num_classes = 150
+    num_classes = num_segment_classes = 150
     ignore_index = ADE20K_IGNORE
 
     def __init__(self, root: str, split: str = "training", image_size: int = 512, augment: bool = False):

@@ -213,10 +213,11 @@ def test_imagefolder_classes_and_valid_modes(image_folder):
     S = 16
     ds = data.ImageFolder(str(root), S)
     assert ds.classes == ["cat", "dog", "zebra"] and ds.num_classes == 3
-    assert {p for p, _ in ds.samples} == set(valid) | bad
+    paths = [p.decode() for p in ds.paths]
+    assert set(paths) == set(valid) | bad
     assert {str(root / "zebra/notes.txt"), str(root / "cat/.hidden.jpg")} == set(ds.ignored)
     lo, hi = normalised((0, 0, 0)), normalised((255, 255, 255))
-    for i, (path, label) in enumerate(ds.samples):
+    for i, path in enumerate(paths):
         if path in bad:
             continue
         item = ds[i]
@@ -227,7 +228,7 @@ def test_imagefolder_classes_and_valid_modes(image_folder):
         assert (x >= lo[:, None, None] - 1e-5).all() and (x <= hi[:, None, None] + 1e-5).all()
         if valid[path] is not None:                      # constant image: exactly its colour
             assert np.allclose(x, normalised(valid[path])[:, None, None], atol=1e-5), path
-    cmyk = ds[[p for p, _ in ds.samples].index(str(root / "cat/cmyk.jpg"))]["image"]
+    cmyk = ds[paths.index(str(root / "cat/cmyk.jpg"))]["image"]
     assert np.allclose(cmyk.mean((1, 2)).numpy(), normalised((255, 0, 255)), atol=0.05)   # magenta
 
 
@@ -260,11 +261,11 @@ def test_imagefolder_bad_files_are_dropped_and_counted_with_workers(image_folder
             n_good += len(batch["image"])
             seen += batch["index"].tolist()
             for idx, label in zip(batch["index"].tolist(), batch["label"].tolist()):
-                assert label == ds.samples[idx][1]
+                assert label == ds.labels[idx]
     assert n_good == len(valid) and n_bad == len(bad)
     assert {r.split(": ")[0] for r in reasons} == bad
     assert any("DecompressionBomb" in r for r in reasons)
-    assert {ds.samples[i][0] for i in seen} == set(valid)
+    assert {ds.paths[i].decode() for i in seen} == set(valid)
 
 
 def test_imagefolder_skips_images_over_max_pixels(tmp_path):
@@ -272,7 +273,7 @@ def test_imagefolder_skips_images_over_max_pixels(tmp_path):
     Image.new("RGB", (300, 200)).save(tmp_path / "a/big.png")
     Image.new("RGB", (300, 200)).save(tmp_path / "a/big.jpg")
     ds = data.ImageFolder(str(tmp_path), 16, max_pixels=10_000)
-    items = {p.rsplit("/", 1)[1]: ds[i] for i, (p, _) in enumerate(ds.samples)}
+    items = {p.decode().rsplit("/", 1)[1]: ds[i] for i, p in enumerate(ds.paths)}
     assert "max_pixels" in items["big.png"]["bad"]
     assert items["big.jpg"]["image"].shape == (3, 16, 16)     # draft-decoded at 1/8: 38 x 25
 
