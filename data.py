@@ -88,10 +88,11 @@ class DataConfig:
 #      0-2 fine gratings of its own; they may overlap each other and leave the image.
 #   3. the target: a badge (light disc, dark rim) of diameter target_size (default 6%-12% of the
 #      side), fully inside the image, never occluded, holding a dark glyph (GLYPHS[label]) rotated
-#      by up to +-15 degrees. The glyph's strokes are 0.25%-1.7% of the side wide, so at a low
-#      resolution the badge is visible (where to look) but the glyph is not (what it is).
-#      Every glyph covers the same ink area, so the badge's mean colour does not give the label
-#      away. Clutter never has a glyph: only the target defines the label.
+#      by up to +-15 degrees. Its strokes are 0.5%-2.6% of the side wide (the fewer strokes, the
+#      wider), so at a low resolution the badge is visible (where to look) but the glyph is not
+#      (what it is): at 128 px the larger glyphs are just legible, at 64 px none is. Every glyph
+#      covers the same ink area, so the badge's mean colour does not give the label away.
+#      Clutter never has a glyph: only the target defines the label.
 # Edges use the signed distance d to the shape and the pixel size h: coverage
 # clip(1/2 - d/h, 0, 1), the exact area fraction for a straight edge along a pixel axis.
 #
@@ -113,7 +114,7 @@ GLYPHS = (
     ("ell", ((-.65, -.4, .55, -.4), (.55, -.4, .55, .55)), ()),
     ("vee", ((-.55, -.6, .55, 0), (.55, 0, -.55, .6)), ()),
     ("triangle", ((-.6, 0, .45, -.6), (.45, -.6, .45, .6), (.45, .6, -.6, 0)), ()),
-    ("dots", ((-.45, -.45, -.45, -.45), (0, 0, 0, 0), (.45, .45, .45, .45)), ()),
+    ("dots", ((-.5, -.5, -.5, -.5), (0, 0, 0, 0), (.5, .5, .5, .5)), ()),
     ("square", ((-.5, -.5, -.5, .5), (-.5, .5, .5, .5), (.5, .5, .5, -.5), (.5, -.5, -.5, -.5)), ()),
     ("aitch", ((-.6, -.45, .6, -.45), (-.6, .45, .6, .45), (0, -.45, 0, .45)), ()),
     ("zed", ((-.5, -.5, -.5, .5), (-.5, .5, .5, -.5), (.5, -.5, .5, .5)), ()),
@@ -121,7 +122,7 @@ GLYPHS = (
     ("bullseye", ((0, 0, 0, 0),), ((0, 0, .6),)),
     ("minus", ((0, -.6, 0, .6),), ()),
 )
-GLYPH_INK_AREA = 0.55   # ink area of every glyph in glyph units (its unit disc has area pi)
+GLYPH_INK_AREA = 0.9    # ink area of every glyph in glyph units (its unit disc has area pi)
 
 
 def num_segment_classes(num_classes: int) -> int:
@@ -316,18 +317,25 @@ def render_params(p: dict, size: int | tuple[int, int],
     t, label = p["target"], p["label"]
     sl = (_span(t["cy"], t["r"], y0, hy, H), _span(t["cx"], t["r"], x0, hx, W))
     if sl[0].start < sl[0].stop and sl[1].start < sl[1].stop:
-        dy, dx = ys[sl[0], None] - t["cy"], xs[None, sl[1]] - t["cx"]
+        rim, g = 0.1 * t["r"], 0.7 * t["r"]                   # dark rim width, glyph disc radius
+        w = GLYPH_WIDTHS[label] * g                           # stroke half-width
+        # Strokes thinner than a pixel: the straight-edge coverage errs at stroke ends and joins,
+        # so the badge (a few pixels then) is supersampled k x k, sub-pixels no wider than w / 2.
+        k = min(16, math.ceil(2 * h / w))
+        off = (np.arange(k, dtype=np.float32) + 0.5) / k - 0.5                        # (k,)
+        dy = (ys[sl[0], None] + off * hy).reshape(-1, 1) - t["cy"]                    # (h k, 1)
+        dx = (xs[sl[1], None] + off * hx).reshape(1, -1) - t["cx"]                    # (1, w k)
         rho = np.hypot(dy, dx)
-        rim = 0.14 * t["r"]                                   # dark rim width
-        g = 0.6 * t["r"]                                      # glyph unit disc radius
         c, s = math.cos(t["angle"]), math.sin(t["angle"])
         skel = _skeleton_distance((c * dy + s * dx) / g, (c * dx - s * dy) / g, label)
-        ink = np.maximum(_coverage(t["r"] - rim - rho, h),
-                         _stroke_coverage(skel * g, GLYPH_WIDTHS[label] * g, h))
-        disc = _coverage(rho - t["r"], h)
+        ink = np.maximum(_coverage(t["r"] - rim - rho, h / k), _stroke_coverage(skel * g, w, h / k))
+        disc = _coverage(rho - t["r"], h / k)                                          # (h k, w k)
         fill, dark = t["fill"][:, None, None], t["ink"][:, None, None]                 # (3, 1, 1)
-        _composite(img, sl, disc, fill + ink[None] * (dark - fill))
-        mask[sl][disc >= 0.5] = TARGET_SEGMENT + label
+        n = (sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
+        alpha = disc.reshape(n[0], k, n[1], k).mean((1, 3))                            # (h, w)
+        colour = (disc * (fill + ink * (dark - fill))).reshape(3, n[0], k, n[1], k).mean((2, 4))
+        img[(slice(None),) + sl] = img[(slice(None),) + sl] * (1 - alpha) + colour     # premultiplied
+        mask[sl][alpha >= 0.5] = TARGET_SEGMENT + label
     image = np.clip(img, 0.0, 1.0).transpose(1, 2, 0)                             # (H, W, 3)
     return Scene(image, label, mask, np.array([t["cy"], t["cx"], t["r"]], np.float32))
 
@@ -393,8 +401,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
     16/32-bit grey ("I;16*", "I", "F") is scaled to 8 bits (Pillow's own convert would clip it):
     "I;16*" by 1/257; "I" and "F" by 1/257 when within [0, 65535] but above 255, "F" by 255 when
-    within [0, 1], as-is when within [0, 255], else min-max. Alpha ("RGBA", "LA", "PA", palette transparency) is composited on
-    ALPHA_BACKGROUND. CMYK, YCbCr, palette, 1-bit and grey go through Pillow's convert.
+    within [0, 1], as-is when within [0, 255], else min-max. Alpha ("RGBA", "LA", "PA", palette
+    transparency) is composited on ALPHA_BACKGROUND. CMYK, YCbCr, palette, 1-bit and grey go
+    through Pillow's convert.
     """
     if im.mode == "RGB":
         return im

@@ -111,6 +111,21 @@ def test_grating_pixels_are_area_means():
     assert np.abs(got - want).max() < 2e-3
 
 
+def test_glyphs_have_equal_ink():
+    """Only the label changes: the badge's mean colour is the same for every glyph, at a sharp
+    (128 px) and at coarse (8 px, 4 px) renders of the window around it."""
+    p = data.sample_scene(0, num_classes=len(data.GLYPHS))
+    t = p["target"]
+    window = (t["cy"] - t["r"], t["cx"] - t["r"], t["cy"] + t["r"], t["cx"] + t["r"])
+    k = np.argmax(np.abs(t["ink"] - t["fill"]))                       # most contrasted channel
+    for px in (128, 8, 4):
+        means = []
+        for c in range(len(data.GLYPHS)):
+            p["label"] = c
+            means.append(data.render_params(p, px, window).image[..., k].mean())
+        assert np.ptp(means) / abs(t["ink"][k] - t["fill"][k]) < 0.006
+
+
 def test_synthetic_labels_in_range_and_balanced():
     labels = np.array([data.sample_scene(i)["label"] for i in range(3000)])
     counts = np.bincount(labels, minlength=10)
