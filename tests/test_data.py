@@ -1,0 +1,421 @@
+"""Tests of data.py: synthetic scenes, ImageFolder decoding and bad files, ADE20K, collate.
+
+Each test compares against an independent fact: a supersampled or re-rendered scene, a fresh
+Python process, Pillow's own resize + crop, images whose content is known by construction.
+"""
+import hashlib
+import io
+import math
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import data
+
+MEAN, STD = np.array(data.IMAGENET_MEAN), np.array(data.IMAGENET_STD)
+
+
+def normalised(rgb) -> np.ndarray:
+    """ImageNet normalisation of an 8-bit colour, computed here independently: (3,)."""
+    return (np.asarray(rgb, np.float64) / 255 - MEAN) / STD
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic scenes
+# ----------------------------------------------------------------------------------------------
+
+def test_synthetic_deterministic_and_distinct():
+    a, b = data.render_scene(5, 64), data.render_scene(5, 64)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) and a.label == b.label
+    c = data.render_scene(6, 64)
+    assert np.abs(a.image - c.image).mean() > 0.05
+    val = data.render_scene(5, 64, split="val")
+    assert np.abs(a.image - val.image).mean() > 0.05
+    ds = data.SyntheticScenes(10, 64)
+    x, y = ds[5], ds[5]
+    assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
+    assert x["image"].shape == (3, 64, 64) and x["image"].dtype == torch.float32
+    assert x["mask"].shape == (64, 64) and x["mask"].dtype == torch.int64
+    assert x["label"].dtype == torch.int64 and x["label"].shape == () and x["index"] == 5
+    # The item is the scene normalised with the ImageNet statistics.
+    expect = (a.image.astype(np.float64) - MEAN) / STD
+    assert np.allclose(x["image"].permute(1, 2, 0).numpy(), expect, atol=1e-5)
+
+
+def _digest(n: int, size: int) -> str:
+    h = hashlib.sha256()
+    for i in range(n):
+        s = data.render_scene(i, size, seed=3)
+        h.update(s.image.tobytes() + s.mask.tobytes() + bytes([s.label]))
+    return h.hexdigest()
+
+
+def test_synthetic_same_in_a_fresh_process_and_in_workers():
+    code = "import sys; sys.path[:0] = ['.', 'tests']; from test_data import _digest; print(_digest(4, 40))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(data.__file__).parent)
+    assert out.stdout.strip() == _digest(4, 40)
+    ds = data.SyntheticScenes(12, 32, seed=3)
+    batches = {w: list(DataLoader(ds, batch_size=5, num_workers=w, collate_fn=data.collate))
+               for w in (0, 2)}
+    for b0, b2 in zip(batches[0], batches[2]):
+        for k in ("image", "mask", "label", "index", "target"):
+            assert torch.equal(b0[k], b2[k]), k
+
+
+def _area_pool(x: np.ndarray, k: int) -> np.ndarray:
+    H, W = x.shape[:2]
+    return x.reshape(H // k, k, W // k, k, *x.shape[2:]).mean((1, 3))
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_synthetic_resolution_independent(index):
+    """A 4x render, area-pooled 4x4, is the 1x render (pixels are area means of one scene)."""
+    small, large = data.render_scene(index, 64), data.render_scene(index, 256)
+    err = np.abs(_area_pool(large.image.astype(np.float64), 4) - small.image)
+    assert err.mean() < 4e-3 and np.quantile(err, 0.99) < 0.1
+    # Masks: the majority label of each 4x4 block agrees with the small render almost everywhere.
+    blocks = large.mask.reshape(64, 4, 64, 4).transpose(0, 2, 1, 3).reshape(64, 64, 16)
+    majority = np.apply_along_axis(lambda v: np.bincount(v).argmax(), 2, blocks)
+    assert (majority == small.mask).mean() > 0.98
+    assert small.label == large.label and np.array_equal(small.target, large.target)
+
+
+def test_synthetic_window_is_a_crop_of_the_larger_render():
+    """The top-left quadrant rendered at S is exactly the top-left of the whole scene at 2S."""
+    whole = data.render_scene(7, 96)
+    quadrant = data.render_scene(7, 48, window=(-1.0, -1.0, 0.0, 0.0))
+    assert np.abs(whole.image[:48, :48] - quadrant.image).max() < 1e-4
+    assert (whole.mask[:48, :48] == quadrant.mask).mean() > 0.999
+
+
+def test_grating_pixels_are_area_means():
+    """The analytic box mean of the gratings matches a 32x32 supersampled mean of the cosines."""
+    rng = np.random.default_rng(0)
+    f, phase, amp = rng.normal(0, 20, (4, 2)), rng.uniform(0, 6.3, 4), rng.normal(0, 1, (4, 3))
+    n, sub, h = 8, 32, 2 / 8
+    ys = xs = (np.arange(n) + 0.5) * h - 1
+    got = data._gratings(ys.astype(np.float32), xs.astype(np.float32), h, h, f, phase, amp)
+    fine = (np.arange(n * sub) + 0.5) * (h / sub) - 1
+    arg = 2 * np.pi * (f[:, 0, None, None] * fine[None, :, None] + f[:, 1, None, None] * fine[None, None, :])
+    dense = np.einsum("khw,kc->chw", np.cos(arg + phase[:, None, None]), amp)
+    want = dense.reshape(3, n, sub, n, sub).mean((2, 4))
+    assert np.abs(got - want).max() < 2e-3
+
+
+def test_glyphs_have_equal_ink():
+    """Only the label changes: the badge's mean colour is the same for every glyph, at a sharp
+    (128 px) and at coarse (8 px, 4 px) renders of the window around it."""
+    p = data.sample_scene(0, num_classes=len(data.GLYPHS))
+    t = p["target"]
+    window = (t["cy"] - t["r"], t["cx"] - t["r"], t["cy"] + t["r"], t["cx"] + t["r"])
+    k = np.argmax(np.abs(t["ink"] - t["fill"]))                       # most contrasted channel
+    for px in (128, 8, 4):
+        means = []
+        for c in range(len(data.GLYPHS)):
+            p["label"] = c
+            means.append(data.render_params(p, px, window).image[..., k].mean())
+        assert np.ptp(means) / abs(t["ink"][k] - t["fill"][k]) < 0.006
+
+
+def test_synthetic_labels_in_range_and_balanced():
+    labels = np.array([data.sample_scene(i)["label"] for i in range(3000)])
+    counts = np.bincount(labels, minlength=10)
+    assert labels.min() >= 0 and labels.max() < 10 and len(counts) == 10
+    assert counts.min() > 300 * 0.75 and counts.max() < 300 * 1.25      # binomial sd ~16 around 300
+    labels4 = {data.sample_scene(i, num_classes=4)["label"] for i in range(200)}
+    assert labels4 == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="num_classes"):
+        data.SyntheticScenes(10, 32, num_classes=len(data.GLYPHS) + 1)
+
+
+def test_synthetic_mask_holds_the_label_target():
+    for i in range(16):
+        s = data.render_scene(i, 96)
+        target = data.TARGET_SEGMENT + s.label
+        assert 0 <= s.mask.min() and s.mask.max() < data.num_segment_classes(10)
+        assert set(np.unique(s.mask[s.mask >= data.TARGET_SEGMENT])) == {target}
+        cy, cx, r = s.target
+        assert s.mask[int((cy + 1) / 2 * 96), int((cx + 1) / 2 * 96)] == target
+        # The badge is a disc of radius r in a scene of side 2, drawn on top of everything:
+        # its pixel count is pi r^2 / 4 of the image, up to the edge pixels.
+        area, expect = (s.mask == target).sum(), math.pi * r ** 2 / 4 * 96 ** 2
+        assert abs(area - expect) < 2 * math.pi * r / 2 * 96 + 4
+        assert 0.06 <= 2 * r / 2 <= 0.12       # diameter as a fraction of the side
+        assert -1 < cy - r and cy + r < 1 and -1 < cx - r and cx + r < 1
+
+
+def test_synthetic_non_square():
+    s = data.render_scene(2, (40, 72))
+    assert s.image.shape == (40, 72, 3) and s.mask.shape == (40, 72)
+    assert data.SyntheticScenes(3, (40, 72))[1]["image"].shape == (3, 40, 72)
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageFolder
+# ----------------------------------------------------------------------------------------------
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def _bomb_png(side: int) -> bytes:
+    """A PNG header claiming side x side grey pixels (beyond Pillow's decompression-bomb limit)."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+            + _png_chunk(b"IDAT", zlib.compress(b"\0" * (side + 1))) + _png_chunk(b"IEND", b""))
+
+
+def _jpeg_bytes(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """root/{cat,dog,zebra}/...: valid images of every mode (expected colour, or None when the
+    content is not constant), broken files, and ignored non-image files."""
+    root = tmp_path_factory.mktemp("folder")
+    for c in ("zebra", "cat", "dog"):
+        (root / c).mkdir()
+    valid = {}
+
+    def put(rel, im, colour, **kw):
+        im.save(root / rel, **kw)
+        valid[str(root / rel)] = colour
+
+    put("cat/rgb.png", Image.new("RGB", (40, 30), (10, 200, 30)), (10, 200, 30))
+    put("cat/grey.png", Image.new("L", (30, 40), 100), (100, 100, 100))
+    put("cat/rgba_clear.png", Image.new("RGBA", (20, 20), (0, 0, 255, 0)), data.ALPHA_BACKGROUND)
+    put("cat/rgba_opaque.png", Image.new("RGBA", (20, 20), (0, 0, 255, 255)), (0, 0, 255))
+    put("cat/cmyk.jpg", Image.new("CMYK", (40, 30), (0, 255, 0, 0)), None, quality=100)
+    palette = Image.new("P", (25, 25), 1)
+    palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    put("dog/palette.png", palette, (0, 255, 0))
+    put("dog/palette_clear.png", palette, data.ALPHA_BACKGROUND, transparency=1)
+    put("dog/i16.png", Image.fromarray(np.full((20, 30), 200 * 257, np.uint16)), (200, 200, 200))
+    put("dog/la.png", Image.new("LA", (20, 20), (50, 255)), (50, 50, 50))
+    put("dog/one_bit.png", Image.new("1", (20, 20), 1), (255, 255, 255))
+    put("dog/tiny.png", Image.new("RGB", (3, 5), (200, 100, 0)), (200, 100, 0))
+    put("zebra/i32.tif", Image.fromarray(np.full((10, 10), 40000, np.int32)), (156, 156, 156))
+    put("zebra/big.jpg", Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 2400, 3), np.uint8)),
+        None, quality=70)
+    (root / "zebra/sub").mkdir()
+    put("zebra/sub/nested.png", Image.new("RGB", (8, 8), (1, 2, 3)), (1, 2, 3))
+    good_jpeg = _jpeg_bytes(Image.new("RGB", (64, 64), (90, 90, 90)))
+    bad = {"cat/truncated.jpg": good_jpeg[: len(good_jpeg) // 2], "cat/empty.jpg": b"",
+           "dog/random.jpg": np.random.default_rng(1).integers(0, 256, 2000, np.uint8).tobytes(),
+           "dog/text.png": b"this is not an image\n" * 10, "zebra/bomb.png": _bomb_png(20000)}
+    for rel, payload in bad.items():
+        (root / rel).write_bytes(payload)
+    (root / "zebra/notes.txt").write_text("not an image")
+    (root / "cat/.hidden.jpg").write_bytes(b"")
+    return root, valid, {str(root / rel) for rel in bad}
+
+
+def test_imagefolder_classes_and_valid_modes(image_folder):
+    root, valid, bad = image_folder
+    S = 16
+    ds = data.ImageFolder(str(root), S)
+    assert ds.classes == ["cat", "dog", "zebra"] and ds.num_classes == 3
+    paths = [p.decode() for p in ds.paths]
+    assert set(paths) == set(valid) | bad
+    assert {str(root / "zebra/notes.txt"), str(root / "cat/.hidden.jpg")} == set(ds.ignored)
+    lo, hi = normalised((0, 0, 0)), normalised((255, 255, 255))
+    for i, path in enumerate(paths):
+        if path in bad:
+            continue
+        item = ds[i]
+        assert "bad" not in item, item
+        assert ds.classes[int(item["label"])] == Path(path).relative_to(root).parts[0]
+        x = item["image"].numpy()
+        assert x.shape == (3, S, S) and x.dtype == np.float32
+        assert (x >= lo[:, None, None] - 1e-5).all() and (x <= hi[:, None, None] + 1e-5).all()
+        if valid[path] is not None:                      # constant image: exactly its colour
+            assert np.allclose(x, normalised(valid[path])[:, None, None], atol=1e-5), path
+    cmyk = ds[paths.index(str(root / "cat/cmyk.jpg"))]["image"]
+    assert np.allclose(cmyk.mean((1, 2)).numpy(), normalised((255, 0, 255)), atol=0.05)   # magenta
+
+
+def test_resize_center_crop_matches_pillow_resize_then_crop():
+    rng = np.random.default_rng(0)
+    for w, h, S in ((90, 30, 24), (37, 101, 16), (300, 200, 64), (5, 3, 32)):
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8))
+        nw, nh = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)
+        left, top = int(round((nw - S) / 2)), int(round((nh - S) / 2))
+        want = np.asarray(im.resize((nw, nh), Image.BILINEAR).crop((left, top, left + S, top + S)), np.float64)
+        got = np.asarray(data.resize_center_crop(im, S), np.float64)
+        assert got.shape == (S, S, 3) and np.abs(got - want).mean() < 1.0
+    # A 3:1 image of red | green | blue thirds keeps only the green middle third.
+    thirds = np.zeros((30, 90, 3), np.uint8)
+    thirds[:, :30, 0], thirds[:, 30:60, 1], thirds[:, 60:, 2] = 255, 255, 255
+    out = np.asarray(data.resize_center_crop(Image.fromarray(thirds), 12))
+    assert (out[:, 1:-1] == (0, 255, 0)).all()
+
+
+def test_imagefolder_bad_files_are_dropped_and_counted_with_workers(image_folder):
+    root, valid, bad = image_folder
+    ds = data.ImageFolder(str(root), 16)
+    loader = DataLoader(ds, batch_size=4, shuffle=True, num_workers=2, collate_fn=data.collate,
+                        generator=torch.Generator().manual_seed(0))
+    n_good, n_bad, reasons, seen = 0, 0, [], []
+    for batch in loader:
+        n_bad += batch["n_bad"]
+        reasons += batch["bad"]
+        if "image" in batch:
+            n_good += len(batch["image"])
+            seen += batch["index"].tolist()
+            for idx, label in zip(batch["index"].tolist(), batch["label"].tolist()):
+                assert label == ds.labels[idx]
+    assert n_good == len(valid) and n_bad == len(bad)
+    assert {r.split(": ")[0] for r in reasons} == bad
+    assert any("DecompressionBomb" in r for r in reasons)
+    assert {ds.paths[i].decode() for i in seen} == set(valid)
+
+
+def test_imagefolder_skips_images_over_max_pixels(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (300, 200)).save(tmp_path / "a/big.png")
+    Image.new("RGB", (300, 200)).save(tmp_path / "a/big.jpg")
+    ds = data.ImageFolder(str(tmp_path), 16, max_pixels=10_000)
+    items = {p.decode().rsplit("/", 1)[1]: ds[i] for i, p in enumerate(ds.paths)}
+    assert "max_pixels" in items["big.png"]["bad"]
+    assert items["big.jpg"]["image"].shape == (3, 16, 16)     # draft-decoded at 1/8: 38 x 25
+
+
+# ----------------------------------------------------------------------------------------------
+# ADE20K
+# ----------------------------------------------------------------------------------------------
+
+PALETTE = {1: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255), 150: (255, 255, 255), 0: (0, 0, 0)}
+
+
+@pytest.fixture(scope="module")
+def ade_root(tmp_path_factory):
+    """ADEChallengeData2016 layout: annotations of raw labels from PALETTE's keys (0 = "other") in
+    16 px blocks (training scene 0: left half 1, right half 2), and images painted with each
+    label's PALETTE colour (JPEG quality 100)."""
+    root = tmp_path_factory.mktemp("ade") / "ADEChallengeData2016"
+    rng = np.random.default_rng(0)
+    for split, n in (("training", 3), ("validation", 2)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for k in range(n):
+            if split == "training" and k == 0:                        # left half 1 | right half 2
+                raw = np.kron(np.array([[1, 2]], np.uint8), np.ones((80, 64), np.uint8))
+            else:                                                     # non-square, random blocks
+                raw = rng.choice(list(PALETTE), (8, 6) if k == 1 else (6, 10)).astype(np.uint8)
+                raw = np.kron(raw, np.ones((16, 16), np.uint8))
+            rgb = np.array([PALETTE[v] for v in raw.ravel()], np.uint8).reshape(*raw.shape, 3)
+            stem = f"ADE_{split[:5]}_{k:08d}"
+            Image.fromarray(rgb).save(root / "images" / split / f"{stem}.jpg", quality=100)
+            Image.fromarray(raw, "L").save(root / "annotations" / split / f"{stem}.png")
+    return root
+
+
+def test_ade20k_square_resize_and_label_mapping(ade_root):
+    ds = data.ADE20K(str(ade_root), "validation", image_size=32)
+    assert len(ds) == 2
+    for i in range(len(ds)):
+        item = ds[i]
+        raw = np.asarray(Image.open(ds.samples[i][1]))
+        h, w = raw.shape
+        # Direct square resize (no aspect kept): output pixel (r, c) shows source pixel centre
+        # ((r + 0.5) h / 32, (c + 0.5) w / 32); nearest for the mask.
+        rows = ((np.arange(32) + 0.5) * h / 32).astype(int)
+        cols = ((np.arange(32) + 0.5) * w / 32).astype(int)
+        src = raw[rows][:, cols].astype(np.int64)
+        expect = np.where(src == 0, 255, src - 1)                    # 1..150 -> 0..149, 0 -> 255
+        assert item["mask"].dtype == torch.int64 and item["image"].shape == (3, 32, 32)
+        assert (item["mask"].numpy() == expect).mean() > 0.97         # boundary rounding only
+        assert set(np.unique(item["mask"])) <= {255, 0, 1, 2, 149}
+
+
+def _decode(image: torch.Tensor) -> np.ndarray:
+    """Nearest PALETTE label of every pixel of a normalised image, (H, W)."""
+    rgb = image.permute(1, 2, 0).numpy() * STD + MEAN                 # (H, W, 3) in [0, 1]
+    keys = list(PALETTE)
+    cols = np.array([PALETTE[k] for k in keys]) / 255
+    return np.array(keys)[((rgb[:, :, None] - cols) ** 2).sum(-1).argmin(-1)]
+
+
+def test_ade20k_augmentation_keeps_image_and_mask_aligned(ade_root):
+    S = 48
+    ds = data.ADE20K(str(ade_root), "training", image_size=S, augment=True)
+    torch.manual_seed(0)
+    n_padded = 0
+    for trial in range(30):
+        item = ds[trial % len(ds)]
+        mask = item["mask"].numpy()
+        labels = _decode(item["image"])
+        expect = np.where(labels == 0, 255, labels - 1)               # the colour -> mapped label
+        # Pixels whose 3x3 neighbourhood has one label (block edges are blurred by bilinear).
+        m = np.pad(mask, 1, mode="edge")
+        flat = np.all([m[1 + dy:S + 1 + dy, 1 + dx:S + 1 + dx] == mask
+                       for dy in (-1, 0, 1) for dx in (-1, 0, 1)], 0)
+        pad = (item["image"].abs().sum(0) < 1e-6).numpy()             # mean colour = padding
+        inside = flat & ~pad
+        assert (expect[inside] == mask[inside]).mean() > 0.99
+        if pad.any():                  # scale r < 1: the scene is an n x n square, n >= S / 2
+            n_padded += 1
+            rows, cols = np.flatnonzero(~pad.all(1)), np.flatnonzero(~pad.all(0))
+            n = len(rows)
+            assert len(cols) == n and S / 2 - 1 <= n < S and (~pad).sum() == n * n
+            assert (mask[pad] == 255).all()
+    assert 0 < n_padded < 30           # both branches: padded (r < 1) and cropped (r >= 1)
+
+
+def test_ade20k_augmentation_flips_half_the_time(ade_root):
+    """Training scene 0 is label 1 on the left, 2 on the right: a flip puts 2 on the left."""
+    ds = data.ADE20K(str(ade_root), "training", image_size=32, augment=True)
+    torch.manual_seed(0)
+    order = []
+    for _ in range(60):
+        mask = ds[0]["mask"]
+        cols = [torch.nonzero((mask == k).any(0)).float().mean() for k in (0, 1)]  # mean column
+        if (mask == 0).any() and (mask == 1).any():
+            order.append(bool(cols[0] > cols[1]))
+    assert len(order) > 30 and 0.25 < np.mean(order) < 0.75
+
+
+# ----------------------------------------------------------------------------------------------
+# collate and build_dataset
+# ----------------------------------------------------------------------------------------------
+
+def test_collate_stacks_and_drops_bad():
+    items = [{"image": torch.ones(3, 2, 2) * k, "label": torch.tensor(k), "index": k, "name": f"n{k}"}
+             for k in range(3)]
+    batch = data.collate([items[0], {"index": 9, "bad": "x.jpg: OSError: truncated"}, None, items[2]])
+    assert batch["n_bad"] == 2 and batch["bad"] == ["x.jpg: OSError: truncated"]
+    assert batch["image"].shape == (2, 3, 2, 2) and batch["label"].tolist() == [0, 2]
+    assert batch["index"].dtype == torch.int64 and batch["index"].tolist() == [0, 2]
+    assert batch["name"] == ["n0", "n2"]
+    empty = data.collate([None, {"index": 1, "bad": "y: bad"}])
+    assert empty == {"n_bad": 2, "bad": ["y: bad"]}
+
+
+def test_build_dataset(image_folder, ade_root):
+    cfg = data.DataConfig(image_size=32, length=7, val_length=3)
+    train, val = data.build_dataset(cfg, "train"), data.build_dataset(cfg, "val")
+    assert len(train) == 7 and len(val) == 3 and not torch.equal(train[0]["image"], val[0]["image"])
+    ade = data.build_dataset(data.DataConfig(dataset="ade20k", root=str(ade_root), augment=True), "val")
+    assert isinstance(ade, data.ADE20K) and not ade.augment and len(ade) == 2
+    root = image_folder[0].parent / "imagenet"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "only").mkdir()
+    Image.new("RGB", (4, 4)).save(root / "train" / "only" / "a.png")
+    with pytest.raises(ValueError, match="1 class folders"):
+        data.build_dataset(data.DataConfig(dataset="imagefolder", root=str(root)), "train")
+    assert len(data.build_dataset(data.DataConfig(dataset="imagefolder", root=str(root), num_classes=1))) == 1
+    with pytest.raises(ValueError, match="'synthetic', 'imagefolder' or 'ade20k'"):
+        data.build_dataset(data.DataConfig(dataset="imagenet"))
