@@ -71,25 +71,6 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
-    objective: str = "distill"     # distill | foveal_sup | vit_sup
-    out_dir: str = "runs/default"
-    max_steps: int = 2_000_000     # [003] Table 2
-    batch_size: int = 64           # global, in scenes: [003] Table 2
-    seed: int = 0
-    compile: bool = False          # torch.compile the model's step
-    dtype: str = "bfloat16"        # autocast dtype for the forward ([003] Table 2: AMP bf16) | float32
-    log_every: int = 50
-    ckpt_every: int = 1000
-    num_workers: int = 4           # DataLoader workers per process
-    data: data.DataConfig = field(default_factory=data.DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    distill: distill.DistillConfig = field(default_factory=distill.DistillConfig)
-    foveal: fovea.FovealTrainConfig = field(default_factory=fovea.FovealTrainConfig)
-    vit: PassiveViTConfig = field(default_factory=PassiveViTConfig)
-
-
-@dataclass
 class PassiveViTConfig:
     """The bottom-up patch-16 ViT baseline of [000] Fig. 1 (canvit.ViTClassifier), supervised."""
     backbone: canvit.BackboneConfig = field(default_factory=lambda: canvit.backbone_config("vits16"))
@@ -121,6 +102,25 @@ class PassiveViTSupervised(torch.nn.Module):
         loss.backward()
         acc = (logits.argmax(-1) == target.argmax(-1)).float().mean()
         return {"loss": loss.detach(), "acc": acc.detach(), "glimpses": images.shape[0]}
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "distill"     # distill | foveal_sup | vit_sup
+    out_dir: str = "runs/default"
+    max_steps: int = 2_000_000     # [003] Table 2
+    batch_size: int = 64           # global, in scenes: [003] Table 2
+    seed: int = 0
+    compile: bool = False          # torch.compile the model's step
+    dtype: str = "bfloat16"        # autocast dtype for the forward ([003] Table 2: AMP bf16) | float32
+    log_every: int = 50
+    ckpt_every: int = 1000
+    num_workers: int = 4           # DataLoader workers per process
+    data: data.DataConfig = field(default_factory=data.DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: distill.DistillConfig = field(default_factory=distill.DistillConfig)
+    foveal: fovea.FovealTrainConfig = field(default_factory=fovea.FovealTrainConfig)
+    vit: PassiveViTConfig = field(default_factory=PassiveViTConfig)
 
 
 # Fields that may change when a run resumes; any other difference means another experiment.
