@@ -289,7 +289,7 @@ def render_params(p: dict, size: int | tuple[int, int],
     scene; a smaller window is a zoomed glimpse rendered at full detail. A non-square size
     stretches the window over the pixels, as the [-1, 1]^2 image coordinates of DESIGN.md do.
     """
-    H, W = (size, size) if isinstance(size, int) else size
+    H, W = (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
     y0, x0, y1, x1 = window
     hy, hx = (y1 - y0) / H, (x1 - x0) / W
     h = math.sqrt(hy * hx)                                   # pixel side for edge coverage
