@@ -156,6 +156,16 @@ class Distillation(nn.Module):
             raise ValueError(f"the teacher is {self.teacher.cfg.embed_dim} wide but the student "
                              f"predicts model.teacher_dim = {cfg.model.teacher_dim}")
 
+    def extra_state(self) -> dict:
+        """For the checkpoint: a random teacher's weights (a downloaded one is found by its path)."""
+        if self.teacher is None or self.cfg.teacher.weights:
+            return {"teacher_weights": self.cfg.teacher.weights}
+        return {"teacher": self.teacher.state_dict()}
+
+    def load_extra_state(self, extra: dict) -> None:
+        if self.teacher is not None and "teacher" in extra:
+            self.teacher.load_state_dict(extra["teacher"], strict=True)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.teacher is not None:

@@ -181,6 +181,8 @@ def apply_overrides(cfg, overrides: dict, prefix: str = "") -> None:
                               f"{', '.join(sorted(valid))}")
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current):
+            if isinstance(value, str):                       # --section='{a: 1, b: 2}'
+                value = yaml.safe_load(value)
             if not isinstance(value, dict):
                 raise ConfigError(f"'{name}' is a section: expected a mapping, got {value!r}")
             apply_overrides(current, value, name + ".")
