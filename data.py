@@ -63,7 +63,7 @@ class DataConfig:
     dataset: str = "synthetic"  # one of "synthetic", "imagefolder", "ade20k"
     root: str = ""              # imagefolder: holds train/ and val/ class folders; ade20k: ADEChallengeData2016
     image_size: int = 128       # scene side S in pixels (paper 003: 512, Table 1)
-    num_classes: int = 10       # synthetic: glyph classes (at most len(GLYPHS)); imagefolder: must match
+    num_classes: int = 10       # synthetic: glyph classes (at most len(GLYPHS)); imagefolder: must match (0: any)
     length: int = 10_000        # synthetic: scenes in the train split
     val_length: int = 1_000     # synthetic: scenes in the val split
     seed: int = 0               # synthetic: scene seed
@@ -640,7 +640,7 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
                                cfg.num_classes, cfg.seed, split, (cfg.target_min, cfg.target_max))
     elif cfg.dataset == "imagefolder":
         ds = ImageFolder(os.path.join(cfg.root, split), cfg.image_size)
-        if ds.num_classes != cfg.num_classes:
+        if cfg.num_classes and ds.num_classes != cfg.num_classes:
             raise ValueError(f"{os.path.join(cfg.root, split)!r} has {ds.num_classes} class folders "
                              f"but data.num_classes = {cfg.num_classes}")
         return ds

@@ -235,6 +235,9 @@ def parse_config(argv: list[str]) -> tuple[TrainConfig, str | None]:
         raise ConfigError(f"unknown objective {cfg.objective!r}; choose distill, foveal_sup or vit_sup")
     if cfg.dtype not in ("bfloat16", "float32"):
         raise ConfigError(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
+    if cfg.data.dataset in ("imagefolder", "ade20k") and not (cfg.data.root and Path(cfg.data.root).is_dir()):
+        raise ConfigError(f"data.root {cfg.data.root!r} is not a folder: set --data.root=/path/to/"
+                          f"{'ADEChallengeData2016' if cfg.data.dataset == 'ade20k' else 'images'}")
     if cfg.optim.schedule not in ("constant", "cosine"):
         raise ConfigError(f"optim.schedule must be constant or cosine, got {cfg.optim.schedule!r}")
     return cfg, args.export_features

@@ -102,9 +102,15 @@ def test_bad_config_key_stops_the_run_before_any_work(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_every_shipped_config_parses():
+def test_every_shipped_config_parses(tmp_path):
     for p in sorted((ROOT / "configs").glob("*.yaml")):
-        train.parse_config(["--cfg", str(p)])
+        cfg, _ = train.parse_config(["--cfg", str(p), f"--data.root={tmp_path}"])
+        assert cfg.objective in ("distill", "foveal_sup", "vit_sup")
+
+
+def test_a_dataset_root_must_be_set():
+    with pytest.raises(train.ConfigError, match="data.root '' is not a folder"):
+        train.parse_config(["--cfg", "canvit.yaml"])
 
 
 # ---------------------------------------------------------------------------------------------
