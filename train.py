@@ -409,7 +409,7 @@ def main(argv: list[str]) -> None:
     cfg, export_dir = parse_config(argv)                     # fails before any work
     rank, world, device = setup_distributed()
     master = rank == 0
-    say = print if master else (lambda *a, **k: None)
+    say = (lambda *a, **k: print(*a, **k, flush=True)) if master else (lambda *a, **k: None)
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
     if export_dir:
