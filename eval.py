@@ -67,7 +67,7 @@ IGNORE = data.ADE20K_IGNORE                                          # mask valu
 
 
 class EvalError(ValueError):
-    """A bad input (missing checkpoint, wrong objective, bad option): reported without a traceback."""
+    """A bad input (missing checkpoint, wrong objective, bad option): no traceback, a message."""
 
 
 def _opt(default, help: str):
@@ -88,14 +88,14 @@ class EvalConfig:
     canvas_grid: int = _opt(0, "canvas grid G (0 = S / patch size, the teacher's grid)")
     res_factors: tuple = _opt((1, 2), "evaluate at (k S, k G) for each k ([003] 512/32, 1024/64)")
     glimpse_px: int = _opt(0, "glimpse side in px (0 = the checkpoint's; 128 for an HF folder)")
-    teacher_weights: str = _opt("", "DINOv3 .pth for an HF folder (train.py checkpoints hold theirs)")
+    teacher_weights: str = _opt("", "DINOv3 .pth for an HF folder (train.py checkpoints know it)")
     n_train: int = _opt(512, "probe-training scenes (their features are cached)")
     n_val: int = _opt(256, "held-out scenes every policy is evaluated on")
     probe_T: int = _opt(10, "glimpses of the probe-training sequences ([003] F.2.1: 10)")
     probe_policy: str = _opt("riid", "policy of the probe-training sequences (official: R-IID)")
     probe_steps: int = _opt(500, "probe optimizer steps ([003] F.2.1: 40,000; CPU default)")
     probe_batch: int = _opt(16, "scenes per probe step ([003] F.2.1: 16), all T_probe steps each")
-    probe_lr: float = _opt(1e-3, "peak AdamW lr ([003] F.2.1: 3e-4 over 40k steps)")
+    probe_lr: float = _opt(1e-2, "peak AdamW lr ([003] F.2.1: 3e-4 for 40k steps; CPU default)")
     probe_wd: float = _opt(1e-3, "AdamW weight decay ([003] F.2.1)")
     batch_size: int = _opt(64, "scenes per frozen-model batch")
     pictures: int = _opt(3, "scenes shown in each policy's PNG (0 = none)")
@@ -110,7 +110,8 @@ def parse_args(argv: list[str]) -> EvalConfig:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = str if isinstance(default, tuple) else type(default)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        ap.add_argument(f"--{f.name}", type=kind, default=default, required=f.name in ("ckpt", "out_dir"),
+        ap.add_argument(f"--{f.name}", type=kind, default=default,
+                        required=f.name in ("ckpt", "out_dir"),
                         help=f"{f.metadata['help']} (default: {shown!r})")
     ns = vars(ap.parse_args(argv))
     for name in ("policies", "res_factors"):                            # "a,b" -> tuple
@@ -123,8 +124,8 @@ def parse_args(argv: list[str]) -> EvalConfig:
     cfg = EvalConfig(**ns)
     bad = [p for p in (*cfg.policies, cfg.probe_policy) if p not in POLICIES]
     if bad or cfg.probe_policy == "entropy":
-        raise EvalError(f"unknown policy {bad or ['entropy']} (the probes' policy cannot be entropy); "
-                        f"valid: {', '.join(POLICIES)}")
+        raise EvalError(f"unknown policy {bad or ['entropy']} (the probes' policy cannot be "
+                        f"entropy); valid: {', '.join(POLICIES)}")
     if min(cfg.T, cfg.probe_T, cfg.n_train, cfg.n_val, cfg.probe_steps, *cfg.res_factors) < 1:
         raise EvalError("T, probe_T, n_train, n_val, probe_steps and res_factors must be >= 1")
     return cfg
@@ -173,8 +174,8 @@ def predict_masks(logits: Tensor, size: int) -> Tensor:
     (B, K, S, S) logits never exist at once."""
     n = max(1, 2 ** 22 // (logits.shape[1] * size * size))
     logits = logits.float().contiguous(memory_format=torch.channels_last)
-    return torch.cat([F.interpolate(chunk, size=(size, size), mode="bilinear", align_corners=False).argmax(1)
-                      for chunk in logits.split(n)])
+    return torch.cat([F.interpolate(chunk, size=(size, size), mode="bilinear",
+                                    align_corners=False).argmax(1) for chunk in logits.split(n)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ class SegProbe(nn.Module):
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.ln(x).permute(0, 3, 1, 2)                              # (B, G, G, D) -> (B, D, G, G)
+        x = self.ln(x).permute(0, 3, 1, 2)                   # (B, G, G, D) -> (B, D, G, G)
         return self.conv(self.bn(self.dropout(x)))
 
 
@@ -211,7 +212,8 @@ def seg_loss(probe: nn.Module, feats: Tensor, q: Tensor) -> Tensor:
 
 def cls_loss(probe: nn.Module, feats: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy averaged over timesteps: feats (b, T, D), labels (b,)."""
-    return F.cross_entropy(probe(feats.float().flatten(0, 1)), labels.repeat_interleave(feats.shape[1]))
+    logits = probe(feats.float().flatten(0, 1))                              # (b*T, K)
+    return F.cross_entropy(logits, labels.repeat_interleave(feats.shape[1]))
 
 
 def warmup_cosine(step: int, steps: int, peak: float) -> float:
@@ -265,12 +267,13 @@ def read_checkpoint(path: str) -> tuple[str, dict | Path]:
     return ckpt["config"].get("objective"), ckpt
 
 
-def load_canvit(source: dict | Path, cfg: EvalConfig) -> tuple[canvit.CanViT, nn.Module | None, dict]:
+def load_canvit(source: dict | Path, cfg: EvalConfig) -> tuple[canvit.CanViT, nn.Module | None,
+                                                                dict]:
     """CanViT, its teacher (None when unknown) and the run's settings, from a train.py
     checkpoint (teacher rebuilt strictly from `extra`, as in training) or a Hugging Face folder."""
     if isinstance(source, Path):
         model = canvit.load_hf_folder(source)
-        teacher = canvit.load_dinov3(cfg.teacher_weights) if cfg.teacher_weights else None
+        teacher = load_teacher(cfg.teacher_weights) if cfg.teacher_weights else None
         # Table 1 / Table 2: 512 px scenes, 128 px bilinear glimpses
         info = {"step": None, "glimpse_px": 128, "glimpse_method": "bilinear",
                 "data": data.DataConfig(image_size=512)}
@@ -278,13 +281,14 @@ def load_canvit(source: dict | Path, cfg: EvalConfig) -> tuple[canvit.CanViT, nn
         d, extra = source["config"]["distill"], source.get("extra", {})
         model = canvit.CanViT(canvit.CanViTConfig(**d["model"]))
         model.load_state_dict(source["model"], strict=True)
-        weights = cfg.teacher_weights or extra.get("teacher_weights") or d["teacher"]["weights"]
-        if "teacher" in extra:                             # a random teacher, saved by train.py
+        if "teacher" in extra:                 # a random teacher: its weights are in the checkpoint
             t = d["teacher"]
-            teacher = canvit.DINOv3ViT(canvit.BackboneConfig(**t["backbone"]), t["n_storage_tokens"])
+            teacher = canvit.DINOv3ViT(canvit.BackboneConfig(**t["backbone"]),
+                                       t["n_storage_tokens"])
             teacher.load_state_dict(extra["teacher"], strict=True)
-        else:
-            teacher = canvit.load_dinov3(weights) if weights else None
+        else:                                  # DINOv3 weights from a path (or --teacher_weights)
+            weights = cfg.teacher_weights or extra.get("teacher_weights") or d["teacher"]["weights"]
+            teacher = load_teacher(weights) if weights else None
         info = {"step": source.get("step"), "glimpse_px": d["glimpse_px"],
                 "glimpse_method": d.get("glimpse_method", "bilinear"),
                 "data": data.DataConfig(**source["config"]["data"])}
@@ -299,8 +303,16 @@ def load_canvit(source: dict | Path, cfg: EvalConfig) -> tuple[canvit.CanViT, nn
     return model, teacher, info
 
 
+def load_teacher(path: str) -> canvit.DINOv3ViT:
+    if not Path(path).is_file():
+        raise EvalError(f"teacher weights {path} not found (give the DINOv3 .pth with "
+                        "--teacher_weights)")
+    return canvit.load_dinov3(path)
+
+
 def snapshot(*modules) -> list[dict]:
-    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules if m is not None]
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()}
+            for m in modules if m is not None]
 
 
 def check_unchanged(modules, snaps: list[dict]) -> None:
@@ -362,7 +374,8 @@ def teacher_features(teacher: nn.Module, images: Tensor, G: int) -> tuple[Tensor
     grid is not S / patch, the scene is resized to G patches a side so both grids agree."""
     px = G * teacher.cfg.patch_size
     if images.shape[-1] != px:
-        images = F.interpolate(images, size=(px, px), mode="bilinear", antialias=True, align_corners=False)
+        images = F.interpolate(images, size=(px, px), mode="bilinear", antialias=True,
+                               align_corners=False)
     with torch.autocast(images.device.type, torch.bfloat16, enabled=images.is_cuda):
         out = teacher(images)
     return out["cls"].float(), out["patches"].float()
@@ -408,8 +421,8 @@ def collect_features(model, teacher, ds, cfg: EvalConfig, info: dict, S: int, G:
         for batch in batches(ds, cfg.n_train, cfg.batch_size):
             images = batch["image"].to(device)
             cells, cls = [], []
-            for _, _, state in rollout(model, images, cfg.probe_policy, cfg.probe_T, G, info["glimpse_px"],
-                                       gen, info["glimpse_method"]):
+            for _, _, state in rollout(model, images, cfg.probe_policy, cfg.probe_T, G,
+                                       info["glimpse_px"], gen, info["glimpse_method"]):
                 cells.append(state.canvas[:, model.cfg.n_canvas_registers:].half().cpu())
                 cls.append(state.recurrent_cls[:, 0].float().cpu())
             item = {"cells": torch.stack(cells, 1), "cls": torch.stack(cls, 1)}
@@ -418,7 +431,8 @@ def collect_features(model, teacher, ds, cfg: EvalConfig, info: dict, S: int, G:
             if "label" in batch:
                 item["label"] = batch["label"]
             if teacher is not None:
-                item["t_cls"], item["t_patches"] = (f.cpu() for f in teacher_features(teacher, images, G))
+                t_cls, t_patches = teacher_features(teacher, images, G)
+                item["t_cls"], item["t_patches"] = t_cls.cpu(), t_patches.cpu()
             for k, v in item.items():
                 out.setdefault(k, []).append(v)
     # cat outside inference mode: the probes need ordinary tensors to train on
@@ -463,84 +477,99 @@ def fit_standardizers(model, feats: dict, G: int) -> tuple[tuple, str]:
     cls_std.fit(feats["t_cls"][:, None])
     patch_std.fit(feats["t_patches"])
     device = model.canvas_spatial_init.device
-    return (cls_std.to(device), patch_std.to(device)), f"fitted on {len(feats['t_cls'])} probe-training scenes"
+    source = f"fitted on {len(feats['t_cls'])} probe-training scenes"
+    return (cls_std.to(device), patch_std.to(device)), source
+
+
+def step_metrics(model, probes: dict, stds, state, truth: dict, S: int
+                 ) -> tuple[dict, Tensor | None]:
+    """Sums over a batch of every metric after one glimpse, and the predicted masks (B, S, S)."""
+    sums, pred = {}, None
+    if "t_cls" in truth:                                 # Table 4: destandardized vs teacher
+        z = model.predict(state)                                             # z-scored (Eq. 3)
+        cls_hat = stds[0].destandardize(z.cls.float()[:, None])[:, 0]        # (B, Dt)
+        patches_hat = stds[1].destandardize(z.patches.float())               # (B, G*G, Dt)
+        cos = lambda a, b: F.cosine_similarity(a, b, dim=-1)           # per position (or CLS)
+        sums["patch_cos"] = cos(patches_hat, truth["t_patches"]).mean(1).sum()
+        sums["cls_cos"] = cos(cls_hat, truth["t_cls"]).sum()
+        sums["patch_cos_z"] = cos(z.patches.float(), truth["z_patches"]).mean(1).sum()
+        sums["cls_cos_z"] = cos(z.cls.float(), truth["z_cls"]).sum()
+        if "teacher_cls" in probes:                      # F.2.2: zero-shot through W_global
+            sums["zero_shot_correct"] = correct(probes["teacher_cls"](cls_hat), truth["label"])
+    if "seg" in probes:
+        logits = probes["seg"](canvas_cells(model, state.canvas).float())      # (B, K, G, G)
+        pred = predict_masks(logits, S)
+        sums["conf"] = confusion_matrix(pred, truth["mask"], logits.shape[1])
+    if "cls" in probes:
+        logits = probes["cls"](state.recurrent_cls[:, 0].float())             # (B, K)
+        sums["cls_correct"] = correct(logits, truth["label"])
+    return sums, pred
+
+
+def correct(logits: Tensor, labels: Tensor) -> Tensor:
+    """Top-1: how many of (B, K) logits have their largest value at the label (B,)."""
+    return (logits.argmax(-1) == labels).sum()
 
 
 @torch.inference_mode()
 def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg: EvalConfig, info: dict,
                       S: int, G: int) -> tuple[dict, dict]:
-    """Every policy on the n_val held-out scenes: per-timestep sums of the metrics, and the
-    rollouts of the first `pictures` scenes. -> (results, pictures)."""
+    """Every policy for T glimpses on the n_val held-out scenes. -> (results: per policy, each
+    metric per timestep, plus the passive teacher's; pictures: rollouts of the first scenes)."""
     device, T = model.canvas_spatial_init.device, cfg.T
     policies = [p for p in cfg.policies if p != "entropy" or "seg" in probes]
-    gens = {p: torch.Generator().manual_seed(cfg.seed * 1000 + list(POLICIES).index(p)) for p in policies}
-    sums = {p: {} for p in policies}
-    ref, pics, n = {}, {"policies": {p: [] for p in policies}}, 0
-
-    def add(store: dict, key: str, t: int | None, value: Tensor) -> None:
-        if key not in store:
-            store[key] = torch.zeros((T, *value.shape) if t is not None else value.shape,
-                                     dtype=value.dtype)
-        if t is None:
-            store[key] += value.cpu()
-        else:
-            store[key][t] += value.cpu()
-
+    if len(policies) < len(cfg.policies):
+        print("entropy C2F skipped: it needs the segmentation probe, and these data have no masks")
+    gens = {p: torch.Generator().manual_seed(cfg.seed * 1000 + list(POLICIES).index(p))
+            for p in policies}                            # the same viewpoints at every resolution
+    sums = {p: {} for p in policies}                      # policy -> metric -> [sum at t]
+    passive, pics, n = {}, {"policies": {p: [] for p in policies}}, 0
     for i, batch in enumerate(batches(ds, cfg.n_val, cfg.batch_size)):
         images = batch["image"].to(device)
-        masks = batch["mask"].to(device) if "mask" in batch else None
-        labels = batch["label"].to(device) if "label" in batch else None
-        B, k = images.shape[0], cfg.pictures if i == 0 else 0        # pictures: first scenes only
-        n += B
+        truth = {k: batch[k].to(device) for k in ("mask", "label") if k in batch}
+        k, n = (cfg.pictures if i == 0 else 0), n + len(images)         # pictures: first scenes
         if teacher is not None:
-            t_cls, t_patches = teacher_features(teacher, images, G)
-            z_cls, z_patches = stds[0].standardize(t_cls[:, None])[:, 0], stds[1].standardize(t_patches)
-            if "teacher_seg" in probes:
-                logits = probes["teacher_seg"](t_patches.view(B, G, G, -1))
-                add(ref, "teacher_conf", None, confusion_matrix(predict_masks(logits, S), masks, logits.shape[1]))
+            truth["t_cls"], truth["t_patches"] = teacher_features(teacher, images, G)
+            truth["z_cls"] = stds[0].standardize(truth["t_cls"][:, None])[:, 0]
+            truth["z_patches"] = stds[1].standardize(truth["t_patches"])
+            if "teacher_seg" in probes:                   # the teacher's probes on its own features
+                logits = probes["teacher_seg"](truth["t_patches"].view(len(images), G, G, -1))
+                conf = confusion_matrix(predict_masks(logits, S), truth["mask"], logits.shape[1])
+                passive["teacher_conf"] = passive.get("teacher_conf", 0) + conf.cpu()
             if "teacher_cls" in probes:
-                add(ref, "teacher_correct", None, (probes["teacher_cls"](t_cls).argmax(1) == labels).sum())
+                hits = correct(probes["teacher_cls"](truth["t_cls"]), truth["label"])
+                passive["teacher_correct"] = passive.get("teacher_correct", 0) + hits.item()
         if k:
-            pics.update(images=images[:k].cpu(), masks=None if masks is None else masks[:k].cpu(),
-                        teacher=None if teacher is None else t_patches[:k].cpu())
+            masks = truth["mask"][:k].cpu() if "mask" in truth else None
+            pics.update(images=images[:k].cpu(), masks=masks,
+                        teacher=truth["t_patches"][:k].cpu() if teacher is not None else None)
         for p in policies:
             for t, vp, state in rollout(model, images, p, T, G, info["glimpse_px"], gens[p],
                                         info["glimpse_method"], probes.get("seg")):
-                pred_seg = None
-                if teacher is not None:
-                    z = model.predict(state)                                  # z-scored (Eq. 3)
-                    cls_hat = stds[0].destandardize(z.cls.float()[:, None])[:, 0]   # (B, Dt)
-                    patches_hat = stds[1].destandardize(z.patches.float())          # (B, G*G, Dt)
-                    add(sums[p], "patch_cos", t, F.cosine_similarity(patches_hat, t_patches, dim=-1).mean(1).sum())
-                    add(sums[p], "cls_cos", t, F.cosine_similarity(cls_hat, t_cls, dim=-1).sum())
-                    add(sums[p], "patch_cos_z", t, F.cosine_similarity(z.patches.float(), z_patches, dim=-1).mean(1).sum())
-                    add(sums[p], "cls_cos_z", t, F.cosine_similarity(z.cls.float(), z_cls, dim=-1).sum())
-                    if "teacher_cls" in probes:                       # F.2.2: zero-shot
-                        add(sums[p], "zero_shot_correct", t, (probes["teacher_cls"](cls_hat).argmax(1) == labels).sum())
-                if "seg" in probes:
-                    logits = probes["seg"](canvas_cells(model, state.canvas).float())
-                    pred_seg = predict_masks(logits, S)
-                    add(sums[p], "conf", t, confusion_matrix(pred_seg, masks, logits.shape[1]))
-                if "cls" in probes:
-                    add(sums[p], "cls_correct", t, (probes["cls"](state.recurrent_cls[:, 0].float()).argmax(1) == labels).sum())
+                step, pred = step_metrics(model, probes, stds, state, truth, S)
+                for name, v in step.items():
+                    acc = sums[p].setdefault(name, [0] * T)
+                    acc[t] = acc[t] + v.cpu()
                 if k:
-                    pics["policies"][p].append({"center": vp.center_yx[:k].cpu(), "scale": vp.scale[:k].cpu(),
-                                  "cells": canvas_cells(model, state.canvas)[:k].float().cpu(),
-                                  "seg": None if pred_seg is None else pred_seg[:k].cpu()})
+                    pics["policies"][p].append({
+                        "center": vp.center_yx[:k].cpu(), "scale": vp.scale[:k].cpu(),
+                        "cells": canvas_cells(model, state.canvas)[:k].float().cpu(),
+                        "seg": pred[:k].cpu() if pred is not None else None})
     results = {"n_val": n}
-    for p, s in sums.items():
-        r = {k: (s[k] / n).tolist() for k in ("patch_cos", "cls_cos", "patch_cos_z", "cls_cos_z") if k in s}
+    for p in policies:
+        s = sums[p]
+        results[p] = {name: [v.item() / n for v in s[name]] for name in
+                      ("patch_cos", "cls_cos", "patch_cos_z", "cls_cos_z") if name in s}
+        for name, key in (("cls_correct", "top1_cls_probe"),
+                          ("zero_shot_correct", "top1_zero_shot")):
+            if name in s:
+                results[p][key] = [v.item() / n for v in s[name]]
         if "conf" in s:
-            r["miou"] = [miou(c) for c in s["conf"]]
-        if "cls_correct" in s:
-            r["top1_cls_probe"] = (s["cls_correct"] / n).tolist()
-        if "zero_shot_correct" in s:
-            r["top1_zero_shot"] = (s["zero_shot_correct"] / n).tolist()
-        results[p] = r
-    if "teacher_conf" in ref:
-        results["teacher_miou"] = miou(ref["teacher_conf"])
-    if "teacher_correct" in ref:
-        results["teacher_top1"] = ref["teacher_correct"].item() / n
+            results[p]["miou"] = [miou(c) for c in s["conf"]]
+    if "teacher_conf" in passive:
+        results["teacher_miou"] = miou(passive["teacher_conf"])
+    if "teacher_correct" in passive:
+        results["teacher_top1"] = passive["teacher_correct"] / n
     return results, pics
 
 
@@ -569,12 +598,14 @@ def _palette(K: int) -> np.ndarray:
     return pal
 
 
-def save_pictures(pics: dict, path_prefix: Path, S: int, K: int | None, tile: int = 128) -> list[str]:
+def save_pictures(pics: dict, path_prefix: Path, K: int | None, tile: int = 128) -> list[str]:
     """One PNG per policy: for each scene, rows = scene with the glimpse boxes so far (the current
     one yellow), canvas PCA, predicted segmentation; columns = reference (scene, teacher PCA, true
     mask), then the tables' timesteps. Returns the paths written."""
-    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
-    scenes = ((pics["images"] * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    mean = torch.tensor(data.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(data.IMAGENET_STD)[:, None, None]
+    scenes = ((pics["images"] * std + mean).clamp(0, 1) * 255).round().byte()
+    scenes = scenes.permute(0, 2, 3, 1).numpy()                      # (n, S, S, 3) uint8
     pal = _palette(K) if K else None
     head, written = 14, []
 
@@ -583,7 +614,8 @@ def save_pictures(pics: dict, path_prefix: Path, S: int, K: int | None, tile: in
         return Image.fromarray(rgb.reshape(G, G, 3)).resize((tile, tile), Image.NEAREST)
 
     def mask_image(mask: Tensor) -> Image.Image:
-        return Image.fromarray(pal[mask.numpy().astype(np.int64)]).resize((tile, tile), Image.NEAREST)
+        rgb = pal[mask.numpy().astype(np.int64)]                          # (S, S, 3)
+        return Image.fromarray(rgb).resize((tile, tile), Image.NEAREST)
 
     for policy, steps in pics["policies"].items():
         cols = _columns(len(steps))                                   # the tables' timesteps
@@ -602,13 +634,15 @@ def save_pictures(pics: dict, path_prefix: Path, S: int, K: int | None, tile: in
             for c, t in enumerate(cols):
                 x0, view = (c + 1) * tile, scene.copy()
                 vd = ImageDraw.Draw(view)
-                for u in range(t + 1):                           # earlier glimpses grey, this one yellow
-                    y_a, x_a, y_b, x_b = fovea.viewpoint_boxes(steps[u]["center"][i:i + 1], steps[u]["scale"][i:i + 1],
-                                                               (tile, tile))[0].tolist()
-                    vd.rectangle([x_a, y_a, x_b - 1, y_b - 1], outline=(255, 230, 0) if u == t else (150, 150, 150),
-                                 width=2 if u == t else 1)
+                for u in range(t + 1):                   # earlier glimpses grey, this one yellow
+                    box = fovea.viewpoint_boxes(steps[u]["center"][i:i + 1],
+                                                steps[u]["scale"][i:i + 1], (tile, tile))
+                    y_a, x_a, y_b, x_b = box[0].tolist()
+                    vd.rectangle([x_a, y_a, x_b - 1, y_b - 1], width=2 if u == t else 1,
+                                 outline=(255, 230, 0) if u == t else (150, 150, 150))
                 canvas.paste(view, (x0, y0))
-                canvas.paste(grid_image(pca_rgb(steps[t]["cells"][i].flatten(0, 1))), (x0, y0 + tile))
+                cells = steps[t]["cells"][i].flatten(0, 1)               # (G*G, Dc)
+                canvas.paste(grid_image(pca_rgb(cells)), (x0, y0 + tile))
                 if steps[t]["seg"] is not None:
                     canvas.paste(mask_image(steps[t]["seg"][i]), (x0, y0 + 2 * tile))
         path = f"{path_prefix}_{policy}.png"
@@ -631,7 +665,8 @@ TABLES = (   # (title, the key a policy's results need, one cell at step t)
      "predictions and the teacher's features, patches / CLS", "patch_cos",
      lambda r, t: f"{100 * r['patch_cos'][t]:.1f} / {100 * r['cls_cos'][t]:.1f}"),
     ("Reconstruction in the z-scored space of the loss (Eq. 3): cosine x100, patches / CLS",
-     "patch_cos_z", lambda r, t: f"{100 * r['patch_cos_z'][t]:.1f} / {100 * r['cls_cos_z'][t]:.1f}"),
+     "patch_cos_z",
+     lambda r, t: f"{100 * r['patch_cos_z'][t]:.1f} / {100 * r['cls_cos_z'][t]:.1f}"),
     ("Segmentation mIoU (%) (Table 6's layout): probe on the frozen canvas cells", "miou",
      lambda r, t: f"{100 * r['miou'][t]:.1f}"),
     ("Classification top-1 (%): linear probe on the frozen recurrent CLS", "top1_cls_probe",
@@ -656,8 +691,8 @@ def tables(results: dict) -> str:
         if rows:
             out += f"**{title}**\n\n{head}" + "\n".join(rows) + "\n\n"
     for r in res:
-        ref = [f"{name} {100 * r[key]:.1f}%" for key, name in (("teacher_miou", "mIoU"), ("teacher_top1", "top-1"))
-               if key in r]
+        ref = [f"{name} {100 * r[key]:.1f}%" for key, name in
+               (("teacher_miou", "mIoU"), ("teacher_top1", "top-1")) if key in r]
         if ref:
             out += (f"Passive teacher at {r['scene_px']}/{r['canvas_grid']}² (probes on its "
                     f"whole-scene features): {', '.join(ref)}\n\n")
@@ -682,7 +717,8 @@ def evaluate_canvit(source: dict | Path, cfg: EvalConfig) -> dict:
     S0 = cfg.scene_size or info["data"].image_size
     G0 = cfg.canvas_grid or S0 // p
     results = {"checkpoint": str(cfg.ckpt), "objective": "distill", "step": info["step"],
-               "config": dataclasses.asdict(cfg), "glimpse_px": info["glimpse_px"], "resolutions": []}
+               "config": dataclasses.asdict(cfg), "glimpse_px": info["glimpse_px"],
+               "resolutions": []}
     t_start = time.perf_counter()
     for k in cfg.res_factors:
         S, G = S0 * k, G0 * k
@@ -695,17 +731,21 @@ def evaluate_canvit(source: dict | Path, cfg: EvalConfig) -> dict:
         train_ds, val_ds = datasets(cfg, info, S)
         feats = collect_features(model, teacher, train_ds, cfg, info, S, G)
         probes, logs = train_probes(model, feats, train_ds, cfg, device)
-        stds, std_source = fit_standardizers(model, feats, G) if teacher is not None else (None, None)
+        stds, std_source = (fit_standardizers(model, feats, G) if teacher is not None
+                            else (None, None))
         res, pics = evaluate_policies(model, teacher, probes, stds, val_ds, cfg, info, S, G)
+        losses = {name: {"first": l[0], "last_10pct": float(np.mean(l[-max(1, len(l) // 10):]))}
+                  for name, l in logs.items()}
         res.update(scene_px=S, canvas_grid=G, standardizers=std_source, n_train=len(feats["cells"]),
-                   probe_loss={name: {"first": l[0], "last": l[-1]} for name, l in logs.items()})
+                   probe_loss=losses)
         if cfg.pictures:
             K = getattr(val_ds, "num_segment_classes", None) if "seg" in probes else None
-            res["pictures"] = save_pictures(pics, out / f"rollout_{S}px", S, K)
+            res["pictures"] = save_pictures(pics, out / f"rollout_{S}px", K)
         results["resolutions"].append(res)
         del feats
-        print(f"[{S}/{G}x{G}] done in {time.perf_counter() - t0:.0f} s: probes "
-              + ", ".join(f"{n} loss {l[0]:.3f} -> {l[-1]:.3f}" for n, l in logs.items()), flush=True)
+        print(f"[{S}/{G}x{G}] done in {time.perf_counter() - t0:.0f} s; probe losses (first "
+              "step -> last 10%): " + ", ".join(f"{n} {v['first']:.3f} -> {v['last_10pct']:.3f}"
+                                         for n, v in losses.items()), flush=True)
     check_unchanged((model, teacher), snaps)                     # frozen: bit-identical weights
     results["frozen_check"] = "passed: model and teacher state dicts bit-identical after evaluation"
     results["seconds"] = round(time.perf_counter() - t_start, 1)

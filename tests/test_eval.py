@@ -335,3 +335,33 @@ def test_bad_inputs_fail_with_clear_messages(ckpt, tmp_path):
         ev.parse_args(["--ckpt", str(ckpt), "--out_dir", "x", "--policies", "c2f,zigzag"])
     with pytest.raises(ev.EvalError, match="entropy policy"):     # 3 x 3 canvas, 4 x 4 finest tiles
         ev.main(["--ckpt", str(ckpt), "--out_dir", str(tmp_path), "--canvas_grid", "3", "--T", "21"])
+
+
+def fake_image(path, g, size=40):
+    Image.fromarray(torch.randint(0, 256, (size, size + 8, 3), generator=g).byte().numpy()).save(path)
+
+
+@pytest.mark.parametrize("kind", ["imagefolder", "ade20k"])
+def test_real_data_layouts(ckpt, tmp_path, kind):
+    """ImageFolder (labels only: classification) and ADEChallengeData2016 (masks with the ignore
+    label: segmentation; the entropy policy needs it) on a few random files."""
+    g, root = torch.Generator().manual_seed(0), tmp_path / "data"
+    for split, ade_split in (("train", "training"), ("val", "validation")):
+        for i in range(6):
+            if kind == "imagefolder":
+                (root / split / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+                fake_image(root / split / f"class{i % 2}" / f"{i}.jpg", g)
+            else:
+                for sub in ("images", "annotations"):
+                    (root / sub / ade_split).mkdir(parents=True, exist_ok=True)
+                fake_image(root / "images" / ade_split / f"{i}.jpg", g)
+                ann = torch.randint(0, 4, (40, 48), generator=g).byte().numpy()     # 0 = "other"
+                Image.fromarray(ann).save(root / "annotations" / ade_split / f"{i}.png")
+    results = ev.main(["--ckpt", str(ckpt), "--out_dir", str(tmp_path / "out"), *FAST, "--n_train", "6",
+                       "--n_val", "6", "--res_factors", "1", "--data", kind, "--root", str(root)])
+    r = results["resolutions"][0]
+    if kind == "imagefolder":
+        assert "entropy" not in r and "miou" not in r["c2f"] and len(r["c2f"]["top1_cls_probe"]) == 6
+    else:
+        assert "entropy" in r and "top1_cls_probe" not in r["c2f"] and len(r["entropy"]["miou"]) == 6
+    assert len(r["c2f"]["patch_cos"]) == 6 and (tmp_path / "out" / "rollout_64px_c2f.png").is_file()
