@@ -528,6 +528,9 @@ def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg: EvalConfig, i
         images = batch["image"].to(device)
         truth = {k: batch[k].to(device) for k in ("mask", "label") if k in batch}
         k, n = (cfg.pictures if i == 0 else 0), n + len(images)         # pictures: first scenes
+        if "label" in truth:                           # for the constant-prediction floor
+            counts = torch.bincount(truth["label"], minlength=ds.num_classes).cpu()
+            passive["label_counts"] = passive.get("label_counts", 0) + counts
         if teacher is not None:
             truth["t_cls"], truth["t_patches"] = teacher_features(teacher, images, G)
             truth["z_cls"] = stds[0].standardize(truth["t_cls"][:, None])[:, 0]
@@ -566,6 +569,11 @@ def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg: EvalConfig, i
                 results[p][key] = [v.item() / n for v in s[name]]
         if "conf" in s:
             results[p]["miou"] = [miou(c) for c in s["conf"]]
+    if "seg" in probes:            # floor: the most frequent class everywhere (IoU N_c / N)
+        pixels = sums[policies[0]]["conf"][0].sum(1).double()             # per true class
+        results["floor_miou"] = (pixels.max() / pixels.sum() / (pixels > 0).sum()).item()
+    if "label_counts" in passive:
+        results["floor_top1"] = passive["label_counts"].max().item() / n
     if "teacher_conf" in passive:
         results["teacher_miou"] = miou(passive["teacher_conf"])
     if "teacher_correct" in passive:
@@ -691,11 +699,14 @@ def tables(results: dict) -> str:
         if rows:
             out += f"**{title}**\n\n{head}" + "\n".join(rows) + "\n\n"
     for r in res:
-        ref = [f"{name} {100 * r[key]:.1f}%" for key, name in
-               (("teacher_miou", "mIoU"), ("teacher_top1", "top-1")) if key in r]
-        if ref:
-            out += (f"Passive teacher at {r['scene_px']}/{r['canvas_grid']}² (probes on its "
-                    f"whole-scene features): {', '.join(ref)}\n\n")
+        for what, keys in (("Passive teacher (probes on its whole-scene features)",
+                            ("teacher_miou", "teacher_top1")),
+                           ("Floor (the most frequent class everywhere)",
+                            ("floor_miou", "floor_top1"))):
+            ref = [f"{name} {100 * r[key]:.1f}%" for key, name in zip(keys, ("mIoU", "top-1"))
+                   if key in r]
+            if ref:
+                out += f"{what} at {r['scene_px']}/{r['canvas_grid']}²: {', '.join(ref)}\n\n"
     return out
 
 

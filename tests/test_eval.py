@@ -92,7 +92,7 @@ def test_confusion_matrix_and_miou_match_brute_force():
     K = 6
     target = torch.randint(0, K - 1, (5, 17, 13), generator=g)         # class K-1 never true
     pred = torch.where(torch.rand(5, 17, 13, generator=g) < 0.6, target,
-                       torch.randint(0, K - 2, (5, 17, 13), generator=g))  # class K-2, K-1 never predicted... mostly
+                       torch.randint(0, K - 2, (5, 17, 13), generator=g))    # K-1: never predicted
     target[:, :3] = 255                                                # ignored rows
     conf = ev.confusion_matrix(pred, target, K)
     for c in range(K):
@@ -153,8 +153,8 @@ def test_policy_metrics_match_a_brute_force_recomputation(tiny):
                     label = int(batch["label"][b])
                     correct[step] += int(probes["cls"](state.recurrent_cls[b]).argmax()) == label
                     zero_shot[step] += int(probes["teacher_cls"](cls_hat.cls[b]).argmax()) == label
-                    cos[step] += np.mean([F.cosine_similarity(cls_hat.patches[b, i], t_patches[b, i], 0).item()
-                                          for i in range(G * G)])
+                    cos[step] += np.mean([F.cosine_similarity(cls_hat.patches[b, i], t_patches[b, i],
+                                                              0).item() for i in range(G * G)])
             masks += list(batch["mask"].numpy())
     for step in range(3):
         assert res["full"]["miou"][step] == pytest.approx(brute_force_miou(preds[step], masks, K), abs=1e-9)
@@ -365,3 +365,17 @@ def test_real_data_layouts(ckpt, tmp_path, kind):
     else:
         assert "entropy" in r and "top1_cls_probe" not in r["c2f"] and len(r["entropy"]["miou"]) == 6
     assert len(r["c2f"]["patch_cos"]) == 6 and (tmp_path / "out" / "rollout_64px_c2f.png").is_file()
+
+
+def test_constant_prediction_floor(tiny):
+    t = tiny
+    cfg = dataclasses.replace(t["cfg"], policies=("full",), T=1, n_val=9, batch_size=4, pictures=0)
+    stds, _ = ev.fit_standardizers(t["model"], t["feats"], 4)
+    res, _ = ev.evaluate_policies(t["model"], t["teacher"], t["probes"], stds, t["val_ds"], cfg,
+                                  t["info"], 64, 4)
+    masks = np.stack([b for batch in ev.batches(t["val_ds"], 9, 4) for b in batch["mask"].numpy()])
+    labels = np.concatenate([batch["label"].numpy() for batch in ev.batches(t["val_ds"], 9, 4)])
+    K = t["val_ds"].num_segment_classes
+    most = np.bincount(masks.ravel(), minlength=K).argmax()
+    assert res["floor_miou"] == pytest.approx(brute_force_miou(np.full_like(masks, most), masks, K))
+    assert res["floor_top1"] == pytest.approx(np.mean(labels == np.bincount(labels).argmax()))
