@@ -386,7 +386,8 @@ def teacher_features(teacher: nn.Module, images: Tensor, G: int) -> tuple[Tensor
 # ----------------------------------------------------------------------------------------------
 
 def datasets(cfg: EvalConfig, info: dict, S: int):
-    """(probe-training, held-out) datasets at scene size S and what they provide."""
+    """(probe-training, held-out) datasets at scene size S: train / val (synthetic, ImageFolder:
+    resize + centre crop, F.2.2) or training / validation (ADE20K: resized to S x S, F.2.1)."""
     dc = dataclasses.replace(info["data"], dataset=cfg.data or info["data"].dataset,
                              root=cfg.root or info["data"].root, image_size=S, augment=False)
     if dc.dataset == "imagefolder":               # class count from the folders, not the config
@@ -413,7 +414,12 @@ def batches(ds, n: int, batch_size: int):
 def collect_features(model, teacher, ds, cfg: EvalConfig, info: dict, S: int, G: int) -> dict:
     """Cache, for n_train scenes, the frozen canvas cells (N, T, G*G, Dc) float16 and recurrent
     CLS (N, T, D) after each glimpse of probe_T-step probe_policy rollouts, cell class fractions
-    (N, K, G, G), labels (N,) and teacher CLS (N, Dt) / patches (N, G*G, Dt)."""
+    (N, K, G, G), labels (N,) and teacher CLS (N, Dt) / patches (N, G*G, Dt).
+
+    NOTE(paper): F.2.1 trains on "sequences of T = 10 timesteps" without naming their policy;
+    the official probe training draws R-IID viewpoints, one probe for all timesteps, its loss
+    averaged over them (seg_loss, cls_loss). One rollout per scene is cached (the official code
+    draws new viewpoints, and augmentations, at every step)."""
     device = model.canvas_spatial_init.device
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 999)
     out: dict[str, list] = {}
@@ -441,7 +447,11 @@ def collect_features(model, teacher, ds, cfg: EvalConfig, info: dict, S: int, G:
 
 def train_probes(model, feats: dict, ds, cfg: EvalConfig, device) -> tuple[dict, dict]:
     """Seg probe on canvas cells, linear probe on the recurrent CLS, and the teacher's probes
-    (CLS: the zero-shot route of F.2.2; patches: a passive reference). -> (probes, loss logs)."""
+    (CLS: the zero-shot route of F.2.2; patches: a passive reference). -> (probes, loss logs).
+
+    NOTE(paper): the paper classifies only zero-shot, with DINOv3's ImageNet-1k probe (App. H);
+    here the teacher-CLS probe is trained on the same scenes' teacher CLS, and the probe on the
+    recurrent CLS (LayerNorm + Linear: the CLS is a pre-norm residual stream) is our addition."""
     probes, logs = {}, {}
     Dc, D = model.cfg.canvas_dim, model.cfg.backbone.embed_dim
     jobs = []
@@ -483,7 +493,11 @@ def fit_standardizers(model, feats: dict, G: int) -> tuple[tuple, str]:
 
 def step_metrics(model, probes: dict, stds, state, truth: dict, S: int
                  ) -> tuple[dict, Tensor | None]:
-    """Sums over a batch of every metric after one glimpse, and the predicted masks (B, S, S)."""
+    """Sums over a batch of every metric after one glimpse, and the predicted masks (B, S, S).
+
+    NOTE(paper): Table 4 does not say in which space its cosine is taken; the official
+    evaluation logs both, so both are kept: destandardized predictions vs the teacher's features
+    (F.2's decoding), and z-scores vs z-scored targets (the loss's space, Eq. 3)."""
     sums, pred = {}, None
     if "t_cls" in truth:                                 # Table 4: destandardized vs teacher
         z = model.predict(state)                                             # z-scored (Eq. 3)
@@ -731,6 +745,8 @@ def evaluate_canvit(source: dict | Path, cfg: EvalConfig) -> dict:
                "config": dataclasses.asdict(cfg), "glimpse_px": info["glimpse_px"],
                "resolutions": []}
     t_start = time.perf_counter()
+    # NOTE(paper): each resolution gets its own probes: Table 6's 1024/64 rows use probes trained
+    # at 1024/64 (the official probes are per scene size and canvas grid, "s512-c32").
     for k in cfg.res_factors:
         S, G = S0 * k, G0 * k
         if "entropy" in cfg.policies:
