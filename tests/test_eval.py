@@ -174,16 +174,15 @@ def test_probes_train_on_frozen_features(tiny):
     assert feats["cls"].shape == (16, 3, 32) and feats["q"].shape == (16, 15, 4, 4)
     assert set(tiny["logs"]) == {"seg", "teacher_seg", "cls", "teacher_cls"}
     cfg = dataclasses.replace(tiny["cfg"], probe_steps=60, probe_lr=1e-2, probe_batch=8)
-    for key, target, make, loss_fn in (("cells", "q", lambda: ev.SegProbe(32, 15), ev.seg_loss),
-                                       ("cls", "label", lambda: torch.nn.Sequential(
-                                           torch.nn.LayerNorm(32), torch.nn.Linear(32, 10)), ev.cls_loss)):
-        torch.manual_seed(0)
-        probe = make()
-        whole = (feats[key], feats[target])                    # the loss on all 16 cached scenes
-        before = loss_fn(probe.eval(), *whole).item()
+    torch.manual_seed(0)
+    seg_probe = ev.SegProbe(32, 15)
+    cls_probe = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 10))
+    for probe, loss_fn, whole in ((seg_probe, ev.seg_loss, (feats["cells"], feats["q"])),
+                                  (cls_probe, ev.cls_loss, (feats["cls"], feats["label"]))):
+        before = loss_fn(probe.eval(), *whole).item()          # the loss on all 16 cached scenes
         ev.train_probe(probe, loss_fn, whole, cfg, seed=0)
         after = loss_fn(probe.eval(), *whole).item()
-        assert after < 0.7 * before, (key, before, after)
+        assert after < 0.7 * before, (loss_fn.__name__, before, after)
     # a probe learns what the features hold: labels planted in the recurrent-CLS features
     cfg = dataclasses.replace(tiny["cfg"], probe_steps=150, probe_lr=1e-2)
     labels = torch.arange(64) % 10
@@ -221,7 +220,8 @@ def viewpoints(tiny, policy, seed, T=6):
     images = tiny["val_ds"][0]["image"][None].repeat(3, 1, 1, 1)
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
-        steps = list(ev.rollout(tiny["model"], images, policy, T, 4, 32, gen, seg_probe=tiny["probes"]["seg"]))
+        steps = list(ev.rollout(tiny["model"], images, policy, T, 4, 32, gen,
+                                seg_probe=tiny["probes"]["seg"]))
     return torch.cat([torch.cat([vp.center_yx, vp.scale[:, None]], 1) for _, vp, _ in steps])
 
 
@@ -311,13 +311,13 @@ def test_official_hugging_face_folder(ckpt, tmp_path):
     assert teacher is None and info["glimpse_px"] == 128 and info["data"].image_size == 512
     assert all(torch.equal(v, saved["model"][k]) for k, v in model.state_dict().items())
     out = tmp_path / "eval"
-    res = run_cli("--ckpt", folder, "--out_dir", out, *FAST, "--res_factors", "1", "--scene_size", "64",
-                  "--glimpse_px", "32", "--policies", "full,c2f", "--teacher_weights", tmp_path / "dinov3.pth")
+    hf_args = ["--ckpt", folder, "--out_dir", out, *FAST, "--res_factors", "1", "--scene_size", "64",
+               "--glimpse_px", "32"]
+    res = run_cli(*hf_args, "--policies", "full,c2f", "--teacher_weights", tmp_path / "dinov3.pth")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     r = json.loads((out / "results.json").read_text())["resolutions"][0]
     assert r["standardizers"] == "checkpoint" and set(r["c2f"]) >= {"miou", "patch_cos", "top1_zero_shot"}
-    no_teacher = run_cli("--ckpt", folder, "--out_dir", out, *FAST, "--res_factors", "1", "--scene_size", "64",
-                         "--glimpse_px", "32", "--policies", "full")
+    no_teacher = run_cli(*hf_args, "--policies", "full")
     assert no_teacher.returncode == 0 and "no teacher" in no_teacher.stderr
     r = json.loads((out / "results.json").read_text())["resolutions"][0]
     assert "miou" in r["full"] and "patch_cos" not in r["full"] and "teacher_top1" not in r
@@ -327,7 +327,8 @@ def test_bad_inputs_fail_with_clear_messages(ckpt, tmp_path):
     res = run_cli("--ckpt", tmp_path / "missing.pt", "--out_dir", tmp_path / "o")
     assert res.returncode != 0 and "not found" in res.stderr and "Traceback" not in res.stderr
     with pytest.raises(ev.EvalError, match="objective 'foveal_sup'"):
-        ev.main(["--ckpt", str(save_tiny_checkpoint(tmp_path / "f.pt", "foveal_sup")), "--out_dir", str(tmp_path)])
+        foveal = save_tiny_checkpoint(tmp_path / "f.pt", "foveal_sup")
+        ev.main(["--ckpt", str(foveal), "--out_dir", str(tmp_path)])
     torch.save({"weights": 1}, tmp_path / "junk.pt")
     with pytest.raises(ev.EvalError, match="not a train.py checkpoint"):
         ev.main(["--ckpt", str(tmp_path / "junk.pt"), "--out_dir", str(tmp_path)])
