@@ -453,24 +453,25 @@ def train_probes(model, feats: dict, ds, cfg: EvalConfig, device) -> tuple[dict,
     here the teacher-CLS probe is trained on the same scenes' teacher CLS, and the probe on the
     recurrent CLS (LayerNorm + Linear: the CLS is a pre-norm residual stream) is our addition."""
     probes, logs = {}, {}
-    Dc, D = model.cfg.canvas_dim, model.cfg.backbone.embed_dim
-    jobs = []
+    Dc, D, Dt = model.cfg.canvas_dim, model.cfg.backbone.embed_dim, model.cfg.teacher_dim
+    jobs = []                                            # (name, make the probe, loss, inputs)
     if "q" in feats:
         K = ds.num_segment_classes
-        jobs.append(("seg", SegProbe(Dc, K), seg_loss, (feats["cells"], feats["q"])))
+        jobs.append(("seg", lambda: SegProbe(Dc, K), seg_loss, (feats["cells"], feats["q"])))
         if "t_patches" in feats:
-            jobs.append(("teacher_seg", SegProbe(model.cfg.teacher_dim, K), seg_loss,
+            jobs.append(("teacher_seg", lambda: SegProbe(Dt, K), seg_loss,
                          (feats["t_patches"][:, None], feats["q"])))
     if "label" in feats:
-        K = ds.num_classes
-        jobs.append(("cls", nn.Sequential(nn.LayerNorm(D), nn.Linear(D, K)), cls_loss,
+        C = ds.num_classes
+        jobs.append(("cls", lambda: nn.Sequential(nn.LayerNorm(D), nn.Linear(D, C)), cls_loss,
                      (feats["cls"], feats["label"])))
         if "t_cls" in feats:
-            jobs.append(("teacher_cls", nn.Linear(model.cfg.teacher_dim, K), cls_loss,
+            jobs.append(("teacher_cls", lambda: nn.Linear(Dt, C), cls_loss,
                          (feats["t_cls"][:, None], feats["label"])))
-    for i, (name, probe, loss_fn, inputs) in enumerate(jobs):
-        torch.manual_seed(cfg.seed * 1000 + i)                # initialisation and dropout
-        logs[name] = train_probe(probe.to(device), loss_fn, inputs, cfg, seed=cfg.seed * 1000 + i)
+    for i, (name, make, loss_fn, inputs) in enumerate(jobs):
+        torch.manual_seed(cfg.seed * 1000 + i)            # initialisation and dropout
+        probe = make().to(device)
+        logs[name] = train_probe(probe, loss_fn, inputs, cfg, seed=cfg.seed * 1000 + i)
         probes[name] = probe.eval()
     return probes, logs
 

@@ -380,3 +380,16 @@ def test_constant_prediction_floor(tiny):
     most = np.bincount(masks.ravel(), minlength=K).argmax()
     assert res["floor_miou"] == pytest.approx(brute_force_miou(np.full_like(masks, most), masks, K))
     assert res["floor_top1"] == pytest.approx(np.mean(labels == np.bincount(labels).argmax()))
+
+
+def test_same_seed_same_results_json(ckpt, tmp_path):
+    """Whole runs: policies, probes (initialisation, dropout, batches) all follow --seed."""
+    args = ["--ckpt", str(ckpt), *FAST, "--res_factors", "1", "--policies", "riid,c2f,entropy",
+            "--pictures", "0"]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "config")}
+    torch.rand(3)                                                # a different global RNG state
+    first = strip(ev.main([*args, "--out_dir", str(tmp_path / "a")]))
+    torch.rand(5)
+    assert strip(ev.main([*args, "--out_dir", str(tmp_path / "b")])) == first
+    other = strip(ev.main([*args, "--out_dir", str(tmp_path / "c"), "--seed", "1"]))
+    assert other["resolutions"][0]["riid"] != first["resolutions"][0]["riid"]
