@@ -25,11 +25,11 @@ Shapes
 
 Paper -> code
   App. F.1       R-IID, F-IID, C2F, F2C, Rep. full, entropy C2F   POLICIES, rollout
-  App. E Table 4 reconstruction cosine similarity               evaluate_policies
+  App. E Table 4 reconstruction cosine similarity               step_metrics
   App. F.2.1     segmentation probe, AdamW warmup-cosine         SegProbe, cell_targets, train_probe
-  App. F.2.1     mIoU (global confusion matrix)                  confusion_matrix, miou
-  App. F.2.2     zero-shot classification through W_global        train_probes, evaluate_policies
-  Sec. 6.1       same weights at 2x scene and canvas grid         evaluate_canvit (res_factors)
+  App. F.2.1     mIoU (dataset-wide confusion matrix)            confusion_matrix, miou, predict_masks
+  App. F.2.2     zero-shot classification through W_global        train_probes, step_metrics
+  Sec. 6.1       the same weights at 2x scene and canvas grid     evaluate_canvit, fit_standardizers
   App. A         canvas PCA pictures                             pca_rgb, save_pictures
   Tables 4, 6, 7 markdown tables                                 tables
 
