@@ -24,14 +24,14 @@ Shapes
   K segment classes or labels, Dc canvas width, D backbone width, Dt teacher width.
 
 Paper -> code
-  App. F.1       R-IID, F-IID, C2F, F2C, Rep. full, entropy C2F   POLICIES, rollout
-  App. E Table 4 reconstruction cosine similarity               step_metrics
-  App. F.2.1     segmentation probe, AdamW warmup-cosine         SegProbe, cell_targets, train_probe
-  App. F.2.1     mIoU (dataset-wide confusion matrix)            confusion_matrix, miou, predict_masks
-  App. F.2.2     zero-shot classification through W_global        train_probes, step_metrics
-  Sec. 6.1       the same weights at 2x scene and canvas grid     evaluate_canvit, fit_standardizers
-  App. A         canvas PCA pictures                             pca_rgb, save_pictures
-  Tables 4, 6, 7 markdown tables                                 tables
+  App. F.1       policies R-IID, F-IID, C2F, F2C, full, entropy C2FPOLICIES, rollout
+  App. E Table 4 reconstruction cosine similarity              step_metrics
+  App. F.2.1     segmentation probe, AdamW warmup-cosine       SegProbe, cell_targets, train_probe
+  App. F.2.1     mIoU (dataset-wide confusion matrix)          confusion_matrix, miou, predict_masks
+  App. F.2.2     zero-shot classification through W_global     train_probes, step_metrics
+  Sec. 6.1       the same weights at 2x scene and canvas grid  evaluate_canvit, fit_standardizers
+  App. A         canvas PCA pictures                           pca_rgb, save_pictures
+  Tables 4, 6, 7 markdown tables                               tables
 
 Run `python eval.py --ckpt runs/canvit_tiny/ckpt.pt --out_dir runs/canvit_tiny/eval` (a train.py
 checkpoint, or an official Hugging Face folder with config.json + model.safetensors); tests:
