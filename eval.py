@@ -24,7 +24,7 @@ Shapes
   K segment classes or labels, Dc canvas width, D backbone width, Dt teacher width.
 
 Paper -> code
-  App. F.1       policies R-IID, F-IID, C2F, F2C, full, entropy C2FPOLICIES, rollout
+  App. F.1       R-IID, F-IID, C2F, F2C, full, entropy C2F     POLICIES, rollout
   App. E Table 4 reconstruction cosine similarity              step_metrics
   App. F.2.1     segmentation probe, AdamW warmup-cosine       SegProbe, cell_targets, train_probe
   App. F.2.1     mIoU (dataset-wide confusion matrix)          confusion_matrix, miou, predict_masks
