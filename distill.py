@@ -150,16 +150,22 @@ class Distillation(nn.Module):
             raise ValueError("need at least one rollout, chunk >= 1 and 0 < p_stop <= 1")
         self.cfg, self.seed = cfg, seed
         self.model = canvit.CanViT(cfg.model)
-        # Precomputed features make the teacher unnecessary in the loop.
+        # Precomputed features make the teacher unnecessary in the loop; a random one that made
+        # them was saved beside them (export), so the checkpoint can keep it for evaluation.
         self.teacher = None if cfg.teacher.features else make_teacher(cfg.teacher)
+        saved = Path(cfg.teacher.features) / "teacher.pt"
+        self.exported_teacher = (torch.load(saved, weights_only=True)
+                                 if cfg.teacher.features and not cfg.teacher.weights and saved.is_file() else None)
         if self.teacher is not None and self.teacher.cfg.embed_dim != cfg.model.teacher_dim:
             raise ValueError(f"the teacher is {self.teacher.cfg.embed_dim} wide but the student "
                              f"predicts model.teacher_dim = {cfg.model.teacher_dim}")
 
     def extra_state(self) -> dict:
         """For the checkpoint: a random teacher's weights (a downloaded one is found by its path)."""
-        if self.teacher is None or self.cfg.teacher.weights:
+        if self.cfg.teacher.weights:
             return {"teacher_weights": self.cfg.teacher.weights}
+        if self.teacher is None:
+            return {} if self.exported_teacher is None else {"teacher": self.exported_teacher}
         return {"teacher": self.teacher.state_dict()}
 
     def load_extra_state(self, extra: dict) -> None:

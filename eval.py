@@ -81,12 +81,14 @@ class EvalConfig:
     ckpt: str = _opt("", "train.py checkpoint (ckpt.pt) or official Hugging Face folder")
     out_dir: str = _opt("", "where results.json, tables.md and the PNGs go")
     policies: tuple = _opt(tuple(POLICIES), f"comma-separated, from {', '.join(POLICIES)}")
-    T: int = _opt(21, "glimpses per rollout ([003] F.2: up to 21)")
+    T: int = _opt(0, "glimpses per rollout (0: 21 for CanViT, [003] F.2; the training episode "
+                     "for a foveal model)")
     data: str = _opt("", "synthetic | ade20k | imagefolder ('' = the checkpoint's dataset)")
     root: str = _opt("", "ADEChallengeData2016 folder, or an ImageFolder root with train/ val/")
     scene_size: int = _opt(0, "scene side S in px (0 = the checkpoint's; 512 for an HF folder)")
     canvas_grid: int = _opt(0, "canvas grid G (0 = S / patch size, the teacher's grid)")
-    res_factors: tuple = _opt((1, 2), "evaluate at (k S, k G) for each k ([003] 512/32, 1024/64)")
+    res_factors: tuple = _opt((), "evaluate at k S (and k G) for each k ('' = 1,2 for CanViT, "
+                              "[003] 512/32 and 1024/64; 1,2,4,8 for a foveal model, [000] Fig. 1)")
     glimpse_px: int = _opt(0, "glimpse side in px (0 = the checkpoint's; 128 for an HF folder)")
     teacher_weights: str = _opt("", "DINOv3 .pth for an HF folder (train.py checkpoints know it)")
     n_train: int = _opt(512, "probe-training scenes (their features are cached)")
@@ -102,6 +104,9 @@ class EvalConfig:
     seed: int = _opt(0, "seeds policy randomness and probes (the scenes do not depend on it)")
     device: str = _opt("", "cpu | cuda ('' = cuda when available)")
     threads: int = _opt(1, "CPU threads (1: a second thread on a shared 2-core CPU is ~20x slower)")
+    baseline: str = _opt("", "foveal models: a vit_sup checkpoint (passive ViT) to compare with")
+    repeats: int = _opt(3, "foveal models: random gaze sequences averaged per scene")
+    vit_grid: int = _opt(0, "foveal models: ViT-mode grid side (0: scene px / patch px)")
 
 
 def parse_args(argv: list[str]) -> EvalConfig:
@@ -126,8 +131,8 @@ def parse_args(argv: list[str]) -> EvalConfig:
     if bad or cfg.probe_policy == "entropy":
         raise EvalError(f"unknown policy {bad or ['entropy']} (the probes' policy cannot be "
                         f"entropy); valid: {', '.join(POLICIES)}")
-    if min(cfg.T, cfg.probe_T, cfg.n_train, cfg.n_val, cfg.probe_steps, *cfg.res_factors) < 1:
-        raise EvalError("T, probe_T, n_train, n_val, probe_steps and res_factors must be >= 1")
+    if min(cfg.probe_T, cfg.n_train, cfg.n_val, cfg.probe_steps, cfg.repeats, *cfg.res_factors) < 1 or cfg.T < 0:
+        raise EvalError("probe_T, n_train, n_val, probe_steps, repeats and res_factors must be >= 1")
     return cfg
 
 
@@ -531,7 +536,7 @@ def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg: EvalConfig, i
                       S: int, G: int) -> tuple[dict, dict]:
     """Every policy for T glimpses on the n_val held-out scenes. -> (results: per policy, each
     metric per timestep, plus the passive teacher's; pictures: rollouts of the first scenes)."""
-    device, T = model.canvas_spatial_init.device, cfg.T
+    device, T = model.canvas_spatial_init.device, cfg.T or 21
     policies = [p for p in cfg.policies if p != "entropy" or "seg" in probes]
     if len(policies) < len(cfg.policies):
         print("entropy C2F skipped: it needs the segmentation probe, and these data have no masks")
@@ -726,6 +731,130 @@ def tables(results: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# The foveal iterative ViT: per-step accuracy, ViT mode, resolution ([002] Sec. 6, [000] Sec. 5)
+# ----------------------------------------------------------------------------------------------
+
+def load_foveal(ckpt: dict) -> fovea.FovealViT:
+    """The frozen FovealViT of a `foveal_sup` checkpoint (extraction uncompiled: shapes vary)."""
+    m = dict(ckpt["config"]["foveal"]["model"], compile_extraction=False)
+    model = fovea.FovealViT(fovea.FovealConfig(**{**m, "grid_z": tuple(m["grid_z"])}))
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_baseline(path: str) -> tuple[canvit.ViTClassifier, int]:
+    """The frozen passive ViT of a `vit_sup` checkpoint, and the scene size it was trained at."""
+    objective, ckpt = read_checkpoint(path)
+    if objective != "vit_sup":
+        raise EvalError(f"--baseline {path} was trained with objective {objective!r}, not vit_sup")
+    v = ckpt["config"]["vit"]
+    model = canvit.ViTClassifier(canvit.BackboneConfig(**v["backbone"]), v["num_classes"],
+                                 v["n_storage_tokens"])
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model.eval().requires_grad_(False), ckpt["config"]["data"]["image_size"]
+
+
+def fixed_gazes(T: int) -> Tensor:
+    """A fixed gaze sequence (T, 2): the centre, then the centres of a 3 x 3 grid's outer cells
+    clockwise from the top-left, then again; the same for every image."""
+    ring = [(-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1)]
+    seq = [(0.0, 0.0)] + [(2 / 3 * y, 2 / 3 * x) for y, x in ring]
+    return torch.tensor([seq[t % len(seq)] for t in range(T)])
+
+
+def hits(logits: Tensor, labels: Tensor, k: int) -> Tensor:
+    """(B,) 1.0 where the label is among the k highest logits (top-k accuracy per image)."""
+    return (logits.topk(min(k, logits.shape[-1]), -1).indices == labels[:, None]).any(-1).float()
+
+
+@torch.inference_mode()
+def foveal_per_step(model: fovea.FovealViT, images: Tensor, gazes: Tensor, grid_z: Tensor
+                    ) -> list[Tensor]:
+    """Logits after every step of an episode: gazes (T, B, 2), grid zooms (T, B) -> T x (B, K)."""
+    table = fovea.integral_image(images)
+    state, out = model.init_state(images.shape[0]), []
+    for t in range(gazes.shape[0]):
+        state = model.step(table, state, gazes[t], grid_z[t])
+        out.append(model.classify(state))
+    return out
+
+
+def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> dict:
+    """[002] Table 2's layout (top-1 / top-5 after each step, random gazes), a fixed gaze
+    sequence, [000] Sec. 5.3's ViT mode, and [000] Fig. 1's resolution robustness: the same
+    frozen model on scenes 2x, 4x, 8x larger than in training, beside a passive ViT baseline."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_foveal(ckpt).to(device)
+    baseline, base_S = load_baseline(cfg.baseline) if cfg.baseline else (None, None)
+    frozen = [m.to(device) for m in (model, baseline) if m is not None]
+    snaps = snapshot(*frozen)
+    mcfg, dcfg = model.cfg, data.DataConfig(**ckpt["config"]["data"])
+    S, T = dcfg.image_size, cfg.T or ckpt["config"]["foveal"]["steps"]
+    if baseline is not None and base_S != S:
+        raise EvalError(f"the baseline was trained on {base_S} px scenes, the foveal model on {S} px")
+    grid = cfg.vit_grid or S // mcfg.patch_px                   # ViT mode: native patches at S
+    lo, hi = mcfg.grid_z
+    results: dict = {"objective": "foveal_sup", "step": ckpt.get("step"), "scene_px": S, "steps": T,
+                     "vit_grid": grid, "repeats": cfg.repeats, "resolution": {}}
+    for k in cfg.res_factors or (1, 2, 4, 8):
+        ds = data.build_dataset(dataclasses.replace(dcfg, image_size=S * k, val_length=cfg.n_val), "val")
+        gen = torch.Generator().manual_seed(cfg.seed)           # the same gazes at every resolution
+        top = {name: torch.zeros(2, T) for name in ("random", "fixed")}   # hits: top-1, top-5
+        vit_top, base_top, n = torch.zeros(2), torch.zeros(2), 0
+        for batch in batches(ds, min(cfg.n_val, len(ds)), cfg.batch_size):
+            images, labels = batch["image"].to(device), batch["label"].to(device)
+            B, n = images.shape[0], n + images.shape[0]
+            score = lambda logits: torch.stack([hits(logits, labels, 1).sum(), hits(logits, labels, 5).sum()]).cpu()
+            for _ in range(cfg.repeats):                        # [002] A.3.4: gaze centres uniform
+                gazes = torch.rand(T, B, 2, generator=gen) * 2 - 1
+                zs = lo + (hi - lo) * torch.rand(T, B, generator=gen)
+                for t, logits in enumerate(foveal_per_step(model, images, gazes.to(device), zs.to(device))):
+                    top["random"][:, t] += score(logits) / cfg.repeats
+            fixed = fixed_gazes(T)[:, None].expand(T, B, 2).to(device)
+            for t, logits in enumerate(foveal_per_step(model, images, fixed, torch.full((T, B), (lo + hi) / 2))):
+                top["fixed"][:, t] += score(logits)
+            with torch.inference_mode():
+                vit_top += score(model.classify(model.vit_mode(fovea.integral_image(images), grid)))
+                if baseline is not None:
+                    base_top += score(baseline(images))
+        pct = lambda x: [round(100 * v / n, 2) for v in x.tolist()]
+        res = {"scene_px": S * k, "n": n, "vit_mode": dict(zip(("top1", "top5"), pct(vit_top))),
+               **{name: {"top1": pct(h[0]), "top5": pct(h[1])} for name, h in top.items()}}
+        if baseline is not None:
+            res["baseline"] = dict(zip(("top1", "top5"), pct(base_top)))
+        results["resolution"][f"{k}x"] = res
+        print(f"{S * k} px: top-1 by step (random gazes) {res['random']['top1']}, ViT mode "
+              f"{res['vit_mode']['top1']}" + (f", baseline {res['baseline']['top1']}" if baseline else ""),
+              flush=True)
+    check_unchanged(frozen, snaps)
+    results["frozen_weights_unchanged"] = True
+    return results
+
+
+def foveal_tables(results: dict) -> str:
+    """Markdown: [002] Table 2's layout per step, ViT mode, and the resolution sweep."""
+    r1, T = results["resolution"]["1x"], results["steps"]
+    head = "| | " + " | ".join(f"step {t + 1}" for t in range(T)) + " |\n|---|" + "---:|" * T + "\n"
+    row = lambda name, xs: f"| {name} | " + " | ".join(f"{x:.1f}" for x in xs) + " |\n"
+    out = (f"Per-step accuracy (%) at the training resolution ({results['scene_px']} px, "
+           f"{r1['n']} held-out scenes, random gazes averaged over {results['repeats']} draws):\n\n"
+           + head + row("random gazes, top-1", r1["random"]["top1"]) + row("random gazes, top-5", r1["random"]["top5"])
+           + row("fixed gazes, top-1", r1["fixed"]["top1"]) + row("fixed gazes, top-5", r1["fixed"]["top5"])
+           + f"\nViT mode ({results['vit_grid']} x {results['vit_grid']} grid, one step): top-1 "
+           f"{r1['vit_mode']['top1']:.1f}, top-5 {r1['vit_mode']['top5']:.1f}\n\n")
+    keys = list(results["resolution"])
+    out += ("Top-1 (%) when testing on larger scenes than in training:\n\n| model | "
+            + " | ".join(f"{k} ({results['resolution'][k]['scene_px']} px)" for k in keys)
+            + " |\n|---|" + "---:|" * len(keys) + "\n")
+    res = [results["resolution"][k] for k in keys]
+    out += row(f"foveal, {T} random gazes", [r["random"]["top1"][-1] for r in res])
+    out += row("foveal, ViT mode", [r["vit_mode"]["top1"] for r in res])
+    if "baseline" in r1:
+        out += row("passive ViT baseline", [r["baseline"]["top1"] for r in res])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
 
@@ -748,11 +877,11 @@ def evaluate_canvit(source: dict | Path, cfg: EvalConfig) -> dict:
     t_start = time.perf_counter()
     # NOTE(paper): each resolution gets its own probes: Table 6's 1024/64 rows use probes trained
     # at 1024/64 (the official probes are per scene size and canvas grid, "s512-c32").
-    for k in cfg.res_factors:
+    for k in cfg.res_factors or (1, 2):
         S, G = S0 * k, G0 * k
         if "entropy" in cfg.policies:
             try:
-                canvit.EntropyGuidedC2F(cfg.T, G)                       # checks G against the tiles
+                canvit.EntropyGuidedC2F(cfg.T or 21, G)                       # checks G against the tiles
             except ValueError as e:
                 raise EvalError(f"entropy policy at {S}/{G}: {e}") from None
         t0 = time.perf_counter()
@@ -792,8 +921,17 @@ def main(argv: list[str]) -> dict:
     objective, source = read_checkpoint(cfg.ckpt)
     if objective == "distill":                                  # CanViT [003]
         return evaluate_canvit(source, cfg)
+    if objective == "foveal_sup":                               # the foveal iterative ViT [002, 000]
+        results = evaluate_foveal(source, cfg)
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        text = foveal_tables(results)
+        (out / "tables.md").write_text(text)
+        print(text)
+        return results
     raise EvalError(f"{cfg.ckpt} was trained with objective {objective!r}; eval.py evaluates "
-                    "'distill' (CanViT) checkpoints so far")
+                    "'distill' (CanViT) and 'foveal_sup' (foveal ViT) checkpoints")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,7 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 1000
     num_workers: int = 4           # DataLoader workers per process
+    threads: int = 0               # CPU threads per process; 0: the cores left after the data workers
     data: data.DataConfig = field(default_factory=data.DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: distill.DistillConfig = field(default_factory=distill.DistillConfig)
@@ -124,7 +125,7 @@ class TrainConfig:
 
 
 # Fields that may change when a run resumes; any other difference means another experiment.
-RESUMABLE_CHANGES = {"out_dir", "max_steps", "log_every", "ckpt_every", "compile", "num_workers"}
+RESUMABLE_CHANGES = {"out_dir", "max_steps", "log_every", "ckpt_every", "compile", "num_workers", "threads"}
 
 
 class ConfigError(ValueError):
@@ -395,6 +396,8 @@ def export(cfg: TrainConfig, folder: str, rank: int, world: int, device: torch.d
                                    batch_size=cfg.batch_size // world, num_workers=cfg.num_workers,
                                    collate=data.collate)
     print(f"rank {rank}: wrote {len(done)} shard(s) into {folder}")
+    if rank == 0 and not cfg.distill.teacher.weights:          # keep a random teacher with its features
+        torch.save(teacher.state_dict(), Path(folder) / "teacher.pt")
     if world > 1:
         dist.barrier()
     if rank == 0:
@@ -412,6 +415,11 @@ def main(argv: list[str]) -> None:
     say = (lambda *a, **k: print(*a, **k, flush=True)) if master else (lambda *a, **k: None)
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    if device.type == "cpu":
+        # More compute threads than free cores makes every parallel op wait for a descheduled
+        # thread (seen here: 7 s/step instead of 0.2 s with 2 workers on 2 cores).
+        cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(cfg.threads or max(1, cores - cfg.num_workers))
     if export_dir:
         export(cfg, export_dir, rank, world, device)
         if world > 1:

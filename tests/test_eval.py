@@ -326,9 +326,9 @@ def test_official_hugging_face_folder(ckpt, tmp_path):
 def test_bad_inputs_fail_with_clear_messages(ckpt, tmp_path):
     res = run_cli("--ckpt", tmp_path / "missing.pt", "--out_dir", tmp_path / "o")
     assert res.returncode != 0 and "not found" in res.stderr and "Traceback" not in res.stderr
-    with pytest.raises(ev.EvalError, match="objective 'foveal_sup'"):
-        foveal = save_tiny_checkpoint(tmp_path / "f.pt", "foveal_sup")
-        ev.main(["--ckpt", str(foveal), "--out_dir", str(tmp_path)])
+    with pytest.raises(ev.EvalError, match="objective 'vit_sup'"):   # a baseline is evaluated beside
+        other = save_tiny_checkpoint(tmp_path / "f.pt", "vit_sup")       # a foveal model, not alone
+        ev.main(["--ckpt", str(other), "--out_dir", str(tmp_path)])
     torch.save({"weights": 1}, tmp_path / "junk.pt")
     with pytest.raises(ev.EvalError, match="not a train.py checkpoint"):
         ev.main(["--ckpt", str(tmp_path / "junk.pt"), "--out_dir", str(tmp_path)])
@@ -393,3 +393,84 @@ def test_same_seed_same_results_json(ckpt, tmp_path):
     assert strip(ev.main([*args, "--out_dir", str(tmp_path / "b")])) == first
     other = strip(ev.main([*args, "--out_dir", str(tmp_path / "c"), "--seed", "1"]))
     assert other["resolutions"][0]["riid"] != first["resolutions"][0]["riid"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The foveal iterative ViT [002, 000]
+# ---------------------------------------------------------------------------------------------
+
+FOVEAL = {"objective": "foveal_sup", "seed": 0, "dtype": "float32",
+          "data": {"dataset": "synthetic", "image_size": 32, "length": 64, "val_length": 12},
+          "foveal": {"steps": 3, "model": {"dim": 32, "depth": 1, "heads": 2, "num_state": 2, "patch_px": 8,
+                                           "num_zoom": 3, "max_z": 2.0, "grid": 2, "grid_z": [2.0, 2.5],
+                                           "num_classes": 10, "layerscale": 0.0}}}
+VIT = {"objective": "vit_sup", "seed": 0, "dtype": "float32", "data": FOVEAL["data"],
+       "vit": {"backbone": {"embed_dim": 32, "num_heads": 1, "n_blocks": 1, "patch_size": 8},
+               "n_storage_tokens": 0, "num_classes": 10}}
+
+
+def save_checkpoint(path, overrides: dict, objective):
+    cfg = train.TrainConfig()
+    train.apply_overrides(cfg, overrides)
+    torch.manual_seed(0)
+    obj = train.build_objective(cfg)
+    torch.save({"model": obj.model.state_dict(), "optimizer": {}, "step": 3, "rng": [],
+                "config": train.config_dict(cfg), "extra": {}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def foveal_ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("foveal")
+    return save_checkpoint(d / "foveal.pt", FOVEAL, "foveal_sup"), save_checkpoint(d / "vit.pt", VIT, "vit_sup")
+
+
+def test_topk_hits_match_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(50, 7, generator=gen), torch.randint(0, 7, (50,), generator=gen)
+    for k in (1, 3, 7, 9):
+        want = [float(labels[i].item() in sorted(range(7), key=lambda c: -logits[i, c].item())[:k])
+                for i in range(50)]
+        assert ev.hits(logits, labels, k).tolist() == want
+
+
+def test_fixed_gazes():
+    g = ev.fixed_gazes(11)
+    assert g.shape == (11, 2) and (g[0] == 0).all() and (g.abs() < 1).all()
+    assert len({tuple(p) for p in g[:9].tolist()}) == 9 and torch.equal(g[9], g[0])
+
+
+def test_foveal_evaluation(foveal_ckpts, tmp_path):
+    fov, vit = foveal_ckpts
+    args = ["--ckpt", str(fov), "--baseline", str(vit), "--n_val", "12", "--batch_size", "5",
+            "--repeats", "2", "--res_factors", "1,2"]
+    res = ev.main([*args, "--out_dir", str(tmp_path / "a")])
+    r1 = res["resolution"]["1x"]
+    assert res["steps"] == 3 and res["vit_grid"] == 4 and r1["n"] == 12 and res["frozen_weights_unchanged"]
+    assert (tmp_path / "a" / "results.json").is_file() and "passive ViT baseline" in (tmp_path / "a" / "tables.md").read_text()
+    # Step 1 with random gazes, recomputed independently: the same generator draws, one batch at a time.
+    model = ev.load_foveal(torch.load(fov, weights_only=False))
+    ds = data.SyntheticScenes(12, 32, split="val")
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0)).tolist()
+    gen, correct = torch.Generator().manual_seed(0), 0.0
+    for i in range(0, 12, 5):
+        batch = data.collate([ds[j] for j in order[i:i + 5]])
+        for _ in range(2):
+            gazes = torch.rand(3, len(batch["label"]), 2, generator=gen) * 2 - 1
+            zs = 2.0 + 0.5 * torch.rand(3, len(batch["label"]), generator=gen)
+            table = fovea.integral_image(batch["image"])
+            with torch.no_grad():
+                state = model.step(table, model.init_state(len(batch["label"])), gazes[0], zs[0])
+                correct += (model.classify(state).argmax(-1) == batch["label"]).sum().item() / 2
+    assert r1["random"]["top1"][0] == pytest.approx(100 * correct / 12, abs=0.01)
+    # Seeds: the same seed repeats every number, another changes only the random gazes.
+    same = ev.main([*args, "--out_dir", str(tmp_path / "b")])
+    other = ev.main([*args, "--out_dir", str(tmp_path / "c"), "--seed", "1"])
+    assert same["resolution"] == res["resolution"]
+    assert other["resolution"]["1x"]["fixed"] == r1["fixed"] and other["resolution"]["1x"]["vit_mode"] == r1["vit_mode"]
+    assert other["resolution"]["1x"]["random"] != r1["random"]
+
+
+def test_foveal_evaluation_rejects_a_wrong_baseline(foveal_ckpts, ckpt, tmp_path):
+    with pytest.raises(ev.EvalError, match="not vit_sup"):
+        ev.main(["--ckpt", str(foveal_ckpts[0]), "--baseline", str(ckpt), "--out_dir", str(tmp_path)])

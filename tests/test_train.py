@@ -228,3 +228,16 @@ def test_a_folder_with_broken_images_trains(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 4 and log[-1]["bad_images"] > 0
     assert "skipped a bad image" in res.stdout
+
+
+def test_training_on_exported_features_keeps_the_random_teacher(tmp_path):
+    feats, out = tmp_path / "features", tmp_path / "on_features"
+    cfg = with_out(TINY_DISTILL, out, max_steps=2)
+    cfg["distill"] = {**cfg["distill"], "shard_size": 24}
+    run(tmp_path, cfg, "--export_features", str(feats))
+    assert sorted(p.name for p in feats.iterdir()) == ["index.json", "shard_000000.pt", "shard_000001.pt",
+                                                       "shard_000002.pt", "teacher.pt"]
+    run(tmp_path, cfg, f"--distill.teacher.features={feats}")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert max_diff(ckpt["extra"]["teacher"], torch.load(feats / "teacher.pt")) == 0
+    assert all(math.isfinite(json.loads(l)["loss"]) for l in (out / "log.jsonl").read_text().splitlines())
