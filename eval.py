@@ -4,6 +4,10 @@ Papers
   [003] Berreby, Du, Durand, Krishna, "CanViT: Toward Active-Vision Foundation Models": Sec. 6,
         App. A, E (Table 4), F (Tables 6, 7). Official code: m2b3/CanViT-eval (evaluation) and
         m2b3/CanViT-specialize (probe training).
+  [002] Prisadnikov et al., "Vision encoders should be image size agnostic and task driven",
+        arXiv 2508.16317: Sec. 6, Tables 1-2.
+  [000] "Self-supervised pretraining for an iterative image size agnostic vision transformer",
+        arXiv 2604.20392: Sec. 5.3 (ViT mode), Fig. 1 (resolution robustness).
 
 CanViT (objective "distill"). The checkpoint's CanViT is frozen (eval mode, no gradient, its
 weights checked bit-identical at the end) and rolled out on held-out scenes under each viewing
@@ -19,6 +23,13 @@ Probes are trained on cached frozen features of `n_train` scenes, then every pol
 `n_val` other scenes. The whole evaluation is repeated at larger scenes and canvas grids of the
 same frozen model (Table 6's "Res." column, e.g. 512/32 and 1024/64), each with its own probes.
 
+The foveal iterative ViT (objective "foveal_sup"). Its task head's top-1 / top-5 after every
+step of an episode with random gazes ([002] Table 2's layout) and with a fixed gaze sequence;
+"ViT mode", one step on a static grid over the whole scene ([000] Sec. 5.3); and the resolution
+sweep of [000] Fig. 1: the same frozen model on scenes 2x, 4x, 8x larger than in training (the
+same gazes in scene coordinates), beside a passive ViT baseline (`--baseline`, a `vit_sup`
+checkpoint) whose patches shrink as the scene grows.
+
 Shapes
   B scenes, T glimpses, N probe-training scenes, S scene side (px), G canvas grid side,
   K segment classes or labels, Dc canvas width, D backbone width, Dt teacher width.
@@ -32,9 +43,12 @@ Paper -> code
   Sec. 6.1       the same weights at 2x scene and canvas grid  evaluate_canvit, fit_standardizers
   App. A         canvas PCA pictures                           pca_rgb, save_pictures
   Tables 4, 6, 7 markdown tables                               tables
+  [002] Table 2  per-step top-1 / top-5, random gazes          evaluate_foveal, foveal_tables
+  [000] Sec. 5.3 ViT mode; Fig. 1 resolution robustness        evaluate_foveal
 
 Run `python eval.py --ckpt runs/canvit_tiny/ckpt.pt --out_dir runs/canvit_tiny/eval` (a train.py
-checkpoint, or an official Hugging Face folder with config.json + model.safetensors); tests:
+checkpoint, or an official Hugging Face folder with config.json + model.safetensors), or
+`python eval.py --ckpt runs/foveal_tiny/ckpt.pt --baseline runs/vit_tiny/ckpt.pt --out_dir DIR`; tests:
 `python -m pytest tests/test_eval.py`.
 """
 from __future__ import annotations
