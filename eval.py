@@ -782,15 +782,37 @@ def hits(logits: Tensor, labels: Tensor, k: int) -> Tensor:
 
 
 @torch.inference_mode()
-def foveal_per_step(model: fovea.FovealViT, images: Tensor, gazes: Tensor, grid_z: Tensor
+def foveal_per_step(model: fovea.FovealViT, images: Tensor, glimpses: list[fovea.Patches]
                     ) -> list[Tensor]:
-    """Logits after every step of an episode: gazes (T, B, 2), grid zooms (T, B) -> T x (B, K)."""
+    """Logits after every step of an episode, one Patches per step -> T x (B, K)."""
     table = fovea.integral_image(images)
     state, out = model.init_state(images.shape[0]), []
-    for t in range(gazes.shape[0]):
-        state = model.step(table, state, gazes[t], grid_z[t])
+    for patches in glimpses:
+        state = model(table, state, patches)
         out.append(model.classify(state))
     return out
+
+
+def episode(model: fovea.FovealViT, train_cfg: dict, T: int, B: int, image_hw: tuple[int, int],
+            gen: torch.Generator | None, device) -> list[fovea.Patches]:
+    """The glimpses of an episode as in training: random gazes ([002] A.3.4), or for a
+    "shuffled_vit" model ([002] Sec. 6.1) the ViT grid's patches shuffled into T groups.
+    gen None: the fixed sequence (`fixed_gazes` at the middle grid zoom, or the grid in raster order)."""
+    if train_cfg["glimpse"] == "shuffled_vit":
+        g = train_cfg["vit_grid"]
+        grid = fovea.vit_grid(B, image_hw, g, device)
+        order = (torch.rand(B, g * g, generator=gen).argsort(1) if gen is not None
+                 else torch.arange(g * g).expand(B, -1)).to(device)
+        take = lambda x, i: x.gather(1, i[..., None].expand(-1, -1, x.shape[-1]))
+        groups = order.chunk(T, 1)
+        return [fovea.Patches(take(grid.boxes, i), take(grid.yxz, i)) for i in groups]
+    lo, hi = model.cfg.grid_z
+    if gen is None:
+        gazes, zs = fixed_gazes(T)[:, None].expand(T, B, 2), torch.full((T, B), (lo + hi) / 2)
+    else:
+        gazes = torch.rand(T, B, 2, generator=gen) * 2 - 1
+        zs = lo + (hi - lo) * torch.rand(T, B, generator=gen)
+    return [model.glimpse(gazes[t].to(device), image_hw, zs[t].to(device)) for t in range(T)]
 
 
 def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> dict:
@@ -807,25 +829,26 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> dict:
     if baseline is not None and base_S != S:
         raise EvalError(f"the baseline was trained on {base_S} px scenes, the foveal model on {S} px")
     grid = cfg.vit_grid or S // mcfg.patch_px                   # ViT mode: native patches at S
-    lo, hi = mcfg.grid_z
-    results: dict = {"objective": "foveal_sup", "step": ckpt.get("step"), "scene_px": S, "steps": T,
-                     "vit_grid": grid, "repeats": cfg.repeats, "resolution": {}}
+    train_cfg = ckpt["config"]["foveal"]
+    if train_cfg["glimpse"] == "shuffled_vit" and (train_cfg["vit_grid"] ** 2) % T:
+        raise EvalError(f"--T {T}: the {train_cfg['vit_grid']}^2 ViT patches do not split into {T} groups")
+    results: dict = {"objective": "foveal_sup", "glimpse": train_cfg["glimpse"], "step": ckpt.get("step"),
+                     "scene_px": S, "steps": T, "vit_grid": grid, "repeats": cfg.repeats, "resolution": {}}
     for k in cfg.res_factors or (1, 2, 4, 8):
         ds = data.build_dataset(dataclasses.replace(dcfg, image_size=S * k, val_length=cfg.n_val), "val")
-        gen = torch.Generator().manual_seed(cfg.seed)           # the same gazes at every resolution
+        gen = torch.Generator().manual_seed(cfg.seed)           # the same glimpses at every resolution
         top = {name: torch.zeros(2, T) for name in ("random", "fixed")}   # hits: top-1, top-5
         vit_top, base_top, n = torch.zeros(2), torch.zeros(2), 0
         for batch in batches(ds, min(cfg.n_val, len(ds)), cfg.batch_size):
             images, labels = batch["image"].to(device), batch["label"].to(device)
             B, n = images.shape[0], n + images.shape[0]
             score = lambda logits: torch.stack([hits(logits, labels, 1).sum(), hits(logits, labels, 5).sum()]).cpu()
-            for _ in range(cfg.repeats):                        # [002] A.3.4: gaze centres uniform
-                gazes = torch.rand(T, B, 2, generator=gen) * 2 - 1
-                zs = lo + (hi - lo) * torch.rand(T, B, generator=gen)
-                for t, logits in enumerate(foveal_per_step(model, images, gazes.to(device), zs.to(device))):
+            hw = tuple(images.shape[-2:])
+            for _ in range(cfg.repeats):
+                glimpses = episode(model, train_cfg, T, B, hw, gen, device)
+                for t, logits in enumerate(foveal_per_step(model, images, glimpses)):
                     top["random"][:, t] += score(logits) / cfg.repeats
-            fixed = fixed_gazes(T)[:, None].expand(T, B, 2).to(device)
-            for t, logits in enumerate(foveal_per_step(model, images, fixed, torch.full((T, B), (lo + hi) / 2))):
+            for t, logits in enumerate(foveal_per_step(model, images, episode(model, train_cfg, T, B, hw, None, device))):
                 top["fixed"][:, t] += score(logits)
             with torch.inference_mode():
                 vit_top += score(model.classify(model.vit_mode(fovea.integral_image(images), grid)))

@@ -43,6 +43,7 @@ import argparse
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -688,9 +689,10 @@ def _demo(out_path: str, size: int = 512) -> None:
         canvas.paste(to_pil(patches[i]), (size + 16 + col * 36, 8 + row * 36))
     ImageDraw.Draw(canvas).text((size + 16, 8 + 36 + 8), "multi-zoom (top), foveal grid (below)",
                                 fill="black")
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out_path)
     print(f"wrote {out_path}: {mz.boxes.shape[1]} multi-zoom patches (orange, coarse to fine) and "
-          f"a 5x5 foveal grid (cyan) around gaze (y, x) = {tuple(gaze[0].tolist())}, "
+          f"a 5x5 foveal grid (cyan) around gaze (y, x) = {tuple(round(v, 2) for v in gaze[0].tolist())}, "
           f"each resampled to 32x32 by box filtering")
 
 
@@ -739,7 +741,7 @@ def _bench(sizes: list[int], device: str, repeats: int) -> None:
     print("| image side | integral (table ready) | integral + table build | bilinear | "
           "crop + interpolate (antialias) | naive / integral |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for S in sizes:
+    def row(S: int) -> str:
         img = torch.rand(1, 3, S, S, generator=gen).to(dev)
         ctx = foveal_context(gazes, (S, S), num_zoom=16, max_z=4.0, grid=5, grid_z=4.0)
         boxes = ctx.boxes.reshape(1, -1, 4)                                       # (1, 328, 4)
@@ -748,9 +750,10 @@ def _bench(sizes: list[int], device: str, repeats: int) -> None:
         t_tab = timed(lambda: box_patches(integral_image(img), boxes, 16))
         t_bil = timed(lambda: _bilinear_boxes(img, boxes, 16))
         t_naive = timed(lambda: _crop_resize(img, boxes, 16))
-        print(f"| {S} | {t_int:.2f} | {t_tab:.1f} | {t_bil:.2f} | {t_naive:.1f} | "
-              f"{t_naive / t_int:.0f}x |")
-        del img, table
+        return f"| {S} | {t_int:.2f} | {t_tab:.1f} | {t_bil:.2f} | {t_naive:.1f} | {t_naive / t_int:.0f}x |"
+
+    for S in sizes:
+        print(row(S), flush=True)
 
 
 if __name__ == "__main__":
@@ -759,7 +762,7 @@ if __name__ == "__main__":
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--out", default="fovea_demo.png")
+    ap.add_argument("--out", default="out/fovea_demo.png")
     args = ap.parse_args()
     if args.bench:
         _bench(args.sizes, args.device, args.repeats)

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import canvit
 import data
 import distill
 import eval as ev
@@ -140,7 +139,7 @@ def test_policy_metrics_match_a_brute_force_recomputation(tiny):
     with torch.no_grad():
         for batch in ev.batches(t["val_ds"], 7, 3):
             images, B = batch["image"], len(batch["image"])
-            t_cls, t_patches = t["teacher"](images)["cls"], t["teacher"](images)["patches"]
+            t_patches = t["teacher"](images)["patches"]
             state = model.init_state(B, G)
             for step in range(3):
                 center, scale = torch.zeros(B, 2), torch.ones(B)
@@ -459,7 +458,7 @@ def test_foveal_evaluation(foveal_ckpts, tmp_path):
             gazes = torch.rand(3, len(batch["label"]), 2, generator=gen) * 2 - 1
             zs = 2.0 + 0.5 * torch.rand(3, len(batch["label"]), generator=gen)
             table = fovea.integral_image(batch["image"])
-            with torch.no_grad():
+            with torch.no_grad():                                   # the step interface, directly
                 state = model.step(table, model.init_state(len(batch["label"])), gazes[0], zs[0])
                 correct += (model.classify(state).argmax(-1) == batch["label"]).sum().item() / 2
     assert r1["random"]["top1"][0] == pytest.approx(100 * correct / 12, abs=0.01)
@@ -469,6 +468,21 @@ def test_foveal_evaluation(foveal_ckpts, tmp_path):
     assert same["resolution"] == res["resolution"]
     assert other["resolution"]["1x"]["fixed"] == r1["fixed"] and other["resolution"]["1x"]["vit_mode"] == r1["vit_mode"]
     assert other["resolution"]["1x"]["random"] != r1["random"]
+
+
+def test_shuffled_vit_evaluation(tmp_path):
+    """[002] Sec. 6.1: evaluated on the ViT grid shuffled into groups, as trained."""
+    cfg = {**FOVEAL, "foveal": {**FOVEAL["foveal"], "glimpse": "shuffled_vit", "vit_grid": 4, "steps": 4}}
+    path = save_checkpoint(tmp_path / "shuffled.pt", cfg, "foveal_sup")
+    res = ev.main(["--ckpt", str(path), "--out_dir", str(tmp_path / "o"), "--n_val", "6", "--repeats", "1",
+                   "--res_factors", "1"])
+    assert res["glimpse"] == "shuffled_vit" and len(res["resolution"]["1x"]["random"]["top1"]) == 4
+    model = ev.load_foveal(torch.load(path, weights_only=False))
+    groups = ev.episode(model, cfg["foveal"], 4, 2, (32, 32), torch.Generator().manual_seed(0), "cpu")
+    boxes = torch.cat([g.boxes for g in groups], 1)                 # every grid patch exactly once
+    assert sorted(map(tuple, boxes[0].tolist())) == sorted(map(tuple, fovea.vit_grid(1, (32, 32), 4).boxes[0].tolist()))
+    with pytest.raises(ev.EvalError, match="do not split into 3 groups"):
+        ev.main(["--ckpt", str(path), "--out_dir", str(tmp_path / "o"), "--T", "3"])
 
 
 def test_foveal_evaluation_rejects_a_wrong_baseline(foveal_ckpts, ckpt, tmp_path):
