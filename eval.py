@@ -550,7 +550,7 @@ def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg: EvalConfig, i
                       S: int, G: int) -> tuple[dict, dict]:
     """Every policy for T glimpses on the n_val held-out scenes. -> (results: per policy, each
     metric per timestep, plus the passive teacher's; pictures: rollouts of the first scenes)."""
-    device, T = model.canvas_spatial_init.device, cfg.T or 21
+    device, T = model.canvas_spatial_init.device, cfg.T
     policies = [p for p in cfg.policies if p != "entropy" or "seg" in probes]
     if len(policies) < len(cfg.policies):
         print("entropy C2F skipped: it needs the segmentation probe, and these data have no masks")
@@ -897,6 +897,8 @@ def foveal_tables(results: dict) -> str:
 
 def evaluate_canvit(source: dict | Path, cfg: EvalConfig) -> dict:
     """[003] Sec. 6: every metric at every resolution; results.json, tables.md and PNGs."""
+    # CanViT's defaults: T = 21 glimpses ([003] F.2) at 1x and 2x the scene and grid (Table 6).
+    cfg = dataclasses.replace(cfg, T=cfg.T or 21, res_factors=cfg.res_factors or (1, 2))
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, teacher, info = load_canvit(source, cfg)
     for m in (model, teacher):
@@ -914,11 +916,11 @@ def evaluate_canvit(source: dict | Path, cfg: EvalConfig) -> dict:
     t_start = time.perf_counter()
     # NOTE(paper): each resolution gets its own probes: Table 6's 1024/64 rows use probes trained
     # at 1024/64 (the official probes are per scene size and canvas grid, "s512-c32").
-    for k in cfg.res_factors or (1, 2):
+    for k in cfg.res_factors:
         S, G = S0 * k, G0 * k
         if "entropy" in cfg.policies:
             try:
-                canvit.EntropyGuidedC2F(cfg.T or 21, G)                       # checks G against the tiles
+                canvit.EntropyGuidedC2F(cfg.T, G)                       # checks G against the tiles
             except ValueError as e:
                 raise EvalError(f"entropy policy at {S}/{G}: {e}") from None
         t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """eval.py: metrics against brute force, probes, frozen weights, seeds, the command line."""
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -289,6 +290,16 @@ def test_cli_end_to_end(ckpt, tmp_path):
         assert len(r["pictures"]) == len(ev.POLICIES)
     tables = (out / "tables.md").read_text()
     assert "mIoU" in tables and "| C2F | 128/8² |" in tables and tables in res.stdout
+    row = next(line for line in tables.splitlines() if line.startswith("| C2F | 64/4² |"))
+    assert len(re.findall(r"\d+\.\d", row)) >= 6                  # a number at every timestep
+
+
+def test_default_glimpse_count_is_21_for_canvit(ckpt, tmp_path):
+    res = ev.main(["--ckpt", str(ckpt), "--out_dir", str(tmp_path), *FAST[:4], "--probe_T", "2",
+                   "--probe_steps", "2", "--batch_size", "8", "--pictures", "0", "--policies", "full",
+                   "--res_factors", "1"])
+    assert res["config"]["T"] == 21 and len(res["resolutions"][0]["full"]["miou"]) == 21
+    assert "| t = 20 |" in (tmp_path / "tables.md").read_text()
 
 
 def test_official_hugging_face_folder(ckpt, tmp_path):
