@@ -78,9 +78,19 @@ class DistillConfig:
 # ----------------------------------------------------------------------------------------------
 
 def make_teacher(cfg: TeacherConfig) -> canvit.DINOv3ViT:
-    """The frozen DINOv3 teacher: official weights from a path, else random with a loud warning."""
+    """The frozen teacher: official DINOv3 weights from a path, or the passive ViT of a train.py
+    `vit_sup` checkpoint (a teacher for a new domain), else random with a loud warning."""
     if cfg.weights:
-        teacher = canvit.load_dinov3(cfg.weights)
+        if not Path(cfg.weights).is_file():
+            raise FileNotFoundError(f"distill.teacher.weights: {cfg.weights} is not a file")
+        saved = torch.load(cfg.weights, map_location="cpu", weights_only=False)
+        if isinstance(saved, dict) and saved.get("config", {}).get("objective") == "vit_sup":
+            v = saved["config"]["vit"]
+            teacher = canvit.DINOv3ViT(canvit.BackboneConfig(**v["backbone"]), v["n_storage_tokens"])
+            teacher.load_state_dict({k[4:]: w for k, w in saved["model"].items() if k.startswith("vit.")},
+                                    strict=True)
+        else:
+            teacher = canvit.load_dinov3(saved)
     else:
         print("\n" + "!" * 78 + "\n!! WARNING: the DINOv3 teacher is RANDOMLY INITIALISED (distill.teacher.weights"
               "\n!! is empty). Distilling a random teacher only exercises the pipeline; set"

@@ -73,6 +73,7 @@ from torch import Tensor
 
 import canvit
 import data
+import distill
 import fovea
 
 POLICIES = {"c2f": "C2F", "entropy": "Entropy C2F", "fiid": "F-IID", "riid": "R-IID",
@@ -323,10 +324,11 @@ def load_canvit(source: dict | Path, cfg: EvalConfig) -> tuple[canvit.CanViT, nn
 
 
 def load_teacher(path: str) -> canvit.DINOv3ViT:
+    """Official DINOv3 weights, or the passive ViT of a `vit_sup` checkpoint (as in training)."""
     if not Path(path).is_file():
         raise EvalError(f"teacher weights {path} not found (give the DINOv3 .pth with "
                         "--teacher_weights)")
-    return canvit.load_dinov3(path)
+    return distill.make_teacher(distill.TeacherConfig(weights=path))
 
 
 def snapshot(*modules) -> list[dict]:

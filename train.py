@@ -455,15 +455,15 @@ def main(argv: list[str]) -> None:
     if ckpt_path.exists():                                   # automatic resume
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         check_resumable(ckpt["config"], config_dict(cfg))
-        if len(ckpt["rng"]) != world:
-            raise ConfigError(f"{ckpt_path} was written by {len(ckpt['rng'])} processes, this run has "
-                              f"{world}: resume with the same number to continue exactly")
+        if len(ckpt["rng"]) != world:     # the data order follows the global batch; RNG streams do not
+            say(f"warning: {ckpt_path} was written by {len(ckpt['rng'])} processes, this run has {world}: "
+                "it continues on the same data, but per-process random streams restart differently")
         model.load_state_dict(ckpt["model"], strict=True)
         opt.load_state_dict(ckpt["optimizer"])
         if hasattr(objective, "load_extra_state"):
             objective.load_extra_state(ckpt["extra"])
         step = ckpt["step"]
-        set_rng_state(ckpt["rng"][rank])
+        set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
         say(f"resumed from {ckpt_path} at step {step}")
         del ckpt
     else:
