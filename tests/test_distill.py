@@ -216,3 +216,20 @@ def test_shard_sampler_gives_each_process_its_shards():
     assert orders[0][:4] in ([0, 1, 2, 3], [8, 9, 10, 11])               # a shard is read in order
     samplers[0].skip = 5
     assert list(samplers[0]) == orders[0][5:]
+
+
+def test_a_vit_sup_checkpoint_serves_as_teacher(tmp_path):
+    import train
+    cfg = train.TrainConfig()
+    train.apply_overrides(cfg, {"objective": "vit_sup", "vit": {
+        "backbone": {"embed_dim": 32, "num_heads": 1, "n_blocks": 1, "patch_size": 8}, "num_classes": 5}})
+    torch.manual_seed(0)
+    classifier = train.build_objective(cfg).model
+    torch.save({"model": classifier.state_dict(), "config": train.config_dict(cfg)}, tmp_path / "vit.pt")
+    teacher = distill.make_teacher(distill.TeacherConfig(weights=str(tmp_path / "vit.pt")))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(images)["cls"], classifier.vit(images)["cls"], rtol=0, atol=0)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        distill.make_teacher(distill.TeacherConfig(weights=str(tmp_path / "missing.pth")))
