@@ -1,4 +1,4 @@
-"""Top-down glimpse geometry and extraction (papers 002 and 000; CanViT's glimpse, paper 003).
+"""Top-down glimpses (papers 002, 000; CanViT's glimpse, 003) and the foveal iterative ViT (002).
 
 Papers
   [002] Prisadnikov, Paudel, Fu, Van Gool, "Vision encoders should be image size agnostic and
@@ -13,6 +13,11 @@ boxes (the geometry) and boxes into fixed-size patches (the extraction). The ext
 choice is a box filter over a summed-area table built once per image [000, App. A]: its cost
 per output pixel does not depend on the image or the box size, and it does not alias.
 
+The foveal iterative ViT [002, Sec. 5.2] looks at an image through such patches, one gaze a
+step: N state tokens and the glimpse's patch tokens go through ViT blocks, the state tokens come
+out as the new state, and no gradient crosses steps. Task heads read the state; stage 1 of
+[002] trains it all with random gazes (an objective of train.py).
+
 Conventions (one geometry for all three papers)
   * A point is (y, x) = (row, col) in [-1, 1]^2, (-1, -1) the top-left corner of the image.
   * A square patch of zoom z has side min(H, W) / 2^z pixels [002, Sec. 5.1]; in CanViT's terms
@@ -23,7 +28,7 @@ Conventions (one geometry for all three papers)
 
 Shapes
   B batch, P patches per image, C channels, H x W image, p patch pixels (side), g grid side,
-  M multi-zoom patches, gp glimpse pixels (side).
+  M multi-zoom patches, gp glimpse pixels (side), T steps, N state tokens, D width, K classes.
 
 Paper -> code
   002 Sec. 5.1, Alg. 1   multi-zoom patches             multizoom_patches
@@ -33,9 +38,16 @@ Paper -> code
   000 App. A, Eq. 3      summed-area table              integral_image
   000 App. A, Eq. 4      box filter extraction          box_patches (exact=False: the paper's)
   003 Sec. 3             viewpoint -> glimpse           bilinear_glimpse, viewpoint_boxes
+  002 Sec. 5.2, A.3.1    iterative ViT, state tokens    FovealViT, Block
+  000 App. D             (x, y, z) MLP position         FovealViT.embed
+  000 Sec. 5.3           ViT mode                       FovealViT.vit_mode
+  002 A.3.2; 000 Sec. 4  task heads                     CombineMLPHead; LinearHead, TransformerHead
+  002 A.3.4              random gazes, MixUp, stage 1   FovealSupervised, mixup
+  002 Sec. 6.1           shuffled ViT-patch groups      FovealSupervised.episode_patches
 
 Run `python fovea.py` for a picture of the patches, `python fovea.py --bench` for the
-extraction benchmark, `python -m pytest tests/test_fovea.py` for the tests.
+extraction benchmark, `python train.py --cfg foveal_tiny.yaml` to train the model, and
+`python -m pytest tests/test_fovea.py` for the tests.
 """
 from __future__ import annotations
 

@@ -12,6 +12,15 @@ REFERENCE = ROOT.parent / "shared" / "reference"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# The `distill` config section of a tiny CanViT run (64 px scenes, 4 x 4 canvas, 32 px glimpses)
+# shared by the training and evaluation tests.
+TINY_DISTILL_SECTION = {
+    "glimpse_px": 32, "n_stats": 16,
+    "model": {"backbone": {"embed_dim": 32, "num_heads": 1, "n_blocks": 2},
+              "n_backbone_registers": 1, "n_canvas_registers": 2, "canvas_num_heads": 1,
+              "canvas_head_dim": 32, "rw_stride": 1, "teacher_dim": 64},
+    "teacher": {"backbone": {"embed_dim": 64, "num_heads": 1, "n_blocks": 1}}}
+
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:

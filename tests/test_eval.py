@@ -16,18 +16,13 @@ import distill
 import eval as ev
 import fovea
 import train
-from conftest import ROOT
+from conftest import ROOT, TINY_DISTILL_SECTION
 
 # A distillation run as train.py would save it: 64 px scenes, 4 x 4 canvas, 32 px glimpses.
 TINY = {
     "objective": "distill", "seed": 0, "dtype": "float32",
     "data": {"dataset": "synthetic", "image_size": 64, "length": 64, "val_length": 32},
-    "distill": {
-        "glimpse_px": 32, "n_stats": 16,
-        "model": {"backbone": {"embed_dim": 32, "num_heads": 1, "n_blocks": 2},
-                  "n_backbone_registers": 1, "n_canvas_registers": 2, "canvas_num_heads": 1,
-                  "canvas_head_dim": 32, "rw_stride": 1, "teacher_dim": 64},
-        "teacher": {"backbone": {"embed_dim": 64, "num_heads": 1, "n_blocks": 1}}},
+    "distill": TINY_DISTILL_SECTION,
 }
 FAST = ["--n_train", "16", "--n_val", "8", "--T", "6", "--probe_T", "3", "--probe_steps", "20",
         "--probe_lr", "3e-2", "--probe_batch", "4", "--batch_size", "5", "--pictures", "2"]

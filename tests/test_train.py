@@ -16,7 +16,7 @@ import torch
 import yaml
 
 import train
-from conftest import ROOT
+from conftest import ROOT, TINY_DISTILL_SECTION
 
 # A distillation run small enough for a few CPU seconds a step-batch.
 TINY_DISTILL = {
@@ -24,12 +24,7 @@ TINY_DISTILL = {
     "log_every": 2, "ckpt_every": 100, "num_workers": 0,
     "data": {"dataset": "synthetic", "image_size": 64, "length": 64},
     "optim": {"lr": 2e-3, "init_lr": 1e-4, "warmup_steps": 2},
-    "distill": {
-        "glimpse_px": 32, "n_stats": 16,
-        "model": {"backbone": {"embed_dim": 32, "num_heads": 1, "n_blocks": 2},
-                  "n_backbone_registers": 1, "n_canvas_registers": 2, "canvas_num_heads": 1,
-                  "canvas_head_dim": 32, "rw_stride": 1, "teacher_dim": 64},
-        "teacher": {"backbone": {"embed_dim": 64, "num_heads": 1, "n_blocks": 1}}},
+    "distill": TINY_DISTILL_SECTION,
 }
 
 
