@@ -873,12 +873,14 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> dict:
 def foveal_tables(results: dict) -> str:
     """Markdown: [002] Table 2's layout per step, ViT mode, and the resolution sweep."""
     r1, T = results["resolution"]["1x"], results["steps"]
+    shuffled = results["glimpse"] == "shuffled_vit"
+    rnd, fix = ("random patch groups", "raster-order groups") if shuffled else ("random gazes", "fixed gazes")
     head = "| | " + " | ".join(f"step {t + 1}" for t in range(T)) + " |\n|---|" + "---:|" * T + "\n"
     row = lambda name, xs: f"| {name} | " + " | ".join(f"{x:.1f}" for x in xs) + " |\n"
     out = (f"Per-step accuracy (%) at the training resolution ({results['scene_px']} px, "
-           f"{r1['n']} held-out scenes, random gazes averaged over {results['repeats']} draws):\n\n"
-           + head + row("random gazes, top-1", r1["random"]["top1"]) + row("random gazes, top-5", r1["random"]["top5"])
-           + row("fixed gazes, top-1", r1["fixed"]["top1"]) + row("fixed gazes, top-5", r1["fixed"]["top5"])
+           f"{r1['n']} held-out scenes, {rnd} averaged over {results['repeats']} draws):\n\n"
+           + head + row(f"{rnd}, top-1", r1["random"]["top1"]) + row(f"{rnd}, top-5", r1["random"]["top5"])
+           + row(f"{fix}, top-1", r1["fixed"]["top1"]) + row(f"{fix}, top-5", r1["fixed"]["top5"])
            + f"\nViT mode ({results['vit_grid']} x {results['vit_grid']} grid, one step): top-1 "
            f"{r1['vit_mode']['top1']:.1f}, top-5 {r1['vit_mode']['top5']:.1f}\n\n")
     keys = list(results["resolution"])
@@ -886,7 +888,7 @@ def foveal_tables(results: dict) -> str:
             + " | ".join(f"{k} ({results['resolution'][k]['scene_px']} px)" for k in keys)
             + " |\n|---|" + "---:|" * len(keys) + "\n")
     res = [results["resolution"][k] for k in keys]
-    out += row(f"foveal, {T} random gazes", [r["random"]["top1"][-1] for r in res])
+    out += row(f"foveal, {T} steps of {rnd}", [r["random"]["top1"][-1] for r in res])
     out += row("foveal, ViT mode", [r["vit_mode"]["top1"] for r in res])
     if "baseline" in r1:
         out += row("passive ViT baseline", [r["baseline"]["top1"] for r in res])
