@@ -124,6 +124,8 @@ class TrainConfig:
     vit: PassiveViTConfig = field(default_factory=PassiveViTConfig)
 
 
+OBJECTIVES = ("distill", "foveal_sup", "vit_sup")
+
 # Fields that may change when a run resumes; any other difference means another experiment.
 RESUMABLE_CHANGES = {"out_dir", "max_steps", "log_every", "ckpt_every", "compile", "num_workers", "threads"}
 
@@ -232,8 +234,8 @@ def parse_config(argv: list[str]) -> tuple[TrainConfig, str | None]:
         cursor[leaf] = value
         apply_overrides(cfg, node)
         i += 1
-    if cfg.objective not in ("distill", "foveal_sup", "vit_sup"):
-        raise ConfigError(f"unknown objective {cfg.objective!r}; choose distill, foveal_sup or vit_sup")
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if cfg.dtype not in ("bfloat16", "float32"):
         raise ConfigError(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
     if cfg.data.dataset in ("imagefolder", "ade20k") and not (cfg.data.root and Path(cfg.data.root).is_dir()):
@@ -349,7 +351,7 @@ def build_objective(cfg: TrainConfig) -> torch.nn.Module:
         return fovea.FovealSupervised(cfg.foveal, seed=cfg.seed)
     if cfg.objective == "vit_sup":
         return PassiveViTSupervised(cfg.vit, seed=cfg.seed)
-    raise ConfigError(f"unknown objective {cfg.objective!r}; choose distill, foveal_sup or vit_sup")
+    raise ConfigError(f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
