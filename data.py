@@ -69,7 +69,6 @@ class DataConfig:
     seed: int = 0               # synthetic: scene seed
     target_min: float = 0.06    # synthetic: smallest target diameter, fraction of the image side
     target_max: float = 0.12    # synthetic: largest target diameter
-    augment: bool = False       # ade20k train split: random resized crop [0.5, 2] + flip (003 F.2.1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,6 +460,30 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     return im.resize((size, size), Image.BILINEAR, box=box)
 
 
+def random_resized_crop_box(rng: np.random.Generator, W: int, H: int,
+                            scale: tuple[float, float] = (0.08, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """The crop box (left, top, right, bottom) of torchvision's RandomResizedCrop: an area
+    fraction ~ U(scale) and a log-uniform aspect ratio in `ratio`, up to 10 tries to fit the
+    image, else the central crop of the nearest allowed aspect ratio."""
+    area = W * H
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= W and 0 < h <= H:
+            top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+            return left, top, left + w, top + h
+    if W / H < ratio[0]:
+        w, h = W, round(W / ratio[0])
+    elif W / H > ratio[1]:
+        w, h = round(H * ratio[1]), H
+    else:
+        w, h = W, H
+    left, top = (W - w) // 2, (H - h) // 2
+    return left, top, left + w, top + h
+
+
 class ImageFolder(Dataset):
     """root/<class>/**/<image> (classes are the sorted folder names), as torchvision's.
 
@@ -469,9 +492,18 @@ class ImageFolder(Dataset):
     `collate` drops and counts. Files without an image extension are listed in `self.ignored`.
     Paths and labels are numpy arrays (`paths` of UTF-8 bytes, `labels` int64), not lists of
     Python objects, whose refcounts would copy them into every DataLoader worker's memory.
+
+    augment=False: Resize(S) + CenterCrop(S) [003, Table 1]. augment=True: the standard ImageNet
+    training view, RandomResizedCrop(S, scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip with
+    probability 1/2 ([002] Sec. 2 calls random resized crops "very important" for ViTs).
+    NOTE(paper): the papers do not give the transform's details; as DeiT, the crop is resized
+    bicubically, and nothing else of DeiT's recipe (RandAugment, random erasing, CutMix) is
+    applied: [002] A.3.4 names only MixUp. The draws are a function of (seed, epoch, index)
+    (`set_epoch`), not of the DataLoader worker, so a resumed run sees the same crops.
     """
 
-    def __init__(self, root: str, image_size: int, max_pixels: int = Image.MAX_IMAGE_PIXELS):
+    def __init__(self, root: str, image_size: int, max_pixels: int = Image.MAX_IMAGE_PIXELS,
+                 augment: bool = False, seed: int = 0):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"ImageFolder root {root!r} is not a directory")
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -492,15 +524,30 @@ class ImageFolder(Dataset):
             raise FileNotFoundError(f"no images with extensions {IMAGE_EXTENSIONS} under {root!r}")
         self.paths, self.labels = np.array(paths), np.array(labels, np.int64)
         self.image_size, self.max_pixels, self.num_classes = image_size, max_pixels, len(self.classes)
+        self.augment, self.seed, self.epoch = augment, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentations to draw (set before each epoch's DataLoader)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
         path, label = self.paths[i].decode(), int(self.labels[i])
+        S = self.image_size
         try:
-            im = to_rgb(load_image(path, self.image_size, self.max_pixels))
-            image = _normalise(np.asarray(resize_center_crop(im, self.image_size)))
+            if not self.augment:
+                im = resize_center_crop(to_rgb(load_image(path, S, self.max_pixels)), S)
+            else:
+                # Decode big JPEGs at a reduced scale that still gives the smallest crop
+                # (8% of the area) about S pixels a side.
+                im = to_rgb(load_image(path, math.ceil(S / math.sqrt(0.08)), self.max_pixels))
+                rng = np.random.default_rng([self.seed, self.epoch, i])
+                im = im.resize((S, S), Image.BICUBIC, box=random_resized_crop_box(rng, *im.size))
+                if rng.uniform() < 0.5:
+                    im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            image = _normalise(np.asarray(im))
         except Exception as e:  # any decoding failure is a bad file: counted, never fatal
             return _bad(i, path, e)
         return {"image": image, "label": torch.tensor(label, dtype=torch.int64), "index": i}
@@ -524,12 +571,13 @@ class ADE20K(Dataset):
     int64 in 0..149 or 255 (ignore), index i; or a "bad" item (see ImageFolder).
     [003, F.2.1] resizes every image directly to S x S, aspect ratio not kept (mask: nearest).
     augment=True (probe training, F.2.1): a random resized crop of scale r ~ U[0.5, 2.0] and a
-    horizontal flip with probability 1/2, drawn from torch's RNG (seeded per DataLoader worker).
+    horizontal flip with probability 1/2, drawn as a function of (seed, epoch, index).
     """
     num_classes = num_segment_classes = 150
     ignore_index = ADE20K_IGNORE
 
-    def __init__(self, root: str, split: str = "training", image_size: int = 512, augment: bool = False):
+    def __init__(self, root: str, split: str = "training", image_size: int = 512, augment: bool = False,
+                 seed: int = 0):
         if split not in ("training", "validation"):
             raise ValueError(f"split must be 'training' or 'validation', got {split!r}")
         images, annotations = os.path.join(root, "images", split), os.path.join(root, "annotations", split)
@@ -542,7 +590,10 @@ class ADE20K(Dataset):
             raise FileNotFoundError(f"{len(stems)} images in {images!r}, {len(missing)} without an "
                                     f"annotation in {annotations!r} (e.g. {missing[:3]})")
         self.samples = [(os.path.join(images, s + ".jpg"), os.path.join(annotations, s + ".png")) for s in stems]
-        self.image_size, self.augment = image_size, augment
+        self.image_size, self.augment, self.seed, self.epoch = image_size, augment, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -561,13 +612,14 @@ class ADE20K(Dataset):
             image = _normalise(np.asarray(im.resize((S, S), Image.BILINEAR)))
             mask = torch.from_numpy(_ADE20K_LUT[np.asarray(ann.resize((S, S), Image.NEAREST))])
             return {"image": image, "mask": mask, "index": i}
-        image, mask = _random_resized_crop(im, ann, S)
-        if torch.rand(()) < 0.5:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        image, mask = _random_resized_crop(im, ann, S, rng)
+        if rng.uniform() < 0.5:
             image, mask = image.flip(-1), mask.flip(-1)
         return {"image": image, "mask": mask, "index": i}
 
 
-def _random_resized_crop(im: Image.Image, ann: Image.Image, S: int,
+def _random_resized_crop(im: Image.Image, ann: Image.Image, S: int, rng: np.random.Generator,
                          scale: tuple[float, float] = (0.5, 2.0)) -> tuple[Tensor, Tensor]:
     """Resize image and annotation to n x n, n = round(r S), r ~ U[scale], then take a random
     S x S window: a crop when n >= S; when n < S, the scene is placed at a random offset inside
@@ -578,17 +630,17 @@ def _random_resized_crop(im: Image.Image, ann: Image.Image, S: int,
     [0.5, 2], then a random crop of the target size, padded with ignore), read on the square scene.
     Returns image (3, S, S) float32 normalised and mask (S, S) int64.
     """
-    n = max(1, round(float(torch.empty(()).uniform_(*scale)) * S))
+    n = max(1, round(rng.uniform(*scale) * S))
     W, H = im.size
     if n >= S:
-        oy, ox = (int(v) for v in torch.randint(0, n - S + 1, (2,)))
+        oy, ox = (int(v) for v in rng.integers(0, n - S + 1, 2))
         # The window [oy, oy + S) x [ox, ox + S) of the n x n resize, as a box in source pixels:
         # one resize of just that box samples exactly where the full resize + crop would.
         box = (ox * W / n, oy * H / n, (ox + S) * W / n, (oy + S) * H / n)
         image = _normalise(np.asarray(im.resize((S, S), Image.BILINEAR, box=box)))
         mask = torch.from_numpy(_ADE20K_LUT[np.asarray(ann.resize((S, S), Image.NEAREST, box=box))])
         return image, mask
-    oy, ox = (int(v) for v in torch.randint(0, S - n + 1, (2,)))
+    oy, ox = (int(v) for v in rng.integers(0, S - n + 1, 2))
     image = torch.zeros(3, S, S)
     mask = torch.full((S, S), ADE20K_IGNORE, dtype=torch.int64)
     image[:, oy:oy + n, ox:ox + n] = _normalise(np.asarray(im.resize((n, n), Image.BILINEAR)))
@@ -626,27 +678,30 @@ def collate(samples: list[dict | None]) -> dict:
     return batch
 
 
-def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
+def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = False, seed: int = 0) -> Dataset:
     """The dataset of `cfg` for split "train" or "val".
 
     synthetic: SyntheticScenes of cfg.length (train) or cfg.val_length (val) scenes, the val split
-    drawn from its own random stream. imagefolder: ImageFolder(cfg.root/<split>). ade20k:
-    ADE20K(cfg.root, "training" / "validation"), augmented on the train split when cfg.augment.
+    drawn from its own random stream (never augmented: the scenes are endless already, and a
+    mirrored glyph is not its class). imagefolder: ImageFolder(cfg.root/<split>). ade20k:
+    ADE20K(cfg.root, "training" / "validation"). augment (train split only): ImageFolder's random
+    resized crop + flip, ADE20K's F.2.1 augmentation, drawn from (seed, epoch, index).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    augment = augment and split == "train"
     if cfg.dataset == "synthetic":
         return SyntheticScenes(cfg.length if split == "train" else cfg.val_length, cfg.image_size,
                                cfg.num_classes, cfg.seed, split, (cfg.target_min, cfg.target_max))
     elif cfg.dataset == "imagefolder":
-        ds = ImageFolder(os.path.join(cfg.root, split), cfg.image_size)
+        ds = ImageFolder(os.path.join(cfg.root, split), cfg.image_size, augment=augment, seed=seed)
         if cfg.num_classes and ds.num_classes != cfg.num_classes:
             raise ValueError(f"{os.path.join(cfg.root, split)!r} has {ds.num_classes} class folders "
                              f"but data.num_classes = {cfg.num_classes}")
         return ds
     elif cfg.dataset == "ade20k":
         return ADE20K(cfg.root, "training" if split == "train" else "validation", cfg.image_size,
-                      augment=cfg.augment and split == "train")
+                      augment=augment, seed=seed)
     raise ValueError(f"unknown dataset {cfg.dataset!r}: expected 'synthetic', 'imagefolder' or 'ade20k'")
 
 

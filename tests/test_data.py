@@ -293,6 +293,74 @@ def test_imagefolder_skips_images_over_max_pixels(tmp_path):
     assert items["big.jpg"]["image"].shape == (3, 16, 16)     # draft-decoded at 1/8: 38 x 25
 
 
+def _position_image(W: int, H: int) -> Image.Image:
+    """Red encodes the column, green the row: a crop's colours tell where it came from."""
+    x = (np.arange(W) + 0.5) / W * 255
+    y = (np.arange(H) + 0.5) / H * 255
+    rgb = np.stack(np.broadcast_arrays(x[None, :], y[:, None], np.zeros((H, W))), -1)
+    return Image.fromarray(np.rint(rgb).astype(np.uint8))
+
+
+def test_imagefolder_training_view_is_a_random_resized_crop_and_flip(tmp_path):
+    """The training view is a crop of 8-100% of the image area, aspect 3/4-4/3, resized to S,
+    mirrored half the time; read off the pixels of an image that encodes its coordinates."""
+    W, H, S = 300, 200, 32
+    (tmp_path / "c").mkdir()
+    _position_image(W, H).save(tmp_path / "c" / "pos.png")
+    ds = data.ImageFolder(str(tmp_path), S, augment=True, seed=3)
+    areas, flips = [], []
+    for epoch in range(200):
+        ds.set_epoch(epoch)
+        rgb = ds[0]["image"].numpy() * STD[:, None, None] + MEAN[:, None, None]   # (3, S, S) in [0, 1]
+        xs, ys = rgb[0, S // 2] * W, rgb[1, :, S // 2] * H                        # pixel columns, rows
+        w, h = abs(xs[-1] - xs[0]) * S / (S - 1), (ys[-1] - ys[0]) * S / (S - 1)  # crop size, px
+        flips.append(xs[-1] < xs[0])
+        areas.append(w * h / (W * H))
+        if w < W - 2 and h < H - 2:                                               # not the fallback
+            assert 3 / 4 - 0.08 < w / h < 4 / 3 + 0.08
+    areas = np.array(areas)
+    assert areas.min() > 0.08 - 0.02 and areas.max() < 1.0 + 0.02
+    assert 0.35 < np.mean(flips) < 0.65
+    # Reproducible per (seed, epoch, index), whatever process reads it; new draws each epoch.
+    ds.set_epoch(7)
+    a = ds[0]["image"]
+    again = data.ImageFolder(str(tmp_path), S, augment=True, seed=3)
+    again.set_epoch(7)
+    assert torch.equal(again[0]["image"], a)
+    again.set_epoch(8)
+    assert not torch.equal(again[0]["image"], a)
+    other_seed = data.ImageFolder(str(tmp_path), S, augment=True, seed=4)
+    other_seed.set_epoch(7)
+    assert not torch.equal(other_seed[0]["image"], a)
+    # The evaluation view stays the deterministic resize + centre crop.
+    plain = data.ImageFolder(str(tmp_path), S)
+    want = data._normalise(np.asarray(data.resize_center_crop(_position_image(W, H), S)))
+    assert torch.equal(plain[0]["image"], want)
+
+
+def test_random_resized_crop_box_statistics():
+    """torchvision's RandomResizedCrop law: area fraction U(0.08, 1) when it fits, log-uniform
+    aspect ratio in [3/4, 4/3], inside the image; the fallback is a central crop."""
+    rng = np.random.default_rng(0)
+    W, H = 1000, 1000
+    boxes = np.array([data.random_resized_crop_box(rng, W, H) for _ in range(4000)])
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= W).all() and (boxes[:, 3] <= H).all()
+    aspect = w / h
+    assert aspect.min() > 3 / 4 - 0.01 and aspect.max() < 4 / 3 + 0.01
+    assert abs(np.log(aspect).mean()) < 0.01                         # log-uniform, symmetric
+    frac = w * h / (W * H)
+    assert 0.08 - 0.005 < frac.min() and frac.max() <= 1.0
+    # On a square, area a with aspect r fits iff a <= min(r, 1/r), i.e. |log r| <= -log a: the
+    # accepted areas have density ~ P(fit | a) = min(1, -log a / log(4/3)) on [0.08, 1].
+    a = np.linspace(0.08, 1, 100001)
+    fit = np.minimum(1, -np.log(a) / np.log(4 / 3))
+    assert abs(frac.mean() - (a * fit).sum() / fit.sum()) < 0.012          # 0.478; 3 std of the mean
+    # A 100:1 strip fits no crop of >= 8% of its area with aspect <= 4/3 (its height would be
+    # >= 24 px): the fallback, the central 4/3 crop, round(10 * 4/3) = 13 px wide.
+    assert data.random_resized_crop_box(np.random.default_rng(1), 1000, 10) == (493, 0, 506, 10)
+
+
 # ----------------------------------------------------------------------------------------------
 # ADE20K
 # ----------------------------------------------------------------------------------------------
@@ -352,9 +420,9 @@ def _decode(image: torch.Tensor) -> np.ndarray:
 def test_ade20k_augmentation_keeps_image_and_mask_aligned(ade_root):
     S = 48
     ds = data.ADE20K(str(ade_root), "training", image_size=S, augment=True)
-    torch.manual_seed(0)
     n_padded = 0
     for trial in range(30):
+        ds.set_epoch(trial)                                           # new draws each epoch
         item = ds[trial % len(ds)]
         mask = item["mask"].numpy()
         labels = _decode(item["image"])
@@ -378,9 +446,9 @@ def test_ade20k_augmentation_keeps_image_and_mask_aligned(ade_root):
 def test_ade20k_augmentation_flips_half_the_time(ade_root):
     """Training scene 0 is label 1 on the left, 2 on the right: a flip puts 2 on the left."""
     ds = data.ADE20K(str(ade_root), "training", image_size=32, augment=True)
-    torch.manual_seed(0)
     order = []
-    for _ in range(60):
+    for epoch in range(60):
+        ds.set_epoch(epoch)
         mask = ds[0]["mask"]
         cols = [torch.nonzero((mask == k).any(0)).float().mean() for k in (0, 1)]  # mean column
         if (mask == 0).any() and (mask == 1).any():
@@ -408,8 +476,8 @@ def test_build_dataset(image_folder, ade_root):
     cfg = data.DataConfig(image_size=32, length=7, val_length=3)
     train, val = data.build_dataset(cfg, "train"), data.build_dataset(cfg, "val")
     assert len(train) == 7 and len(val) == 3 and not torch.equal(train[0]["image"], val[0]["image"])
-    ade = data.build_dataset(data.DataConfig(dataset="ade20k", root=str(ade_root), augment=True), "val")
-    assert isinstance(ade, data.ADE20K) and not ade.augment and len(ade) == 2
+    ade = data.build_dataset(data.DataConfig(dataset="ade20k", root=str(ade_root)), "val", augment=True)
+    assert isinstance(ade, data.ADE20K) and not ade.augment and len(ade) == 2   # never the val split
     root = image_folder[0].parent / "imagenet"
     (root / "train").mkdir(parents=True)
     (root / "train" / "only").mkdir()
