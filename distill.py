@@ -149,6 +149,10 @@ class Distillation(nn.Module):
     seeded by (seed, step); each process takes its scenes: the result does not depend on the
     number of processes, and a resumed run repeats it exactly.
     """
+    # One fixed view per scene, Resize + CenterCrop [003, Table 2; App. D.2], as the official
+    # feature shards hold; the teacher run in the loop sees that same view, so the two modes
+    # train on identical targets and precomputing changes only the speed.
+    augment = False
 
     def __init__(self, cfg: DistillConfig, seed: int):
         super().__init__()
@@ -221,13 +225,6 @@ class Distillation(nn.Module):
             patches.append(p.cpu())
         self.model.fit_standardizers(torch.cat(cls), torch.cat(patches))
 
-    def glimpses(self, images: Tensor, table: Tensor | None, vp: canvit.Viewpoint) -> Tensor:
-        """(R*B, 3, S, S) scenes -> (R*B, 3, gp, gp) glimpses at the viewpoints."""
-        if table is None:
-            return fovea.bilinear_glimpse(images, vp.center_yx, vp.scale, self.cfg.glimpse_px)
-        boxes = fovea.viewpoint_boxes(vp.center_yx, vp.scale, tuple(images.shape[-2:]))[:, None]
-        return fovea.box_patches(table, boxes, self.cfg.glimpse_px)[:, 0]
-
     def train_step(self, batch: dict, step: int, autocast, rank: int = 0, world: int = 1) -> dict:
         cfg, model = self.cfg, self.model
         images = batch["image"]
@@ -243,13 +240,15 @@ class Distillation(nn.Module):
         T = cfg.chunk * num_chunks(gen, cfg.p_stop, cfg.max_chunks)
         R = cfg.n_fiid + cfg.n_riid
         vp = rollout_viewpoints(gen, T, B * world, cfg.n_fiid, cfg.n_riid, cfg.min_scale)
-        # This process's scenes within each rollout: global sample j = rank + world * i.
-        mine = (torch.arange(R)[:, None] * B * world + rank + world * torch.arange(B)[None]).view(-1)
+        # This process's scenes within each rollout: global sample j = rank * B + i.
+        mine = (torch.arange(R)[:, None] * B * world + rank * B + torch.arange(B)[None]).view(-1)
         vp = canvit.Viewpoint(vp.center_yx[:, mine].to(images.device), vp.scale[:, mine].to(images.device))
 
         # All rollouts as one batch of R*B (same length), rollout r on scene b at row r*B + b.
-        scenes = images.repeat(R, 1, 1, 1)                        # (R*B, 3, S, S)
-        table = fovea.integral_image(scenes) if cfg.glimpse_method == "integral" else None
+        if cfg.glimpse_method == "integral":                      # R rows share each scene's table
+            source = fovea.integral_image(images).select(torch.arange(B).repeat(R))
+        else:
+            source = images.repeat(R, 1, 1, 1)                    # (R*B, 3, S, S)
         cls_t, patch_t = cls_t.repeat(R, 1), patch_t.repeat(R, 1, 1)
         state = model.init_state(R * B, G)
         sums = torch.zeros(3, device=images.device)               # loss, patch, cls (detached)
@@ -258,7 +257,8 @@ class Distillation(nn.Module):
             for t in range(t0, t0 + cfg.chunk):
                 with autocast():
                     v = canvit.Viewpoint(vp.center_yx[t], vp.scale[t])
-                    state = model(self.glimpses(scenes, table, v), state, v.center_yx, v.scale).state
+                    glimpse = fovea.viewpoint_glimpse(source, v.center_yx, v.scale, cfg.glimpse_px)
+                    state = model(glimpse, state, v.center_yx, v.scale).state
                     patch, cls = reconstruction_loss(model.predict(state), cls_t, patch_t)
                 chunk_loss = chunk_loss + patch + cls
                 sums += torch.stack([patch + cls, patch, cls]).detach()

@@ -359,7 +359,7 @@ def rollout(model: canvit.CanViT, scenes: Tensor, policy: str, T: int, G: int, g
     before the glimpse (as the official evaluation)."""
     B, device = scenes.shape[0], scenes.device
     state = model.init_state(B, G)
-    table = fovea.integral_image(scenes) if method == "integral" else None
+    source = fovea.integral_image(scenes) if method == "integral" else scenes
     if policy == "entropy":
         if seg_probe is None:
             raise EvalError("the entropy-guided C2F policy needs the segmentation probe (masks)")
@@ -372,11 +372,7 @@ def rollout(model: canvit.CanViT, scenes: Tensor, policy: str, T: int, G: int, g
             vp = guide.step(canvit.predictive_entropy(logits))
         else:
             vp = canvit.Viewpoint(vps.center_yx[t].to(device), vps.scale[t].to(device))
-        if table is None:
-            glimpse = fovea.bilinear_glimpse(scenes, vp.center_yx, vp.scale, glimpse_px)
-        else:
-            boxes = fovea.viewpoint_boxes(vp.center_yx, vp.scale, tuple(scenes.shape[-2:]))[:, None]
-            glimpse = fovea.box_patches(table, boxes, glimpse_px)[:, 0]
+        glimpse = fovea.viewpoint_glimpse(source, vp.center_yx, vp.scale, glimpse_px)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             state = model(glimpse, state, vp.center_yx, vp.scale).state
         yield t, vp, state
@@ -410,7 +406,7 @@ def datasets(cfg: EvalConfig, info: dict, S: int):
     """(probe-training, held-out) datasets at scene size S: train / val (synthetic, ImageFolder:
     resize + centre crop, F.2.2) or training / validation (ADE20K: resized to S x S, F.2.1)."""
     dc = dataclasses.replace(info["data"], dataset=cfg.data or info["data"].dataset,
-                             root=cfg.root or info["data"].root, image_size=S, augment=False)
+                             root=cfg.root or info["data"].root, image_size=S)
     if dc.dataset == "imagefolder":               # class count from the folders, not the config
         sets = tuple(data.ImageFolder(os.path.join(dc.root, s), S) for s in ("train", "val"))
     else:
@@ -770,14 +766,6 @@ def load_baseline(path: str) -> tuple[canvit.ViTClassifier, int]:
     return model.eval().requires_grad_(False), ckpt["config"]["data"]["image_size"]
 
 
-def fixed_gazes(T: int) -> Tensor:
-    """A fixed gaze sequence (T, 2): the centre, then the centres of a 3 x 3 grid's outer cells
-    clockwise from the top-left, then again; the same for every image."""
-    ring = [(-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1)]
-    seq = [(0.0, 0.0)] + [(2 / 3 * y, 2 / 3 * x) for y, x in ring]
-    return torch.tensor([seq[t % len(seq)] for t in range(T)])
-
-
 def hits(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     """(B,) 1.0 where the label is among the k highest logits (top-k accuracy per image)."""
     return (logits.topk(min(k, logits.shape[-1]), -1).indices == labels[:, None]).any(-1).float()
@@ -788,33 +776,11 @@ def foveal_per_step(model: fovea.FovealViT, images: Tensor, glimpses: list[fovea
                     ) -> list[Tensor]:
     """Logits after every step of an episode, one Patches per step -> T x (B, K)."""
     table = fovea.integral_image(images)
-    state, out = model.init_state(images.shape[0]), []
+    state, out = None, []                                   # None: from the prompt s_1
     for patches in glimpses:
         state = model(table, state, patches)
         out.append(model.classify(state))
     return out
-
-
-def episode(model: fovea.FovealViT, train_cfg: dict, T: int, B: int, image_hw: tuple[int, int],
-            gen: torch.Generator | None, device) -> list[fovea.Patches]:
-    """The glimpses of an episode as in training: random gazes ([002] A.3.4), or for a
-    "shuffled_vit" model ([002] Sec. 6.1) the ViT grid's patches shuffled into T groups.
-    gen None: the fixed sequence (`fixed_gazes` at the middle grid zoom, or the grid in raster order)."""
-    if train_cfg["glimpse"] == "shuffled_vit":
-        g = train_cfg["vit_grid"]
-        grid = fovea.vit_grid(B, image_hw, g, device)
-        order = (torch.rand(B, g * g, generator=gen).argsort(1) if gen is not None
-                 else torch.arange(g * g).expand(B, -1)).to(device)
-        take = lambda x, i: x.gather(1, i[..., None].expand(-1, -1, x.shape[-1]))
-        groups = order.chunk(T, 1)
-        return [fovea.Patches(take(grid.boxes, i), take(grid.yxz, i)) for i in groups]
-    lo, hi = model.cfg.grid_z
-    if gen is None:
-        gazes, zs = fixed_gazes(T)[:, None].expand(T, B, 2), torch.full((T, B), (lo + hi) / 2)
-    else:
-        gazes = torch.rand(T, B, 2, generator=gen) * 2 - 1
-        zs = lo + (hi - lo) * torch.rand(T, B, generator=gen)
-    return [model.glimpse(gazes[t].to(device), image_hw, zs[t].to(device)) for t in range(T)]
 
 
 def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> dict:
@@ -831,10 +797,11 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> dict:
     if baseline is not None and base_S != S:
         raise EvalError(f"the baseline was trained on {base_S} px scenes, the foveal model on {S} px")
     grid = cfg.vit_grid or S // mcfg.patch_px                   # ViT mode: native patches at S
-    train_cfg = ckpt["config"]["foveal"]
-    if train_cfg["glimpse"] == "shuffled_vit" and (train_cfg["vit_grid"] ** 2) % T:
-        raise EvalError(f"--T {T}: the {train_cfg['vit_grid']}^2 ViT patches do not split into {T} groups")
-    results: dict = {"objective": "foveal_sup", "glimpse": train_cfg["glimpse"], "step": ckpt.get("step"),
+    saved = ckpt["config"]["foveal"]
+    if saved["glimpse"] == "shuffled_vit" and (saved["vit_grid"] ** 2) % T:
+        raise EvalError(f"--T {T}: the {saved['vit_grid']}^2 ViT patches do not split into {T} groups")
+    train_cfg = fovea.FovealTrainConfig(model=mcfg, steps=T, glimpse=saved["glimpse"], vit_grid=saved["vit_grid"])
+    results: dict = {"objective": "foveal_sup", "glimpse": train_cfg.glimpse, "step": ckpt.get("step"),
                      "scene_px": S, "steps": T, "vit_grid": grid, "repeats": cfg.repeats, "resolution": {}}
     for k in cfg.res_factors or (1, 2, 4, 8):
         ds = data.build_dataset(dataclasses.replace(dcfg, image_size=S * k, val_length=cfg.n_val), "val")
@@ -847,10 +814,11 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> dict:
             score = lambda logits: torch.stack([hits(logits, labels, 1).sum(), hits(logits, labels, 5).sum()]).cpu()
             hw = tuple(images.shape[-2:])
             for _ in range(cfg.repeats):
-                glimpses = episode(model, train_cfg, T, B, hw, gen, device)
+                glimpses = fovea.episode_patches(model, train_cfg, gen, B, hw, device)
                 for t, logits in enumerate(foveal_per_step(model, images, glimpses)):
                     top["random"][:, t] += score(logits) / cfg.repeats
-            for t, logits in enumerate(foveal_per_step(model, images, episode(model, train_cfg, T, B, hw, None, device))):
+            fixed = fovea.episode_patches(model, train_cfg, None, B, hw, device)
+            for t, logits in enumerate(foveal_per_step(model, images, fixed)):
                 top["fixed"][:, t] += score(logits)
             with torch.inference_mode():
                 vit_top += score(model.classify(model.vit_mode(fovea.integral_image(images), grid)))

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,110 +255,163 @@ def viewpoint_boxes(center_yx: Tensor, scale: Tensor, image_hw: tuple[int, int])
 # Extraction: summed-area table + box filter [000, App. A]
 # ----------------------------------------------------------------------------------------------
 
-def integral_image(images: Tensor) -> Tensor:
-    """[000] App. A, Eq. 3: summed-area table with a zero first row and column.
+class SummedAreaTable(NamedTuple):
+    """The summed-area tables of B images [000, App. A], made by `integral_image`.
 
-    images: (B, C, H, W), float or integer. Returns (B, C, H+1, W+1) with
-    table[..., i, j] = sum of images[..., :i, :j], float64 for float input and int64 for integer
-    input (a float32 running sum over a 4096^2 image has lost the low bits a small box needs).
-    The table is stored channels-last, so the C values of one corner are read together.
+    sums: (B, C, H+1, W+1) float64 (int64 for integer images), channels-last, with
+          sums[..., i, j] = the sum of image[..., :i, :j].
+    rows: (R,) int64 or None: the table each of R logical rows reads. G traces (or V views) of
+          one image share its table (`select`): B * G rows over B tables, without copying
+          them. None: row b reads table b (R = B).
+    A separate type, so that an image passed where a table is expected fails with a message.
     """
-    if images.dim() != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    sums: Tensor
+    rows: Tensor | None = None
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return self.sums.shape[-2] - 1, self.sums.shape[-1] - 1
+
+    def __len__(self) -> int:                                     # logical rows R
+        return self.sums.shape[0] if self.rows is None else self.rows.shape[0]
+
+    def select(self, rows: Tensor) -> SummedAreaTable:
+        """The logical rows `rows` (R',) of this table, sharing the tables: e.g. G traces of each
+        of B images are `table.select(torch.arange(B).repeat_interleave(G))`."""
+        rows = rows.to(self.sums.device)
+        return SummedAreaTable(self.sums, rows if self.rows is None else self.rows[rows])
+
+    def to(self, device) -> SummedAreaTable:
+        return SummedAreaTable(self.sums.to(device),
+                               None if self.rows is None else self.rows.to(device))
+
+
+def integral_image(images: Tensor) -> SummedAreaTable:
+    """[000] App. A, Eq. 3: the summed-area table of each image, with a zero first row and column.
+
+    images: (B, C, H, W), float or integer. Returns a SummedAreaTable whose sums (B, C, H+1, W+1)
+    hold sums[..., i, j] = sum of images[..., :i, :j], float64 for float input and int64 for
+    integer input (a float32 running sum over a 4096^2 image has lost the low bits a small box
+    needs), stored channels-last, so the C values of one corner are read together.
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a (B, C, H, W) tensor, got {_describe(images)}")
     acc = torch.float64 if images.is_floating_point() else torch.int64
-    table = images.to(acc).cumsum(2).cumsum(3)                                    # (B, C, H, W)
-    table = F.pad(table, (1, 0, 1, 0))                                            # (B, C, H+1, W+1)
-    return table.contiguous(memory_format=torch.channels_last)
+    sums = images.to(acc).cumsum(2).cumsum(3)                                     # (B, C, H, W)
+    sums = F.pad(sums, (1, 0, 1, 0))                                              # (B, C, H+1, W+1)
+    return SummedAreaTable(sums.contiguous(memory_format=torch.channels_last))
 
 
-def _corner_sums(table: Tensor, ys: Tensor, xs: Tensor, exact: bool) -> Tensor:
+def _describe(x) -> str:
+    return f"a tensor of shape {tuple(x.shape)} ({x.dtype})" if isinstance(x, Tensor) else type(x).__name__
+
+
+def check_table(table) -> SummedAreaTable:
+    """`table` if it is a SummedAreaTable, else a TypeError that says what to pass."""
+    if isinstance(table, SummedAreaTable):
+        return table
+    raise TypeError(f"expected a SummedAreaTable from fovea.integral_image(images), got "
+                    f"{_describe(table)}: pass fovea.integral_image(images), not the images")
+
+
+def _corner_sums(sums: Tensor, rows: Tensor, ys: Tensor, xs: Tensor, exact: bool) -> Tensor:
     """Integral of the zero-extended image over [0, y) x [0, x) at every pair (ys[a], xs[b]).
 
-    table: (B, C, H+1, W+1); ys: (B, P, Ny), xs: (B, P, Nx) pixel coordinates (float64).
-    Returns (B, P, Ny, Nx, C) float64.
+    sums: (B, C, H+1, W+1); rows: (R,) the table of each row; ys: (R, P, Ny), xs: (R, P, Nx)
+    pixel coordinates (float64). Returns (R, P, Ny, Nx, C) float64.
     exact=True: the integral of the piecewise-constant pixel image is exactly the bilinear
     interpolation of the table between integer corners, so 4 weighted lookups give it at
     sub-pixel positions. exact=False: ys and xs are already integers, 1 lookup each.
     Outside the image the image is zero, so clamping a corner to [0, H] x [0, W] is exact.
     """
-    B, C, H1, W1 = table.shape
-    flat = table.permute(0, 2, 3, 1).reshape(B, H1 * W1, C)                     # (B, N, C) view
+    B, C, H1, W1 = sums.shape
+    flat = sums.permute(0, 2, 3, 1).reshape(B, H1 * W1, C)                      # (B, N, C) view
     ys = ys.clamp(0, H1 - 1)
     xs = xs.clamp(0, W1 - 1)
-    P, Ny, Nx = ys.shape[1], ys.shape[2], xs.shape[2]
+    R, P, Ny, Nx = ys.shape[0], ys.shape[1], ys.shape[2], xs.shape[2]
     if exact:
-        iy = ys.floor().clamp(max=H1 - 2)                                          # (B, P, Ny)
+        iy = ys.floor().clamp(max=H1 - 2)                                          # (R, P, Ny)
         ix = xs.floor().clamp(max=W1 - 2)
         fy, fx = ys - iy, xs - ix                                                  # in [0, 1]
-        iy = torch.stack([iy, iy + 1], -1).long()                                  # (B, P, Ny, 2)
-        ix = torch.stack([ix, ix + 1], -1).long()                                  # (B, P, Nx, 2)
-        wy = torch.stack([1 - fy, fy], -1)                                         # (B, P, Ny, 2)
+        iy = torch.stack([iy, iy + 1], -1).long()                                  # (R, P, Ny, 2)
+        ix = torch.stack([ix, ix + 1], -1).long()                                  # (R, P, Nx, 2)
+        wy = torch.stack([1 - fy, fy], -1)                                         # (R, P, Ny, 2)
         wx = torch.stack([1 - fx, fx], -1)
-        idx = iy[:, :, :, :, None, None] * W1 + ix[:, :, None, None, :, :]          # (B,P,Ny,2,Nx,2)
-        vals = flat[torch.arange(B, device=table.device)[:, None], idx.reshape(B, -1)]
-        vals = vals.reshape(B, P, Ny, 2, Nx, 2, C).to(torch.float64)
-        w = wy[:, :, :, :, None, None] * wx[:, :, None, None, :, :]                # (B,P,Ny,2,Nx,2)
-        return (vals * w[..., None]).sum((3, 5))                                   # (B,P,Ny,Nx,C)
-    idx = ys.long()[:, :, :, None] * W1 + xs.long()[:, :, None, :]                 # (B, P, Ny, Nx)
-    vals = flat[torch.arange(B, device=table.device)[:, None], idx.reshape(B, -1)]
-    return vals.reshape(B, P, Ny, Nx, C).to(torch.float64)
+        idx = iy[:, :, :, :, None, None] * W1 + ix[:, :, None, None, :, :]          # (R,P,Ny,2,Nx,2)
+        vals = flat[rows[:, None], idx.reshape(R, -1)]                             # (R, n, C)
+        vals = vals.reshape(R, P, Ny, 2, Nx, 2, C).to(torch.float64)
+        w = wy[:, :, :, :, None, None] * wx[:, :, None, None, :, :]                # (R,P,Ny,2,Nx,2)
+        return (vals * w[..., None]).sum((3, 5))                                   # (R,P,Ny,Nx,C)
+    idx = ys.long()[:, :, :, None] * W1 + xs.long()[:, :, None, :]                 # (R, P, Ny, Nx)
+    vals = flat[rows[:, None], idx.reshape(R, -1)]
+    return vals.reshape(R, P, Ny, Nx, C).to(torch.float64)
 
 
-def box_patches_eager(table: Tensor, boxes: Tensor, patch_px: int, exact: bool = True) -> Tensor:
-    """The eager twin of `box_patches` (same arguments, same result); see there."""
-    B, P = boxes.shape[:2]
+def box_patches_eager(sums: Tensor, rows: Tensor, boxes: Tensor, patch_px: int,
+                      exact: bool = True) -> Tensor:
+    """The eager twin of `box_patches`, on the table's tensors (sums, rows); see there."""
     p = patch_px
-    y0, x0, y1, x1 = boxes.to(torch.float64).unbind(-1)                          # (B, P) each
+    y0, x0, y1, x1 = boxes.to(torch.float64).unbind(-1)                          # (R, P) each
     t = torch.arange(p + 1, device=boxes.device, dtype=torch.float64) / p          # (p+1,)
-    ys = y0[..., None] + (y1 - y0)[..., None] * t                                 # (B, P, p+1)
+    ys = y0[..., None] + (y1 - y0)[..., None] * t                                 # (R, P, p+1)
     xs = x0[..., None] + (x1 - x0)[..., None] * t
     if exact:
         # Eq. 4 with sub-pixel corners: the cell grid shares its edges, so (p+1)^2 corner
         # integrals give all p^2 cells.
-        S = _corner_sums(table, ys, xs, exact=True)                               # (B,P,p+1,p+1,C)
-        sums = S[:, :, 1:, 1:] - S[:, :, :-1, 1:] - S[:, :, 1:, :-1] + S[:, :, :-1, :-1]
-        area = ((y1 - y0) * (x1 - x0) / (p * p))[:, :, None, None, None]           # (B,P,1,1,1)
+        S = _corner_sums(sums, rows, ys, xs, exact=True)                          # (R,P,p+1,p+1,C)
+        cells = S[:, :, 1:, 1:] - S[:, :, :-1, 1:] - S[:, :, 1:, :-1] + S[:, :, :-1, :-1]
+        area = ((y1 - y0) * (x1 - x0) / (p * p))[:, :, None, None, None]           # (R,P,1,1,1)
     else:
         # Eq. 4 as in the paper: cell edges snapped to the nearest pixel corner. A cell smaller
         # than a pixel keeps at least one pixel (nearest-neighbour sampling when upsampling).
-        ry, rx = torch.floor(ys + 0.5), torch.floor(xs + 0.5)                      # (B, P, p+1)
-        lo_y, lo_x = ry[..., :-1], rx[..., :-1]                                   # (B, P, p)
+        ry, rx = torch.floor(ys + 0.5), torch.floor(xs + 0.5)                      # (R, P, p+1)
+        lo_y, lo_x = ry[..., :-1], rx[..., :-1]                                   # (R, P, p)
         hi_y, hi_x = torch.maximum(ry[..., 1:], lo_y + 1), torch.maximum(rx[..., 1:], lo_x + 1)
-        S = _corner_sums(table, torch.cat([lo_y, hi_y], -1), torch.cat([lo_x, hi_x], -1),
-                         exact=False)                                              # (B,P,2p,2p,C)
+        S = _corner_sums(sums, rows, torch.cat([lo_y, hi_y], -1), torch.cat([lo_x, hi_x], -1),
+                         exact=False)                                              # (R,P,2p,2p,C)
         S_ll, S_lh = S[:, :, :p, :p], S[:, :, :p, p:]
         S_hl, S_hh = S[:, :, p:, :p], S[:, :, p:, p:]
-        sums = S_hh - S_hl - S_lh + S_ll                                          # (B,P,p,p,C)
+        cells = S_hh - S_hl - S_lh + S_ll                                         # (R,P,p,p,C)
         area = ((hi_y - lo_y)[..., :, None] * (hi_x - lo_x)[..., None, :])[..., None]
-    return (sums / area).permute(0, 1, 4, 2, 3).to(torch.float32)                 # (B,P,C,p,p)
+    return (cells / area).permute(0, 1, 4, 2, 3).to(torch.float32)                # (R,P,C,p,p)
 
 
-_box_patches_compiled = torch.compile(box_patches_eager, dynamic=False, fullgraph=True)
+_compiled_box_patches = None
 
 
-def box_patches(table: Tensor, boxes: Tensor, patch_px: int, exact: bool = True,
+def _box_patches_compiled(*args):
+    """`box_patches_eager` through torch.compile, compiled on first use (importing fovea stays
+    fast). Static shapes: new box values never recompile."""
+    global _compiled_box_patches
+    if _compiled_box_patches is None:
+        _compiled_box_patches = torch.compile(box_patches_eager, dynamic=False, fullgraph=True)
+    return _compiled_box_patches(*args)
+
+
+def box_patches(table: SummedAreaTable, boxes: Tensor, patch_px: int, exact: bool = True,
                 compiled: bool = True) -> Tensor:
     """[000] App. A, Eq. 4: resample each box to a p x p patch by box filtering the table.
 
-    table: (B, C, H+1, W+1) from `integral_image`; boxes: (B, P, 4) pixel rectangles
-    (y0, x0, y1, x1) of any size and position, partly or wholly outside the image (outside
-    counts as zero). Output pixel (i, j) is the mean of the image over cell (i, j) of its box.
-    Returns (B, P, C, p, p) float32.
+    table: a SummedAreaTable from `integral_image` (R logical rows); boxes: (R, P, 4) pixel
+    rectangles (y0, x0, y1, x1) of any size and position, partly or wholly outside the image
+    (outside counts as zero). Output pixel (i, j) is the mean of the image over cell (i, j) of
+    its box. Returns (R, P, C, p, p) float32.
 
     exact=True: corners at their sub-pixel positions (bilinear lookups in the table), which is
     the exact area mean of the pixel image. exact=False: the paper's nearest-pixel corners.
     The cost per output pixel is a fixed number of table lookups, whatever the box or image
-    size. compiled=True runs the `torch.compile`d twin (static shapes: new box values never
-    recompile); compiled=False the eager one.
+    size. compiled=True runs the `torch.compile`d twin; compiled=False the eager one.
     """
-    if table.dim() != 4 or boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != table.shape[0]:
-        raise ValueError(f"expected table (B, C, H+1, W+1) and boxes (B, P, 4), got "
-                         f"{tuple(table.shape)} and {tuple(boxes.shape)}")
+    table = check_table(table)
+    if boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != len(table):
+        raise ValueError(f"expected boxes (R, P, 4) for the table's {len(table)} rows, got "
+                         f"boxes of shape {tuple(boxes.shape)}")
     # A box must have positive, finite extent; checked on the device without a host sync.
     ok = ((boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])).all()
     torch._assert_async(ok, "box_patches: every box needs y1 > y0 and x1 > x0 (and no NaN)")
+    rows = table.rows if table.rows is not None else torch.arange(len(table), device=boxes.device)
     fn = _box_patches_compiled if compiled else box_patches_eager
-    return fn(table, boxes, patch_px, exact)
+    return fn(table.sums, rows, boxes, patch_px, exact)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,6 +440,17 @@ def bilinear_glimpse(images: Tensor, center_yx: Tensor, scale: Tensor, glimpse_p
                          align_corners=False)
 
 
+def viewpoint_glimpse(source: Tensor | SummedAreaTable, center_yx: Tensor, scale: Tensor,
+                      glimpse_px: int) -> Tensor:
+    """[003] The glimpse at a viewpoint (centre, scale) from `source`: images (B, C, H, W) give
+    the official bilinear glimpse (`bilinear_glimpse`); a SummedAreaTable gives the box-filtered
+    one [000, App. A], which does not alias. Returns (B, C, gp, gp) float32."""
+    if isinstance(source, SummedAreaTable):
+        boxes = viewpoint_boxes(center_yx, scale, source.image_hw)[:, None]       # (B, 1, 4)
+        return box_patches(source, boxes, glimpse_px)[:, 0]
+    return bilinear_glimpse(source, center_yx, scale, glimpse_px)
+
+
 # ----------------------------------------------------------------------------------------------
 # The foveal iterative ViT [002, Sec. 5.2, A.3.1; 000, Sec. 2, 4, App. D]
 # ----------------------------------------------------------------------------------------------
@@ -404,7 +469,7 @@ class FovealConfig:
     max_z: float = 4.0             # NOTE(paper): unstated; 4 puts the finest crop at 16 px of a 256 px image
     grid: int = 0                  # [000] Sec. 3.2: foveal grid side (5 in [000] Table 4); 0 = none ([002])
     grid_z: tuple[float, float] = (3.0, 4.0)  # [000] Sec. 3.2: "a predefined zoom range" (values unstated)
-    z_scale: float = 4.0           # [002] A.3.1: z / z_scale, so z in [0, 1] at the position MLP
+    z_max: float = 4.0             # [002] A.3.1: Z_max, the largest zoom the model sees (see FovealViT)
     pos_hidden: int = 256          # [002] A.3.1: "a small MLP" with 3 inputs (width unstated)
     head: str = "combine_mlp"      # "combine_mlp" [002] A.3.2 | "linear" | "transformer" [000] Sec. 4
     num_classes: int = 1000        # ImageNet-1k
@@ -487,12 +552,23 @@ class FovealViT(nn.Module):
 
     Each step embeds the glimpse's top-down patches (linear patch embedding + an MLP of the
     patch's (x, y, z)), runs the ViT blocks on [state; patches] and keeps the state outputs.
-    The state entering a step is detached: no gradient crosses steps (no BPTT).
+    The first step starts from the learned task prompt s_1, which trains with that step's loss
+    [002, Sec. 4; 000, Sec. 2.1]; a state from an earlier step is detached: no gradient crosses
+    steps (no BPTT).
+
+    Zoom levels enter the position MLP as z / Z_max [002, A.3.1], so every zoom the model meets
+    must lie in [0, Z_max] (`cfg.z_max`): the multi-zoom patches (max_z), the foveal grid
+    (grid_z), ViT mode (log2 g) and, in pretraining, DINO's views. Geometry the config can
+    produce is checked here and where it is made (`check_zoom`); any other patch with z outside
+    that range stops the run with a device-side assert.
     """
 
     def __init__(self, cfg: FovealConfig):
         super().__init__()
         self.cfg = cfg
+        self.check_zoom(cfg.max_z, "model.max_z (the finest multi-zoom patch)")
+        if cfg.grid:
+            self.check_zoom(max(cfg.grid_z), "model.grid_z (the foveal grid)")
         D, p = cfg.dim, cfg.patch_px
         self.patch_embed = nn.Linear(3 * p * p, D)
         self.pos_mlp = nn.Sequential(nn.Linear(3, cfg.pos_hidden), nn.GELU(), nn.Linear(cfg.pos_hidden, D))
@@ -509,8 +585,16 @@ class FovealViT(nn.Module):
         else:
             raise ValueError(f"unknown head {cfg.head!r}; choose combine_mlp, linear or transformer")
 
+    def check_zoom(self, z: float, what: str) -> None:
+        """Refuse a zoom level the position MLP was not made for (z / Z_max outside [0, 1])."""
+        if not 0 <= z <= self.cfg.z_max + 1e-6:
+            raise ValueError(f"{what} gives zoom level z = {z:.3f}, outside [0, model.z_max = "
+                             f"{self.cfg.z_max:g}]: the position MLP sees z / z_max [002, A.3.1]; "
+                             f"raise model.z_max to at least {z:.3f} (a new model) or keep z in range")
+
     def init_state(self, batch_size: int) -> Tensor:
-        """The learned initial state s_1 [002, Sec. 4], (B, N, D)."""
+        """The learned initial state s_1 [002, Sec. 4], (B, N, D): what a policy observes before
+        the first glimpse. To step from it, pass state=None to `forward` / `step`."""
         return self.state_prompt.expand(batch_size, -1, -1)
 
     def glimpse(self, gaze_yx: Tensor, image_hw: tuple[int, int], grid_z: Tensor | float | None = None) -> Patches:
@@ -521,22 +605,29 @@ class FovealViT(nn.Module):
         z = sum(self.cfg.grid_z) / 2 if grid_z is None else grid_z
         return cat_patches(mz, foveal_grid(gaze_yx, image_hw, self.cfg.grid, z))
 
-    def embed(self, table: Tensor, patches: Patches) -> Tensor:
+    def embed(self, table: SummedAreaTable, patches: Patches) -> Tensor:
         """Extract the patches from the summed-area table and embed them: (B, P, D)."""
         p = self.cfg.patch_px
         pix = box_patches(table, patches.boxes, p, self.cfg.exact, self.cfg.compile_extraction)
         tokens = self.patch_embed(pix.flatten(2))                                 # (B, P, 3*p*p) -> (B, P, D)
         y, x, z = patches.yxz.unbind(-1)
-        # [002] A.3.1: position from (x, y, z), each in [0, 1]. NOTE(paper): kept in float32 under
-        # autocast (DESIGN: coordinates stay float32); bf16 would snap positions to 1/256 steps.
-        xyz = torch.stack([(x + 1) / 2, (y + 1) / 2, z / self.cfg.z_scale], -1)    # (B, P, 3)
+        torch._assert_async(((z >= 0) & (z <= self.cfg.z_max + 1e-6)).all(),
+                            "FovealViT: a patch zoom level is outside [0, model.z_max]")
+        # [002] A.3.1: position from (x, y, z), each in [0, 1] (z scaled by Z_max). NOTE(paper):
+        # kept in float32 under autocast (DESIGN: coordinates stay float32); bf16 would snap
+        # positions to 1/256 steps.
+        xyz = torch.stack([(x + 1) / 2, (y + 1) / 2, z / self.cfg.z_max], -1)      # (B, P, 3)
         with torch.autocast(xyz.device.type, enabled=False):
             pos = self.pos_mlp(xyz.float())
         return tokens + pos.to(tokens.dtype)
 
-    def forward(self, table: Tensor, state: Tensor, patches: Patches) -> Tensor:
-        """One step: state (B, N, D) and the patches of one glimpse -> new state (B, N, D)."""
-        state = state.detach()                                                    # no BPTT [002, Sec. 5.2]
+    def forward(self, table: SummedAreaTable, state: Tensor | None, patches: Patches) -> Tensor:
+        """One step: the state (B, N, D) and the patches of one glimpse -> new state (B, N, D).
+
+        state None: the first step, from the learned prompt s_1, which receives this step's
+        gradient. A state from an earlier step is detached (no BPTT [002, Sec. 5.2])."""
+        B = patches.boxes.shape[0]
+        state = self.state_prompt.expand(B, -1, -1) if state is None else state.detach()
         tokens = self.embed(table, patches)                                       # (B, P, D)
         x = torch.cat([state.to(tokens.dtype), tokens], 1)                        # (B, N + P, D)
         # NOTE(paper): "similarly to DETR the state query vectors are added to each layer as skip
@@ -549,24 +640,23 @@ class FovealViT(nn.Module):
         # The state leaves through the final LayerNorm (DINOv2's), so it keeps its scale over steps.
         return self.norm(x[:, :self.cfg.num_state])                               # (B, N, D)
 
-    def step(self, table: Tensor, state: Tensor, gaze_yx: Tensor,
+    def step(self, table: SummedAreaTable, state: Tensor | None, gaze_yx: Tensor,
              grid_z: Tensor | float | None = None) -> Tensor:
-        """The step interface: (table, state, gaze) -> new state, extracting the foveal context."""
-        return self(table, state, self.glimpse(gaze_yx, _table_hw(table), grid_z))
+        """The step interface: (table, state or None, gaze) -> new state, extracting the
+        foveal context at the gaze."""
+        return self(table, state, self.glimpse(gaze_yx, check_table(table).image_hw, grid_z))
 
-    def vit_mode(self, table: Tensor, grid: int = 16) -> Tensor:
-        """[000] Sec. 5.3: the same model run once on a static g x g grid over the whole image."""
-        B = table.shape[0]
-        patches = vit_grid(B, _table_hw(table), grid, table.device)
-        return self(table, self.init_state(B), patches)
+    def vit_mode(self, table: SummedAreaTable, grid: int = 16) -> Tensor:
+        """[000] Sec. 5.3: the same model run once, from the prompt, on a static g x g grid over
+        the whole image (its zoom log2 g must be within model.z_max)."""
+        table = check_table(table)
+        self.check_zoom(math.log2(grid), f"ViT mode with a {grid} x {grid} grid")
+        patches = vit_grid(len(table), table.image_hw, grid, table.sums.device)
+        return self(table, None, patches)
 
     def classify(self, state: Tensor) -> Tensor:
         """Task head: (B, N, D) -> (B, K) logits."""
         return self.head(state)
-
-
-def _table_hw(table: Tensor) -> tuple[int, int]:
-    return table.shape[-2] - 1, table.shape[-1] - 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,30 +670,83 @@ class FovealTrainConfig:
     glimpse: str = "foveal"        # "foveal": random gazes [002] A.3.4 | "shuffled_vit": [002] Sec. 6.1
     vit_grid: int = 16             # shuffled_vit: g x g patches of the image, split into `steps` groups
     mixup_alpha: float = 0.8       # [002] A.3.4 uses MixUp (alpha unstated; DeiT's 0.8); 0 = off
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0   # unstated in [002]; foveal_sup.yaml sets DeiT's 0.1
 
 
 def mixup_lambda(gen: torch.Generator, alpha: float) -> float:
-    """lambda ~ Beta(alpha, alpha) from a seeded generator: G1 / (G1 + G2), G ~ Gamma(alpha)."""
-    g = torch._standard_gamma(torch.full((2,), float(alpha)), generator=gen)
-    return float(g[0] / g.sum())
+    """lambda ~ Beta(alpha, alpha), reproducibly from the seeded torch generator (torch has no
+    seeded Beta sampler: the generator seeds Python's random.betavariate)."""
+    return random.Random(int(torch.randint(2 ** 62, (), generator=gen))).betavariate(alpha, alpha)
 
 
 def mixup(images: Tensor, labels: Tensor, num_classes: int, lam: float) -> tuple[Tensor, Tensor]:
-    """MixUp (Zhang et al. 2018) with the batch flipped as partner: images (B, C, H, W),
-    labels (B,) -> mixed images and soft targets (B, K), both lam * own + (1 - lam) * partner."""
-    target = F.one_hot(labels, num_classes).float()
-    return (lam * images + (1 - lam) * images.flip(0),
-            lam * target + (1 - lam) * target.flip(0))
+    """MixUp (Zhang et al. 2018): each image with its neighbour in the batch (pairs 0-1, 2-3, ...).
+
+    images (B, C, H, W), labels (B,) -> mixed images and soft targets (B, K), both
+    lam * own + (1 - lam) * partner. NOTE: DeiT mixes each image with the flipped local batch,
+    whose pairs change with the number of processes; the batch order is a random permutation,
+    so a neighbour is as random a partner, and the pairs of neighbours are the same on any
+    number of processes (each holds a contiguous share of the global batch, of even size). The
+    last image of an odd batch (bad images dropped) is its own partner: it is not mixed.
+    """
+    B = images.shape[0]
+    partner = torch.arange(B, device=images.device) ^ 1                           # 0<->1, 2<->3, ...
+    partner[partner == B] = B - 1
+    target = F.one_hot(labels, num_classes).float()                               # (B, K)
+    return lam * images + (1 - lam) * images[partner], lam * target + (1 - lam) * target[partner]
+
+
+def supervised_batch(gen: torch.Generator, images: Tensor, labels: Tensor, num_classes: int,
+                     mixup_alpha: float) -> tuple[Tensor, Tensor]:
+    """Images and soft targets (B, K) of a supervised step: MixUp with lambda drawn from `gen`
+    when mixup_alpha > 0 (one lambda for the global batch), else one-hot labels."""
+    if mixup_alpha > 0:
+        return mixup(images, labels, num_classes, mixup_lambda(gen, mixup_alpha))
+    return images, F.one_hot(labels, num_classes).float()
+
+
+def fixed_gazes(T: int) -> Tensor:
+    """A fixed gaze sequence (T, 2): the centre, then the centres of a 3 x 3 grid's outer cells
+    clockwise from the top-left, then again; the same for every image."""
+    ring = [(-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1)]
+    seq = [(0.0, 0.0)] + [(2 / 3 * y, 2 / 3 * x) for y, x in ring]
+    return torch.tensor([seq[t % len(seq)] for t in range(T)])
+
+
+def episode_patches(model: FovealViT, cfg: FovealTrainConfig, gen: torch.Generator | None,
+                    batch: int, image_hw: tuple[int, int], device) -> list[Patches]:
+    """The patches of every step of an episode for `batch` images, one Patches per step.
+
+    glimpse "foveal" [002, A.3.4]: gaze centres uniform over the image at every step, the
+    foveal grid's zoom uniform in grid_z. "shuffled_vit" [002, Sec. 6.1]: the g^2 patches of a
+    ViT grid, shuffled into `steps` groups, one group a step. gen None: a fixed episode, the
+    same for every image (`fixed_gazes` at the middle grid zoom, or the grid in raster order).
+    """
+    T = cfg.steps
+    if cfg.glimpse == "shuffled_vit":
+        g = cfg.vit_grid
+        grid = vit_grid(batch, image_hw, g, device)
+        order = (torch.arange(g * g).expand(batch, -1) if gen is None
+                 else torch.rand(batch, g * g, generator=gen).argsort(1)).to(device)  # (B, g*g)
+        take = lambda x, i: x.gather(1, i[..., None].expand(-1, -1, x.shape[-1]))
+        return [Patches(take(grid.boxes, i), take(grid.yxz, i)) for i in order.chunk(T, 1)]
+    lo, hi = model.cfg.grid_z
+    if gen is None:
+        gazes, zs = fixed_gazes(T)[:, None].expand(T, batch, 2), torch.full((T, batch), (lo + hi) / 2)
+    else:
+        gazes = torch.rand(T, batch, 2, generator=gen) * 2 - 1                    # (T, B, 2)
+        zs = lo + (hi - lo) * torch.rand(T, batch, generator=gen)                 # (T, B)
+    return [model.glimpse(gazes[t].to(device), image_hw, zs[t].to(device)) for t in range(T)]
 
 
 class FovealSupervised(nn.Module):
     """Cross-entropy after every step of an episode of random glimpses, averaged over steps.
 
     Randomness (gazes, grid zooms, patch shuffles, MixUp's lambda) is drawn for the global batch
-    from a generator seeded by (seed, step), and each rank takes its samples: a run is the same
-    on any number of processes and after a resume.
+    from a generator seeded by (seed, step), and each process takes its contiguous share: a run
+    is the same on any number of processes and after a resume.
     """
+    augment = True                 # ImageNet's random resized crop + flip ([002] Sec. 2; data.py)
 
     def __init__(self, cfg: FovealTrainConfig, seed: int):
         super().__init__()
@@ -613,48 +756,28 @@ class FovealSupervised(nn.Module):
             raise ValueError(f"shuffled_vit: {cfg.vit_grid}^2 patches do not split into {cfg.steps} groups")
         self.cfg, self.seed = cfg, seed
         self.model = FovealViT(cfg.model)
-
-    def episode_patches(self, gen: torch.Generator, batch: int, image_hw: tuple[int, int],
-                        device: torch.device) -> list[Patches]:
-        """The patches of every step of an episode, for `batch` images: a list of Patches."""
-        cfg, T = self.cfg, self.cfg.steps
         if cfg.glimpse == "shuffled_vit":
-            # [002] Sec. 6.1: the g^2 patches of a ViT, shuffled into T groups, one group a step.
-            grid = vit_grid(batch, image_hw, cfg.vit_grid, device)
-            perm = torch.argsort(torch.rand(batch, cfg.vit_grid ** 2, generator=gen), 1).to(device)
-            pick = lambda t: perm[:, t * perm.shape[1] // T:(t + 1) * perm.shape[1] // T]
-            take = lambda x, i: x.gather(1, i[..., None].expand(-1, -1, x.shape[-1]))
-            return [Patches(take(grid.boxes, pick(t)), take(grid.yxz, pick(t))) for t in range(T)]
-        # [002] A.3.4: gaze centres uniform over the image at every step.
-        gazes = (torch.rand(T, batch, 2, generator=gen) * 2 - 1).to(device)
-        lo, hi = cfg.model.grid_z
-        zs = (lo + (hi - lo) * torch.rand(T, batch, generator=gen)).to(device)
-        return [self.model.glimpse(gazes[t], image_hw, zs[t]) for t in range(T)]
+            self.model.check_zoom(math.log2(cfg.vit_grid), f"shuffled_vit's {cfg.vit_grid}-cell grid")
 
     def train_step(self, batch: dict, step: int, autocast, rank: int = 0, world: int = 1) -> dict:
         images, labels = batch["image"], batch["label"]
-        B, dev = images.shape[0], images.device
+        B, dev, K = images.shape[0], images.device, self.cfg.model.num_classes
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        if self.cfg.mixup_alpha > 0:
-            lam = mixup_lambda(gen, self.cfg.mixup_alpha)
-            images, target = mixup(images, labels, self.cfg.model.num_classes, lam)
-        else:
-            target = F.one_hot(labels, self.cfg.model.num_classes).float()
-        glimpses = self.episode_patches(gen, B * world, tuple(images.shape[-2:]), dev)
-        glimpses = [Patches(g.boxes[rank::world], g.yxz[rank::world]) for g in glimpses]
-        table = integral_image(images)                           # once per image, on the device
-        state = self.model.init_state(B)
-        losses = []
-        for patches in glimpses:
+        images, target = supervised_batch(gen, images, labels, K, self.cfg.mixup_alpha)
+        mine = slice(rank * B, (rank + 1) * B)             # this process's share of the global batch
+        episode = episode_patches(self.model, self.cfg, gen, B * world, tuple(images.shape[-2:]), dev)
+        table = integral_image(images)                     # once per image, on the device
+        state, losses = None, []                           # None: start from the prompt s_1
+        for patches in episode:
             with autocast():
-                state = self.model(table, state, patches)
+                state = self.model(table, state, Patches(patches.boxes[mine], patches.yxz[mine]))
                 logits = self.model.classify(state)
                 loss = F.cross_entropy(logits.float(), target, label_smoothing=self.cfg.label_smoothing)
-            (loss / len(glimpses)).backward()                    # one graph per step: no BPTT
+            (loss / len(episode)).backward()               # one graph per step: no BPTT
             losses.append(loss.detach())
         hit = (logits.argmax(-1) == target.argmax(-1)).float().mean()
         return {"loss": torch.stack(losses).mean(), "loss_first": losses[0], "loss_last": losses[-1],
-                "acc_last": hit.detach(), "glimpses": B * len(glimpses)}
+                "acc_last": hit.detach(), "glimpses": B * len(episode)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -439,12 +439,6 @@ def test_topk_hits_match_brute_force():
         assert ev.hits(logits, labels, k).tolist() == want
 
 
-def test_fixed_gazes():
-    g = ev.fixed_gazes(11)
-    assert g.shape == (11, 2) and (g[0] == 0).all() and (g.abs() < 1).all()
-    assert len({tuple(p) for p in g[:9].tolist()}) == 9 and torch.equal(g[9], g[0])
-
-
 def test_foveal_evaluation(foveal_ckpts, tmp_path):
     fov, vit = foveal_ckpts
     args = ["--ckpt", str(fov), "--baseline", str(vit), "--n_val", "12", "--batch_size", "5",
@@ -465,7 +459,7 @@ def test_foveal_evaluation(foveal_ckpts, tmp_path):
             zs = 2.0 + 0.5 * torch.rand(3, len(batch["label"]), generator=gen)
             table = fovea.integral_image(batch["image"])
             with torch.no_grad():                                   # the step interface, directly
-                state = model.step(table, model.init_state(len(batch["label"])), gazes[0], zs[0])
+                state = model.step(table, None, gazes[0], zs[0])
                 correct += (model.classify(state).argmax(-1) == batch["label"]).sum().item() / 2
     assert r1["random"]["top1"][0] == pytest.approx(100 * correct / 12, abs=0.01)
     # Seeds: the same seed repeats every number, another changes only the random gazes.
@@ -484,7 +478,8 @@ def test_shuffled_vit_evaluation(tmp_path):
                    "--res_factors", "1"])
     assert res["glimpse"] == "shuffled_vit" and len(res["resolution"]["1x"]["random"]["top1"]) == 4
     model = ev.load_foveal(torch.load(path, weights_only=False))
-    groups = ev.episode(model, cfg["foveal"], 4, 2, (32, 32), torch.Generator().manual_seed(0), "cpu")
+    tcfg = fovea.FovealTrainConfig(model=model.cfg, steps=4, glimpse="shuffled_vit", vit_grid=4)
+    groups = fovea.episode_patches(model, tcfg, torch.Generator().manual_seed(0), 2, (32, 32), "cpu")
     boxes = torch.cat([g.boxes for g in groups], 1)                 # every grid patch exactly once
     assert sorted(map(tuple, boxes[0].tolist())) == sorted(map(tuple, fovea.vit_grid(1, (32, 32), 4).boxes[0].tolist()))
     with pytest.raises(ev.EvalError, match="do not split into 3 groups"):

@@ -38,8 +38,9 @@ def test_integral_image_is_exact_on_a_4096_image():
     gen = torch.Generator().manual_seed(0)
     img = torch.rand(1, 1, 4096, 4096, generator=gen)
     table = fovea.integral_image(img)
-    assert table.shape == (1, 1, 4097, 4097) and table.dtype == torch.float64
-    assert (table[..., 0, :] == 0).all() and (table[..., :, 0] == 0).all()
+    sums = table.sums
+    assert sums.shape == (1, 1, 4097, 4097) and sums.dtype == torch.float64
+    assert (sums[..., 0, :] == 0).all() and (sums[..., :, 0] == 0).all()
     box = torch.tensor([[[4094.0, 4094.0, 4096.0, 4096.0]]])
     got = fovea.box_patches(table, box, 1, compiled=False)[0, 0, 0, 0, 0].double()
     want = img[0, 0, -2:, -2:].double().mean()
@@ -55,8 +56,8 @@ def test_integral_image_of_uint8_is_exact_integers():
     gen = torch.Generator().manual_seed(1)
     img = torch.randint(0, 256, (2, 3, 33, 47), generator=gen, dtype=torch.uint8)
     table = fovea.integral_image(img)
-    assert table.dtype == torch.int64
-    assert torch.equal(table[:, :, 1:, 1:], img.long().cumsum(2).cumsum(3))
+    assert table.sums.dtype == torch.int64
+    assert torch.equal(table.sums[:, :, 1:, 1:], img.long().cumsum(2).cumsum(3))
     boxes = torch.tensor([[[3.0, 5.0, 19.0, 29.0]], [[0.5, 1.25, 30.5, 40.0]]])
     got = fovea.box_patches(table, boxes, 4, compiled=False)
     for b in range(2):
@@ -100,6 +101,25 @@ def test_exact_mode_matches_brute_force_on_random_fractional_boxes():
             torch.testing.assert_close(got[b, i].double(), want, rtol=1e-5, atol=1e-5)
 
 
+def brute_force_nearest(img: torch.Tensor, box, p: int) -> torch.Tensor:
+    """[000] App. A's nearest-pixel box filter, by loops over cells and pixel slices: each cell
+    edge snapped to the nearest pixel corner (a cell keeps at least one pixel), the mean over
+    the zero-extended image. img: (C, H, W) -> (C, p, p) float64."""
+    C, H, W = img.shape
+    y0, x0, y1, x1 = [float(v) for v in box]
+    snap = lambda lo, hi: [math.floor(lo + (hi - lo) * k / p + 0.5) for k in range(p + 1)]
+    ey, ex = snap(y0, y1), snap(x0, x1)
+    pad = 64
+    big = F.pad(img.double(), (pad, pad, pad, pad))                  # zeros outside
+    out = torch.zeros(C, p, p, dtype=torch.float64)
+    for i in range(p):
+        for j in range(p):
+            r0, c0 = ey[i], ex[j]
+            r1, c1 = max(ey[i + 1], r0 + 1), max(ex[j + 1], c0 + 1)
+            out[:, i, j] = big[:, r0 + pad:r1 + pad, c0 + pad:c1 + pad].mean((1, 2))
+    return out
+
+
 def test_nearest_mode_error_bounds():
     gen = torch.Generator().manual_seed(4)
     H, W, p = 96, 128, 8
@@ -115,16 +135,16 @@ def test_nearest_mode_error_bounds():
     err = (fovea.box_patches(table, boxes, p, exact=False, compiled=False)
            - fovea.box_patches(table, boxes, p, exact=True, compiled=False)).abs().max()
     assert 0 < err <= abs(a) + abs(b) + 1e-6
-    # (2) Any image with values in [0, 1]: |mean_R - mean_E| <= 2 |R xor E| / |R| with
-    # |R xor E| <= hy + hx + 2 and |R| >= (hy - 1)(hx - 1) for a cell of hy x hx pixels.
+    # (2) On noise, the nearest mode is exactly the paper's rule computed by brute force, for
+    # boxes inside, across the border and with sub-pixel cells (a shift by a pixel fails).
     noise = torch.rand(1, 3, H, W, generator=gen)
-    table = fovea.integral_image(noise)
-    exact = fovea.box_patches(table, boxes, p, exact=True, compiled=False)
-    near = fovea.box_patches(table, boxes, p, exact=False, compiled=False)
-    h = side[0, :, 0] / p                                          # cell side, px
-    bound = 2 * (2 * h + 2) / (h - 1) ** 2                         # (50,)
-    worst = (near - exact).abs().amax((2, 3, 4))[0]
-    assert (worst <= bound).all()
+    c = torch.rand(1, 30, 2, generator=gen) * torch.tensor([H * 1.2, W * 1.2]) - torch.tensor([H * 0.1, W * 0.1])
+    side = torch.exp(torch.rand(1, 30, 1, generator=gen) * math.log(60)) + 2
+    boxes = torch.cat([c - side / 2, c + side / 2], -1)
+    near = fovea.box_patches(fovea.integral_image(noise), boxes, p, exact=False, compiled=False)
+    for i in range(30):
+        want = brute_force_nearest(noise[0], boxes[0, i], p)
+        torch.testing.assert_close(near[0, i].double(), want, rtol=0, atol=1e-6)
 
 
 def test_outside_the_image_is_zero():
@@ -165,6 +185,40 @@ def test_bad_boxes_fail_loudly():
         fovea.box_patches(table, torch.zeros(1, 4), 2, compiled=False)
 
 
+def test_an_image_where_a_table_is_expected_is_refused():
+    img = torch.rand(2, 3, 16, 16)
+    boxes = torch.tensor([[[0.0, 0.0, 8.0, 8.0]]]).expand(2, 1, 4)
+    with pytest.raises(TypeError, match=r"fovea.integral_image\(images\), not the images"):
+        fovea.box_patches(img, boxes, 2, compiled=False)
+    model = fovea.FovealViT(tiny_foveal())
+    with pytest.raises(TypeError, match="SummedAreaTable"):
+        model.step(img, None, torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        fovea.integral_image(torch.rand(3, 16, 16))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_traces_share_their_image_table(compiled):
+    """G traces of B images read B tables: the same patches as G copies of each table."""
+    gen = torch.Generator().manual_seed(8)
+    B, G = 3, 4
+    img = torch.rand(B, 3, 40, 52, generator=gen)
+    rows = torch.arange(B).repeat_interleave(G)                               # (B*G,)
+    shared = fovea.integral_image(img).select(rows)
+    copied = fovea.integral_image(img.repeat_interleave(G, 0))
+    assert len(shared) == B * G and shared.sums.shape[0] == B              # no copy of a table
+    boxes = torch.cat([torch.rand(B * G, 5, 2, generator=gen) * 30,
+                       torch.rand(B * G, 5, 2, generator=gen) * 30 + 31], -1)
+    for exact in (True, False):
+        got = fovea.box_patches(shared, boxes, 4, exact=exact, compiled=compiled)
+        want = fovea.box_patches(copied, boxes, 4, exact=exact, compiled=False)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # a selection of a selection composes: every second trace of the shared rows
+    sub = shared.select(torch.arange(0, B * G, 2))
+    torch.testing.assert_close(fovea.box_patches(sub, boxes[::2], 4, compiled=False),
+                               fovea.box_patches(copied, boxes, 4, compiled=False)[::2], rtol=0, atol=0)
+
+
 def test_same_scene_at_two_resolutions_gives_the_same_patches():
     """The top-down property: patches depend on the scene, not on its pixel count."""
     gen = torch.Generator().manual_seed(6)
@@ -188,9 +242,17 @@ def test_same_scene_at_two_resolutions_gives_the_same_patches():
 def test_bilinear_glimpse_reproduces_official_canvit(reference_dir):
     ref = load_reference(reference_dir, "canvit/canvit_tiny_ref.pt")
     for step in ref["steps"]:
-        g = fovea.bilinear_glimpse(ref["scene"], step["viewpoint_center_yx"], step["viewpoint_scale"],
-                                   ref["glimpse_px"])
-        torch.testing.assert_close(g, step["glimpse"], rtol=0, atol=1e-6)
+        args = (step["viewpoint_center_yx"], step["viewpoint_scale"], ref["glimpse_px"])
+        torch.testing.assert_close(fovea.bilinear_glimpse(ref["scene"], *args), step["glimpse"],
+                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(fovea.viewpoint_glimpse(ref["scene"], *args), step["glimpse"],
+                                   rtol=0, atol=1e-6)
+        # From a table, the same viewpoint is box filtered over its square.
+        box = fovea.viewpoint_boxes(step["viewpoint_center_yx"], step["viewpoint_scale"],
+                                    tuple(ref["scene"].shape[-2:]))
+        got = fovea.viewpoint_glimpse(fovea.integral_image(ref["scene"]), *args)
+        want = brute_force_means(ref["scene"][0], box[0], ref["glimpse_px"])
+        torch.testing.assert_close(got[0].double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_viewpoint_boxes_agree_with_official_patch_positions(reference_dir):
@@ -242,29 +304,53 @@ def test_paper002_coordinate_conversion():
     assert fovea.zoom_to_scale(2.0) == 0.25 and fovea.scale_to_zoom(0.125) == 3.0
 
 
-@pytest.mark.parametrize("g", [1, 2, 5])
-def test_foveal_grid_is_centred_as_in_eq6(g):
-    H, W = 256, 384
-    gaze = torch.tensor([[0.1, 0.3], [-0.5, -0.2]])
-    z = torch.tensor([3.0, 4.5])
-    pt = fovea.foveal_grid(gaze, (H, W), grid=g, z=z)
-    S = 256 / 2 ** z                                              # Eq. 5
-    cy, cx = centres_px(pt.boxes)                                 # (B, g*g)
-    gy, gx = (gaze[:, 0] + 1) / 2 * H, (gaze[:, 1] + 1) / 2 * W
-    i, j = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
-    torch.testing.assert_close(cy, gy[:, None] + (i.reshape(-1) - (g - 1) / 2) * S[:, None])  # Eq. 6
-    torch.testing.assert_close(cx, gx[:, None] + (j.reshape(-1) - (g - 1) / 2) * S[:, None])
-    torch.testing.assert_close(pt.boxes[..., 2] - pt.boxes[..., 0], S[:, None].expand(2, g * g))
-    # The grid spans g * S around the gaze, and the positions carry the patch centres.
-    torch.testing.assert_close(pt.boxes[..., 3].amax(1) - pt.boxes[..., 1].amin(1), g * S)
-    torch.testing.assert_close(pt.yxz[..., 0], cy / H * 2 - 1)
-    torch.testing.assert_close(pt.yxz[..., 2], z[:, None].expand(2, g * g))
+def test_foveal_grid_hand_worked_cases():
+    """Eq. 5-6 worked by hand on a 256 x 384 image (S = 256 / 2^z)."""
+    # Gaze at the centre (pixel 128, 192), g = 2, z = 3: S = 32, cells offset by -16 / +16.
+    pt = fovea.foveal_grid(torch.tensor([[0.0, 0.0]]), (256, 384), grid=2, z=3.0)
+    want = torch.tensor([[96, 160, 128, 192], [96, 192, 128, 224],
+                         [128, 160, 160, 192], [128, 192, 160, 224]], dtype=torch.float32)
+    torch.testing.assert_close(pt.boxes[0], want)
+    torch.testing.assert_close(pt.yxz[0, 0], torch.tensor([112 / 128 - 1, 176 / 192 - 1, 3.0]))
+    # Gaze (y, x) = (-0.5, 0.5) (pixel 64, 288), g = 3, z = 4: S = 16, centres 48/64/80, 272/288/304.
+    pt = fovea.foveal_grid(torch.tensor([[-0.5, 0.5]]), (256, 384), grid=3, z=torch.tensor([4.0]))
+    torch.testing.assert_close(pt.boxes[0, 0], torch.tensor([40.0, 264.0, 56.0, 280.0]))
+    torch.testing.assert_close(pt.boxes[0, 5], torch.tensor([56.0, 296.0, 72.0, 312.0]))   # (1, 2)
+    torch.testing.assert_close(pt.boxes[0, 8], torch.tensor([72.0, 296.0, 88.0, 312.0]))   # (2, 2)
+    # g = 1 is one patch of side S centred on the gaze.
+    pt = fovea.foveal_grid(torch.tensor([[0.5, -0.25]]), (256, 384), grid=1, z=1.0)
+    torch.testing.assert_close(pt.boxes[0, 0], torch.tensor([128.0, 80.0, 256.0, 208.0]))
 
 
-def test_foveal_context_has_a_fixed_token_count():
-    for size in [(64, 64), (1000, 700)]:
-        pt = fovea.foveal_context(torch.zeros(3, 2), size, num_zoom=16, max_z=4.0, grid=5, grid_z=4.0)
-        assert pt.boxes.shape == (3, 16 + 25, 4)
+@pytest.mark.parametrize("g", [2, 5])
+def test_foveal_grid_tiles_a_square_around_the_gaze(g):
+    """The g^2 cells tile a square of side g * S centred on the gaze: no gap, no overlap."""
+    pt = fovea.foveal_grid(torch.tensor([[0.1, 0.3]]), (256, 384), grid=g, z=2.5)
+    img = torch.ones(1, 1, 256, 384)
+    S = 256 / 2 ** 2.5
+    b = pt.boxes[0]
+    torch.testing.assert_close(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).sum(), torch.tensor((g * S) ** 2))
+    hull = torch.stack([b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()])
+    centre = torch.tensor([(0.1 + 1) / 2 * 256, (0.3 + 1) / 2 * 384])
+    torch.testing.assert_close(hull, torch.cat([centre - g * S / 2, centre + g * S / 2]))
+    # every pixel of the hull is in exactly one cell: the cell areas of an all-ones image add up
+    cover = fovea.box_patches(fovea.integral_image(img), pt.boxes, 1, compiled=False).sum()
+    assert cover.item() == pytest.approx(g * g)
+
+
+def test_foveal_context_is_top_down():
+    """Multi-zoom patches then the foveal grid; at any image size the same fractions of it."""
+    gaze = torch.tensor([[0.3, -0.2], [-0.7, 0.6]])
+    ctx = {hw: fovea.foveal_context(gaze, hw, num_zoom=16, max_z=4.0, grid=5, grid_z=4.0)
+           for hw in [(64, 96), (1000, 1500)]}
+    small, big = ctx[(64, 96)], ctx[(1000, 1500)]
+    assert small.boxes.shape == big.boxes.shape == (2, 16 + 25, 4)         # a fixed token count
+    scale = torch.tensor([64.0, 96.0, 64.0, 96.0])
+    torch.testing.assert_close(small.boxes / scale, big.boxes / (scale * 1000 / 64))  # same fractions
+    torch.testing.assert_close(small.yxz, big.yxz)
+    mz = fovea.multizoom_patches(gaze, (64, 96), 16, 4.0)
+    torch.testing.assert_close(small.boxes[:, :16], mz.boxes)
+    torch.testing.assert_close(small.boxes[:, 16:], fovea.foveal_grid(gaze, (64, 96), 5, 4.0).boxes)
 
 
 def test_vit_grid_tiles_the_whole_image():
@@ -321,7 +407,7 @@ def test_no_gradient_reaches_the_previous_step():
     torch.manual_seed(0)
     model = fovea.FovealViT(tiny_foveal())
     table = fovea.integral_image(torch.randn(2, 3, 64, 64))
-    s1 = model.step(table, model.init_state(2), torch.tensor([[0.1, 0.2], [-0.3, 0.4]]))
+    s1 = model.step(table, None, torch.tensor([[0.1, 0.2], [-0.3, 0.4]]))
     reached = []
     s1.register_hook(lambda g: reached.append(g))
     s2 = model.step(table, s1, torch.tensor([[-0.5, 0.0], [0.6, -0.6]]))
@@ -330,32 +416,73 @@ def test_no_gradient_reaches_the_previous_step():
     assert model.blocks[0].qk.weight.grad.abs().sum() > 0   # and still trains step 2
 
 
-def test_token_count_and_step_cost_do_not_depend_on_the_image_size():
+def _tensors(xs):
+    for x in xs:
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, (tuple, list)):
+            yield from _tensors(x)
+
+
+class CountWork(torch.overrides.TorchFunctionMode):
+    """Counts torch calls and the elements of every new tensor they return (a measure of work;
+    views of an input, such as a reshaped table, are not new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.elements = 0, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls += 1
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors([*args, *(kwargs or {}).values()])}
+        for t in _tensors(out if isinstance(out, (tuple, list)) else [out]):
+            if t.untyped_storage().data_ptr() not in inputs:
+                self.elements += t.numel()
+        return out
+
+
+def test_a_step_does_the_same_work_at_any_image_size():
+    """Once the table is built, a step's ops, their output sizes and FLOPs do not depend on the
+    image size (an extraction that crops and resizes pixels would scale with the image)."""
     from torch.utils.flop_counter import FlopCounterMode
     torch.manual_seed(0)
     model = fovea.FovealViT(tiny_foveal())
     gaze = torch.tensor([[0.2, -0.1]])
-    flops, tokens = [], []
+    work, flops, tokens = [], [], []
     for side in (64, 1024):
         table = fovea.integral_image(torch.randn(1, 3, side, side))
         tokens.append(model.embed(table, model.glimpse(gaze, (side, side))).shape)
+        with CountWork() as counter:
+            model.step(table, None, gaze)
+        work.append((counter.calls, counter.elements))
         with FlopCounterMode(display=False) as fc:
-            model.step(table, model.init_state(1), gaze)
+            model.step(table, None, gaze)
         flops.append(fc.get_total_flops())
     assert tokens[0] == tokens[1] == (1, 4 + 4, 32)
+    assert work[0] == work[1] and work[0][1] > 0
     assert flops[0] == flops[1] > 0
+    # The counter has teeth: a step that builds its table (once per glimpse instead of once per
+    # image) does scale with the image.
+    per_step = []
+    for side in (64, 1024):
+        img = torch.randn(1, 3, side, side)
+        with CountWork() as counter:
+            model.step(fovea.integral_image(img), None, gaze)
+        per_step.append(counter.elements)
+    assert per_step[1] > 10 * per_step[0]
 
 
 def test_vit_mode_equals_an_independent_forward_on_pixel_patches():
     """On a 64 px image a 4 x 4 grid is exactly the 16 px pixel patches of a ViT."""
     torch.manual_seed(0)
-    model = fovea.FovealViT(tiny_foveal(z_scale=2.0)).eval()
+    model = fovea.FovealViT(tiny_foveal(z_max=4.0)).eval()
     img = torch.randn(2, 3, 64, 64)
     got = model.vit_mode(fovea.integral_image(img), grid=4)
     pix = F.unfold(img, 16, stride=16).transpose(1, 2)                      # (B, 16, 3*16*16)
     c = (torch.arange(4) + 0.5) / 4                                         # centres in [0, 1]
     yy, xx = torch.meshgrid(c, c, indexing="ij")
-    xyz = torch.stack([xx.reshape(-1), yy.reshape(-1), torch.full((16,), 2.0 / 2.0)], -1)
+    xyz = torch.stack([xx.reshape(-1), yy.reshape(-1), torch.full((16,), 2.0 / 4.0)], -1)  # z = log2 4, / z_max
     tokens = model.patch_embed(pix) + model.pos_mlp(xyz)
     state = model.state_prompt.expand(2, -1, -1)
     x = torch.cat([state, tokens], 1)
@@ -365,16 +492,42 @@ def test_vit_mode_equals_an_independent_forward_on_pixel_patches():
     torch.testing.assert_close(got, model.norm(x[:, :3]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("head", ["combine_mlp", "linear", "transformer"])
-def test_heads(head):
+def test_combine_mlp_head_is_a_learned_combination_then_an_mlp():
+    """[002] A.3.2: with one-hot combination weights the head reads one state vector."""
     torch.manual_seed(0)
-    model = fovea.FovealViT(tiny_foveal(head=head))
+    model = fovea.FovealViT(tiny_foveal(head="combine_mlp"))
     state = torch.randn(4, 3, 32)
-    assert model.classify(state).shape == (4, 5)
-    if head == "linear":                                   # [000]: the first state token only
+    with torch.no_grad():
+        for k in range(3):
+            model.head.weights.copy_(F.one_hot(torch.tensor(k), 3).float())
+            torch.testing.assert_close(model.classify(state), model.head.mlp(state[:, k]))
+        model.head.weights.copy_(torch.tensor([0.2, 0.3, 0.5]))
+        mixed = 0.2 * state[:, 0] + 0.3 * state[:, 1] + 0.5 * state[:, 2]
+        torch.testing.assert_close(model.classify(state), model.head.mlp(mixed))
+
+
+def test_linear_head_reads_the_first_state_token_only():
+    """[000] Sec. 4: a linear layer on the first state token."""
+    torch.manual_seed(0)
+    model = fovea.FovealViT(tiny_foveal(head="linear"))
+    state = torch.randn(4, 3, 32)
+    torch.testing.assert_close(model.classify(state), state[:, 0] @ model.head.fc.weight.T + model.head.fc.bias)
+
+
+def test_transformer_head_pools_every_state_token_without_order():
+    """[000] Sec. 4: one transformer layer over all state tokens: the order of the tokens does
+    not matter (no positions), and every token changes the output."""
+    torch.manual_seed(0)
+    model = fovea.FovealViT(tiny_foveal(head="transformer"))
+    with torch.no_grad():
+        model.head.token.normal_()                         # a non-zero pooling token
+    state = torch.randn(4, 3, 32)
+    out = model.classify(state)
+    torch.testing.assert_close(model.classify(state[:, [2, 0, 1]]), out, rtol=1e-5, atol=1e-5)
+    for k in range(3):
         other = state.clone()
-        other[:, 1:] = torch.randn(4, 2, 32)
-        torch.testing.assert_close(model.classify(state), model.classify(other))
+        other[:, k] += torch.randn(4, 32)
+        assert (model.classify(other) - out).abs().max() > 1e-3
     with pytest.raises(ValueError, match="unknown head"):
         fovea.FovealViT(tiny_foveal(head="mean"))
 
@@ -386,13 +539,43 @@ def test_mixup_mixes_labels_as_it_mixes_images():
     expected_label = (target * torch.arange(5.0)).sum(-1)                   # E[label] under the target
     torch.testing.assert_close(mixed[:, 0, 0, 0], expected_label)
     torch.testing.assert_close(target.sum(-1), torch.ones(4))
-    assert target[0, 0] == pytest.approx(0.3) and target[0, 4] == pytest.approx(0.7)
+    assert target[0, 0] == pytest.approx(0.3) and target[0, 3] == pytest.approx(0.7)   # partner: 1
+    assert target[3, 4] == pytest.approx(0.3) and target[3, 1] == pytest.approx(0.7)   # partner: 2
+    odd_images, odd_target = fovea.mixup(images[:3], labels[:3], 5, lam=0.3)     # bad images dropped
+    torch.testing.assert_close(odd_images[2], images[2])                   # the last one: unmixed
+    torch.testing.assert_close(odd_target[2], F.one_hot(labels[2], 5).float())
+
+
+def test_mixup_does_not_depend_on_the_number_of_processes():
+    """Two processes' contiguous halves mix exactly as the whole batch on one process."""
+    gen = torch.Generator().manual_seed(9)
+    images, labels = torch.randn(8, 3, 4, 4, generator=gen), torch.randint(0, 5, (8,), generator=gen)
+    lam = fovea.mixup_lambda(torch.Generator().manual_seed(1), 0.8)
+    assert 0 < lam < 1 and lam == fovea.mixup_lambda(torch.Generator().manual_seed(1), 0.8)
+    whole = fovea.mixup(images, labels, 5, lam)
+    halves = [fovea.mixup(images[s], labels[s], 5, lam) for s in (slice(0, 4), slice(4, 8))]
+    for k in range(2):
+        torch.testing.assert_close(torch.cat([h[k] for h in halves]), whole[k], rtol=0, atol=0)
+
+
+def test_mixup_lambda_follows_beta():
+    gen = torch.Generator().manual_seed(0)
+    lams = torch.tensor([fovea.mixup_lambda(gen, 0.8) for _ in range(4000)])
+    # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)) = 0.0962 for a = 0.8
+    assert abs(lams.mean() - 0.5) < 0.02 and abs(lams.var() - 1 / (4 * 2.6)) < 0.01
+
+
+def test_fixed_gazes():
+    g = fovea.fixed_gazes(11)
+    assert g.shape == (11, 2) and (g[0] == 0).all() and (g.abs() < 1).all()
+    assert len({tuple(p) for p in g[:9].tolist()}) == 9 and torch.equal(g[9], g[0])
 
 
 def test_shuffled_vit_episode_shows_every_patch_once():
     cfg = fovea.FovealTrainConfig(model=tiny_foveal(grid=0), steps=4, glimpse="shuffled_vit", vit_grid=16)
     obj = fovea.FovealSupervised(cfg, seed=0)
-    groups = obj.episode_patches(torch.Generator().manual_seed(0), 2, (256, 256), torch.device("cpu"))
+    groups = fovea.episode_patches(obj.model, cfg, torch.Generator().manual_seed(0), 2, (256, 256),
+                                   torch.device("cpu"))
     assert len(groups) == 4 and all(g.boxes.shape == (2, 64, 4) for g in groups)
     boxes = torch.cat([g.boxes for g in groups], 1)                         # (2, 256, 4)
     for b in range(2):
@@ -400,6 +583,44 @@ def test_shuffled_vit_episode_shows_every_patch_once():
         assert got == sorted(map(tuple, fovea.vit_grid(1, (256, 256), 16).boxes[0].tolist()))
         assert (boxes[b, :64] != fovea.vit_grid(1, (256, 256), 16).boxes[0, :64]).any()   # shuffled
     assert (groups[0].boxes[0] != groups[0].boxes[1]).any()                 # per image
+
+
+def test_the_task_prompt_learns_from_the_first_step_only():
+    """[002] Sec. 4, [000] Sec. 2.1: s_1 is a learned embedding. It receives the gradient of
+    the first step's loss, and nothing from later steps (their input state is detached)."""
+    import contextlib
+    torch.manual_seed(0)
+    cfg = fovea.FovealTrainConfig(model=tiny_foveal(), steps=3, mixup_alpha=0.0)
+    obj = fovea.FovealSupervised(cfg, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    batch = {"image": torch.randn(6, 3, 48, 48, generator=gen), "label": torch.arange(6) % 5}
+    obj.train_step(batch, 0, contextlib.nullcontext)
+    full = obj.model.state_prompt.grad
+    assert full is not None and full.abs().sum() > 0
+    # Independent: the gradient of the first step's loss alone (weighted 1/T as in train_step).
+    obj.zero_grad()
+    episode = fovea.episode_patches(obj.model, cfg, torch.Generator().manual_seed(0), 6, (48, 48),
+                                    torch.device("cpu"))
+    state = obj.model(fovea.integral_image(batch["image"]), None, episode[0])
+    (F.cross_entropy(obj.model.classify(state), batch["label"]) / 3).backward()
+    torch.testing.assert_close(obj.model.state_prompt.grad, full, rtol=1e-5, atol=1e-7)
+
+
+def test_zoom_levels_beyond_z_max_are_refused():
+    """[002] A.3.1: the position MLP sees z / Z_max in [0, 1]; geometry beyond Z_max is refused."""
+    with pytest.raises(ValueError, match=r"model.max_z .* z = 5.000.*z_max = 4"):
+        fovea.FovealViT(tiny_foveal(max_z=5.0, z_max=4.0))
+    with pytest.raises(ValueError, match=r"model.grid_z"):
+        fovea.FovealViT(tiny_foveal(grid_z=(3.0, 4.5), z_max=4.0))
+    model = fovea.FovealViT(tiny_foveal(z_max=4.0))
+    table = fovea.integral_image(torch.rand(1, 3, 64, 64))
+    model.vit_mode(table, grid=16)                                        # z = 4: in range
+    with pytest.raises(ValueError, match=r"ViT mode with a 32 x 32 grid gives zoom level z = 5"):
+        model.vit_mode(table, grid=32)
+    patches = model.glimpse(torch.zeros(1, 2), (64, 64))
+    bad = fovea.Patches(patches.boxes, patches.yxz + torch.tensor([0.0, 0.0, 2.0]))   # z up to 5
+    with pytest.raises(RuntimeError, match="zoom level is outside"):
+        model(table, None, bad)
 
 
 def test_a_short_training_run_lowers_the_loss():
@@ -411,8 +632,10 @@ def test_a_short_training_run_lowers_the_loss():
     batch = {"image": torch.randn(10, 3, 48, 48, generator=gen), "label": torch.arange(10) % 5}
     opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
     losses = []
+    prompt = obj.model.state_prompt.detach().clone()
     for _ in range(30):
         losses.append(obj.train_step(batch, 0, contextlib.nullcontext)["loss"].item())
         opt.step()
         opt.zero_grad()
     assert losses[-1] < 0.5 * losses[0]
+    assert (obj.model.state_prompt - prompt).abs().max() > 1e-3           # the prompt moved
