@@ -82,6 +82,7 @@ class PassiveViTConfig:
 
 class PassiveViTSupervised(torch.nn.Module):
     """Cross-entropy of the passive ViT on whole images, with MixUp (the objective `vit_sup`)."""
+    augment = True                 # as the foveal model: random resized crop + flip
 
     def __init__(self, cfg: PassiveViTConfig, seed: int):
         super().__init__()
@@ -89,12 +90,9 @@ class PassiveViTSupervised(torch.nn.Module):
         self.model = canvit.ViTClassifier(cfg.backbone, cfg.num_classes, cfg.n_storage_tokens)
 
     def train_step(self, batch: dict, step: int, autocast, rank: int = 0, world: int = 1) -> dict:
-        images, labels = batch["image"], batch["label"]
-        target = torch.nn.functional.one_hot(labels, self.cfg.num_classes).float()
-        if self.cfg.mixup_alpha > 0:                          # lambda from the (seed, step) stream
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            lam = fovea.mixup_lambda(gen, self.cfg.mixup_alpha)
-            images, target = fovea.mixup(images, labels, self.cfg.num_classes, lam)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)   # the (seed, step) stream
+        images, target = fovea.supervised_batch(gen, batch["image"], batch["label"],
+                                                self.cfg.num_classes, self.cfg.mixup_alpha)
         with autocast():
             logits = self.model(images)
             loss = torch.nn.functional.cross_entropy(logits.float(), target,
@@ -264,16 +262,29 @@ def learning_rate(step: int, o: OptimConfig, max_steps: int) -> float:
 # Distributed data order that can resume mid-epoch
 # ----------------------------------------------------------------------------------------------
 
-class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (one permutation per epoch, `set_epoch`) that can start `skip`
-    samples into its share of the epoch, so a resumed run sees exactly the data it would have."""
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This process's share of every global batch, resumable mid-epoch.
 
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
+    Each epoch is a permutation of the dataset seeded by (seed, epoch), cut into global batches
+    of `global_batch` samples (an incomplete last one is dropped); process r of `world` takes the
+    r-th contiguous share of global_batch / world samples of each. The global batches do not
+    depend on the number of processes, and an objective finds its rows of the global batch at
+    rank * b ... (rank + 1) * b. `skip` starts that many samples into this process's epoch.
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int):
+        self.n, self.batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
+        self.share = global_batch // world
+        self.num_samples = n // global_batch * self.share
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        mine = perm[:self.n // self.batch * self.batch].view(-1, self.world, self.share)[:, self.rank]
+        return iter(mine.reshape(-1)[self.skip:].tolist())
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
@@ -438,12 +449,12 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     objective = build_objective(cfg).to(device)
     model = objective.model                                  # the raw module: what is saved
-    dataset = data.build_dataset(cfg.data)
+    dataset = data.build_dataset(cfg.data, "train", augment=objective.augment, seed=cfg.seed)
     if cfg.objective == "distill" and cfg.distill.teacher.features:   # stream precomputed shards
         dataset = distill.TeacherFeatures(cfg.distill.teacher.features, dataset)
         sampler = distill.ShardSampler(dataset.counts, dataset.shard_size, rank, world, cfg.seed)
     else:
-        sampler = ResumableDistributedSampler(dataset, world, rank, cfg.seed)
+        sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
     local_batch = cfg.batch_size // world
     loader_gen = torch.Generator()
     batches_per_epoch = sampler.num_samples // local_batch
@@ -491,6 +502,8 @@ def main(argv: list[str]) -> None:
     def loader_from(step: int):
         epoch, offset = data_position(step, batches_per_epoch)
         sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):                    # the epoch's augmentations
+            dataset.set_epoch(epoch)
         sampler.skip = offset * local_batch
         loader_gen.manual_seed(cfg.seed * 7919 + epoch)
         return iter(torch.utils.data.DataLoader(

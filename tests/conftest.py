@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests import the top-level modules (fovea, canvit, ...)
 REFERENCE = ROOT.parent / "shared" / "reference"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads on the 2-core CI machine; TEST_THREADS=1 leaves a core to a run beside the tests.
+torch.set_num_threads(int(os.environ.get("TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 # The `distill` config section of a tiny CanViT run (64 px scenes, 4 x 4 canvas, 32 px glimpses)
 # shared by the training and evaluation tests.

@@ -28,6 +28,37 @@ TINY_DISTILL = {
 }
 
 
+# The same for the foveal ViT (MixUp on) and the passive ViT baseline.
+TINY_FOVEAL = {
+    "objective": "foveal_sup", "max_steps": 3, "batch_size": 8, "dtype": "float32", "seed": 3,
+    "log_every": 1, "ckpt_every": 100, "num_workers": 0,
+    "data": {"dataset": "synthetic", "image_size": 48, "length": 64},
+    "optim": {"lr": 2e-3, "init_lr": 1e-4, "warmup_steps": 2},
+    "foveal": {"steps": 2, "mixup_alpha": 0.8,
+               "model": {"dim": 32, "depth": 1, "heads": 2, "num_state": 2, "num_zoom": 3, "max_z": 2.0,
+                         "z_max": 2.0, "grid": 2, "grid_z": [2.0, 2.0], "num_classes": 10,
+                         "compile_extraction": False}},
+}
+TINY_VIT = {
+    **{k: v for k, v in TINY_FOVEAL.items() if k != "foveal"}, "objective": "vit_sup",
+    "vit": {"backbone": {"embed_dim": 32, "num_heads": 2, "n_blocks": 1, "patch_size": 8},
+            "n_storage_tokens": 0, "num_classes": 10, "mixup_alpha": 0.8},
+}
+
+
+def image_folder(root: Path, classes: int = 2, per_class: int = 8, seed: int = 0) -> Path:
+    """root/train/<class>/<i>.png: random images of varied sizes."""
+    from PIL import Image
+    gen = torch.Generator().manual_seed(seed)
+    for c in range(classes):
+        d = root / "train" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            h, w = (int(v) for v in torch.randint(30, 70, (2,), generator=gen))
+            Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).byte().numpy()).save(d / f"{i}.png")
+    return root
+
+
 def run(tmp: Path, cfg: dict | Path, *extra: str, nproc: int = 1, wait: bool = True, timeout: int = 300):
     """Run train.py in a subprocess on a config file, or on a dict written to tmp/<out_dir>.yaml."""
     if isinstance(cfg, dict):
@@ -97,10 +128,27 @@ def test_bad_config_key_stops_the_run_before_any_work(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_every_shipped_config_parses(tmp_path):
+def test_paper_recipes_hold_the_papers_values(tmp_path):
+    """The shipped recipes against the papers' numbers, typed in from the papers."""
+    cfg = lambda name: train.parse_config(["--cfg", name, f"--data.root={tmp_path}"])[0]
+    c = cfg("canvit.yaml")                                           # [003] Tables 1 and 2
+    assert (c.objective, c.batch_size, c.max_steps, c.dtype) == ("distill", 64, 2_000_000, "bfloat16")
+    assert (c.optim.lr, c.optim.init_lr, c.optim.warmup_steps, c.optim.weight_decay) == (4e-4, 1e-7, 100_000, 1e-4)
+    assert (c.distill.glimpse_px, c.distill.min_scale, c.distill.chunk, c.distill.p_stop) == (128, 0.05, 2, 0.5)
+    assert (c.distill.model.backbone.embed_dim, c.distill.model.backbone.n_blocks, c.data.image_size) == (768, 12, 512)
+    f = cfg("foveal_sup.yaml")                                       # [002] A.3.1, A.3.4, Sec. 6.2
+    assert (f.objective, f.batch_size, f.optim.lr, f.optim.schedule) == ("foveal_sup", 1024, 5e-4, "cosine")
+    assert f.max_steps == 300 * (1_281_167 // 1024) and f.foveal.steps == 8 and f.foveal.mixup_alpha > 0
+    m = f.foveal.model
+    assert (m.dim, m.depth, m.heads, m.num_state, m.num_zoom, m.patch_px, m.grid) == (768, 12, 12, 16, 16, 16, 0)
+    s = cfg("foveal_shuffled.yaml")                                  # [002] Sec. 6.1
+    assert (s.foveal.glimpse, s.foveal.steps, s.foveal.vit_grid, s.foveal.model.num_state, s.data.image_size) \
+        == ("shuffled_vit", 4, 16, 32, 256)
+    # Every shipped config builds its objective (model sizes, geometry and zoom range agree).
     for p in sorted((ROOT / "configs").glob("*.yaml")):
-        cfg, _ = train.parse_config(["--cfg", str(p), f"--data.root={tmp_path}"])
-        assert cfg.objective in ("distill", "foveal_sup", "vit_sup")
+        built = cfg(p.name)
+        if built.objective != "distill":                             # the DINOv3 teacher is big
+            train.build_objective(built)
 
 
 def test_a_dataset_root_must_be_set():
@@ -124,17 +172,21 @@ def test_learning_rate_schedules():
     assert train.learning_rate(110, c, 110) == pytest.approx(1e-6)
 
 
-def test_sampler_partitions_ranks_and_resumes_mid_epoch():
-    ds = list(range(50))
-    samplers = [train.ResumableDistributedSampler(ds, 2, r, seed=5) for r in range(2)]
-    for s in samplers:
+def test_sampler_gives_each_process_its_share_of_the_global_batch():
+    B, n = 8, 50                                                     # 6 global batches, 2 left over
+    one = train.GlobalBatchSampler(n, B, 0, 1, seed=5)
+    two = [train.GlobalBatchSampler(n, B, r, 2, seed=5) for r in range(2)]
+    for s in (one, *two):
         s.set_epoch(3)
-    full = [list(s) for s in samplers]
-    assert len(full[0]) == len(full[1]) == 25 and not set(full[0]) & set(full[1])
-    samplers[1].skip = 10
-    assert list(samplers[1]) == full[1][10:]
-    samplers[1].set_epoch(4)
-    assert list(samplers[1]) != full[1][10:]                         # a new permutation each epoch
+    whole = list(one)
+    assert len(whole) == 48 and len(set(whole)) == 48
+    halves = [list(s) for s in two]
+    for k in range(6):                          # global batch k: rank 0 the first half, rank 1 the second
+        assert halves[0][4 * k:4 * k + 4] + halves[1][4 * k:4 * k + 4] == whole[8 * k:8 * k + 8]
+    two[1].skip = 8
+    assert list(two[1]) == halves[1][8:] and len(two[1]) == 16
+    two[1].set_epoch(4)
+    assert list(two[1]) != halves[1][8:]                             # a new permutation each epoch
     assert train.data_position(25, 12) == (2, 1)
 
 
@@ -162,6 +214,31 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path):
     three = tmp_path / "one_more"
     run(tmp_path, with_out(TINY_DISTILL, three, max_steps=4))
     assert max_diff(a, params(three)) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["foveal_sup", "vit_sup"])
+def test_supervised_objectives_do_not_depend_on_the_process_count(tmp_path, name):
+    """MixUp, random gazes and the ImageFolder training augmentation are drawn for the global
+    batch: 2 processes x 4 images give the weights of 1 process x 8."""
+    cfg = dict(TINY_FOVEAL if name == "foveal_sup" else TINY_VIT)
+    root = image_folder(tmp_path / "folder")
+    cfg["data"] = {"dataset": "imagefolder", "root": str(root), "image_size": 48, "num_classes": 2}
+    section = "foveal" if name == "foveal_sup" else "vit"
+    model_cfg = cfg[section]["model"] if name == "foveal_sup" else cfg[section]
+    model_cfg = {**model_cfg, "num_classes": 2}
+    cfg[section] = ({**cfg[section], "model": model_cfg} if name == "foveal_sup" else model_cfg)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(tmp_path, with_out(cfg, one))
+    run(tmp_path, with_out(cfg, two), nproc=2)
+    assert max_diff(params(one), params(two)) < 1e-5
+
+
+def test_a_run_is_repeatable_on_one_machine(tmp_path):
+    """The same command twice gives bit-identical weights (foveal_tiny's settings: threads 1)."""
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        run(tmp_path, with_out(TINY_FOVEAL, out, max_steps=4, threads=1))
+    assert max_diff(params(outs[0]), params(outs[1])) == 0
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
