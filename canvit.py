@@ -54,7 +54,7 @@ import math
 import re
 import statistics
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -354,6 +354,18 @@ class DINOv3ViT(ViTBackbone):
         r = 1 + self.n_storage_tokens
         return {"cls": xn[:, 0], "registers": xn[:, 1:r], "patches": xn[:, r:], "prenorm": x}
 
+    def export(self) -> dict:
+        """What a checkpoint keeps for downstream use (`fovea.load_frozen`)."""
+        return {"class": type(self).__name__, "state_dict": self.state_dict(),
+                "args": {"cfg": asdict(self.cfg), "n_storage_tokens": self.n_storage_tokens}}
+
+    @classmethod
+    def from_export(cls, entry: dict) -> DINOv3ViT:
+        a = entry["args"]
+        model = cls(BackboneConfig(**a["cfg"]), a["n_storage_tokens"])
+        model.load_state_dict(entry["state_dict"], strict=True)
+        return model
+
 
 class ViTClassifier(nn.Module):
     """The passive, bottom-up patch-16 ViT baseline: DINOv3ViT and a linear head on its CLS.
@@ -365,6 +377,55 @@ class ViTClassifier(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.vit(images)["cls"])
+
+    def export(self) -> dict:
+        return {"class": type(self).__name__, "state_dict": self.state_dict(),
+                "args": {"cfg": asdict(self.vit.cfg), "num_classes": self.head.out_features,
+                         "n_storage_tokens": self.vit.n_storage_tokens}}
+
+    @classmethod
+    def from_export(cls, entry: dict) -> ViTClassifier:
+        a = entry["args"]
+        model = cls(BackboneConfig(**a["cfg"]), a["num_classes"], a["n_storage_tokens"])
+        model.load_state_dict(entry["state_dict"], strict=True)
+        return model
+
+
+@dataclass
+class PassiveViTConfig:
+    """The bottom-up patch-16 ViT baseline of [000] Fig. 1 (ViTClassifier), supervised."""
+    backbone: BackboneConfig = field(default_factory=lambda: backbone_config("vits16"))
+    n_storage_tokens: int = 4
+    num_classes: int = 1000
+    mixup_alpha: float = 0.8       # as the foveal model it is compared with
+    label_smoothing: float = 0.0
+
+
+class PassiveViTSupervised(nn.Module):
+    """Cross-entropy of the passive ViT on whole images, with MixUp (train.py's `vit_sup`):
+    the baseline of [000] Fig. 1, and a teacher for distillation on a new domain."""
+    augment = True                 # as the foveal model: random resized crop + flip
+
+    def __init__(self, cfg: PassiveViTConfig, seed: int):
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        self.model = ViTClassifier(cfg.backbone, cfg.num_classes, cfg.n_storage_tokens)
+
+    def train_step(self, batch: dict, step: int, run) -> dict:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)   # the (seed, step) stream
+        images, target = fovea.supervised_batch(gen, batch["image"], batch["label"],
+                                                self.cfg.num_classes, self.cfg.mixup_alpha)
+        with run.autocast():
+            logits = self.model(images)
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=self.cfg.label_smoothing)
+        loss.backward()
+        run.optimizer_step()
+        acc = (logits.argmax(-1) == target.argmax(-1)).float().mean()
+        return {"loss": loss.detach(), "acc": acc.detach(), "glimpses": images.shape[0]}
+
+    def export(self) -> dict:
+        """The classifier (eval.py's baseline) and its ViT (a distillation teacher)."""
+        return {"classifier": self.model.export(), "backbone": self.model.vit.export()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -654,6 +715,16 @@ class CanViT(nn.Module):
         """Teacher cls (B, Dt), patches (B, G*G, Dt) -> the z-scored targets of Eq. (3)."""
         cls_std, patch_std = self.standardizers(math.isqrt(teacher_patches.shape[1]))
         return cls_std.standardize(teacher_cls), patch_std.standardize(teacher_patches)
+
+    def export(self) -> dict:
+        return {"class": type(self).__name__, "args": {"cfg": asdict(self.cfg)},
+                "state_dict": self.state_dict()}
+
+    @classmethod
+    def from_export(cls, entry: dict) -> CanViT:
+        model = cls(CanViTConfig(**entry["args"]["cfg"]))
+        model.load_state_dict(entry["state_dict"], strict=True)
+        return model
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Strict by default; creates the standardizers of every canvas grid the dict holds."""

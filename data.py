@@ -58,9 +58,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+DATASETS = ("synthetic", "imagefolder", "ade20k")
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # one of "synthetic", "imagefolder", "ade20k"
+    dataset: str = "synthetic"  # one of DATASETS
     root: str = ""              # imagefolder: holds train/ and val/ class folders; ade20k: ADEChallengeData2016
     image_size: int = 128       # scene side S in pixels (paper 003: 512, Table 1)
     num_classes: int = 10       # synthetic: glyph classes (at most len(GLYPHS)); imagefolder: must match (0: any)

@@ -35,10 +35,11 @@ tests: `python -m pytest tests/test_distill.py`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,28 +79,29 @@ class DistillConfig:
 # Sec. 5.1: the teacher and the loss
 # ----------------------------------------------------------------------------------------------
 
+class RandomTeacherWarning(UserWarning):
+    """Distilling a randomly initialised teacher (no weights given)."""
+
+
 def make_teacher(cfg: TeacherConfig) -> canvit.DINOv3ViT:
-    """The frozen teacher: official DINOv3 weights from a path, or the passive ViT of a train.py
-    `vit_sup` checkpoint (a teacher for a new domain), else random with a loud warning."""
+    """The frozen teacher: official DINOv3 weights from a path, or the passive ViT ("backbone")
+    of a train.py `vit_sup` checkpoint (a teacher for a new domain), else random, loudly."""
     if cfg.weights:
         if not Path(cfg.weights).is_file():
-            raise FileNotFoundError(f"distill.teacher.weights: {cfg.weights} is not a file")
+            raise fovea.CheckpointError(f"distill.teacher.weights = {cfg.weights}: not a file (give the "
+                                        "official DINOv3 .pth or a vit_sup run's ckpt.pt)")
         saved = torch.load(cfg.weights, map_location="cpu", weights_only=False)
-        if isinstance(saved, dict) and saved.get("config", {}).get("objective") == "vit_sup":
-            v = saved["config"]["vit"]
-            teacher = canvit.DINOv3ViT(canvit.BackboneConfig(**v["backbone"]), v["n_storage_tokens"])
-            teacher.load_state_dict({k[4:]: w for k, w in saved["model"].items() if k.startswith("vit.")},
-                                    strict=True)
-        else:
-            teacher = canvit.load_dinov3(saved)
+        if isinstance(saved, dict) and {"config", "model"} <= set(saved):      # a train.py run
+            return fovea.load_frozen(saved, "backbone", canvit.DINOv3ViT,
+                                     what=f"distill.teacher.weights = {cfg.weights}")
+        teacher = canvit.load_dinov3(saved)
     else:
-        print("\n" + "!" * 78 + "\n!! WARNING: the DINOv3 teacher is RANDOMLY INITIALISED (distill.teacher.weights"
-              "\n!! is empty). Distilling a random teacher only exercises the pipeline; set"
-              "\n!! --distill.teacher.weights=/path/to/dinov3_vitb16_pretrain_lvd1689m.pth\n" + "!" * 78 + "\n",
-              file=sys.stderr)
+        warnings.warn("\n" + "!" * 78 + "\n!! the DINOv3 teacher is RANDOMLY INITIALISED (distill.teacher.weights"
+                      "\n!! is empty). Distilling a random teacher only exercises the pipeline; set"
+                      "\n!! --distill.teacher.weights=/path/to/dinov3_vitb16_pretrain_lvd1689m.pth\n"
+                      + "!" * 78, RandomTeacherWarning, stacklevel=2)
         teacher = canvit.DINOv3ViT(cfg.backbone, cfg.n_storage_tokens)
-    teacher.eval().requires_grad_(False)
-    return teacher
+    return teacher.eval().requires_grad_(False)
 
 
 def reconstruction_loss(pred: canvit.Predictions, cls_target: Tensor, patch_target: Tensor
@@ -187,6 +189,24 @@ class Distillation(nn.Module):
         if self.teacher is not None and "teacher" in extra:
             self.teacher.load_state_dict(extra["teacher"], strict=True)
 
+    def export(self) -> dict:
+        """The CanViT, and a random teacher (a downloaded one is found by its path in `extra`)."""
+        parts = {"encoder": self.model.export()}
+        if self.teacher is not None and not self.cfg.teacher.weights:
+            parts["teacher"] = self.teacher.export()
+        elif self.exported_teacher is not None:
+            t = self.cfg.teacher
+            parts["teacher"] = {"class": "DINOv3ViT", "state_dict": self.exported_teacher,
+                                "args": {"cfg": dataclasses.asdict(t.backbone), "n_storage_tokens": t.n_storage_tokens}}
+        return parts
+
+    def training_data(self, dataset, rank: int, world: int, seed: int):
+        """Precomputed teacher features, streamed shard by shard (None: the loop's default)."""
+        if not self.cfg.teacher.features:
+            return None
+        features = TeacherFeatures(self.cfg.teacher.features, dataset)
+        return features, ShardSampler(features.counts, features.shard_size, rank, world, seed)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.teacher is not None:
@@ -225,8 +245,9 @@ class Distillation(nn.Module):
             patches.append(p.cpu())
         self.model.fit_standardizers(torch.cat(cls), torch.cat(patches))
 
-    def train_step(self, batch: dict, step: int, autocast, rank: int = 0, world: int = 1) -> dict:
-        cfg, model = self.cfg, self.model
+    def train_step(self, batch: dict, step: int, run) -> dict:
+        """Dual rollouts of a random length with truncated BPTT, one update (train.py's interface)."""
+        cfg, model, rank, world = self.cfg, self.model, run.rank, run.world
         images = batch["image"]
         B, S = images.shape[0], images.shape[-1]
         G = S // cfg.model.backbone.patch_size                    # canvas grid = teacher grid
@@ -255,7 +276,7 @@ class Distillation(nn.Module):
         for t0 in range(0, T, cfg.chunk):                         # truncated BPTT, chunks of K
             chunk_loss = 0.0
             for t in range(t0, t0 + cfg.chunk):
-                with autocast():
+                with run.autocast():
                     v = canvit.Viewpoint(vp.center_yx[t], vp.scale[t])
                     glimpse = fovea.viewpoint_glimpse(source, v.center_yx, v.scale, cfg.glimpse_px)
                     state = model(glimpse, state, v.center_yx, v.scale).state
@@ -264,6 +285,7 @@ class Distillation(nn.Module):
                 sums += torch.stack([patch + cls, patch, cls]).detach()
             (chunk_loss / T).backward()                           # Eq. (3): mean over time
             state = state.detach()                                # no gradient across chunks
+        run.optimizer_step()
         loss, patch, cls = sums / T
         return {"loss": loss, "patch_loss": patch, "cls_loss": cls,
                 "rollout_len": torch.tensor(float(T)), "glimpses": R * B * T}

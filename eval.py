@@ -748,10 +748,9 @@ def tables(results: dict) -> str:
 
 def load_foveal(ckpt: dict) -> fovea.FovealViT:
     """The frozen FovealViT of a `foveal_sup` checkpoint (extraction uncompiled: shapes vary)."""
-    m = dict(ckpt["config"]["foveal"]["model"], compile_extraction=False)
-    model = fovea.FovealViT(fovea.FovealConfig(**{**m, "grid_z": tuple(m["grid_z"])}))
-    model.load_state_dict(ckpt["model"], strict=True)
-    return model.eval().requires_grad_(False)
+    model = fovea.load_frozen(ckpt, "encoder", fovea.FovealViT)
+    model.cfg.compile_extraction = False
+    return model
 
 
 def load_baseline(path: str) -> tuple[canvit.ViTClassifier, int]:
@@ -759,11 +758,8 @@ def load_baseline(path: str) -> tuple[canvit.ViTClassifier, int]:
     objective, ckpt = read_checkpoint(path)
     if objective != "vit_sup":
         raise EvalError(f"--baseline {path} was trained with objective {objective!r}, not vit_sup")
-    v = ckpt["config"]["vit"]
-    model = canvit.ViTClassifier(canvit.BackboneConfig(**v["backbone"]), v["num_classes"],
-                                 v["n_storage_tokens"])
-    model.load_state_dict(ckpt["model"], strict=True)
-    return model.eval().requires_grad_(False), ckpt["config"]["data"]["image_size"]
+    model = fovea.load_frozen(ckpt, "classifier", canvit.ViTClassifier, what=f"--baseline {path}")
+    return model, ckpt["config"]["data"]["image_size"]
 
 
 def hits(logits: Tensor, labels: Tensor, k: int) -> Tensor:

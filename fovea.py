@@ -52,6 +52,7 @@ extraction benchmark, `python train.py --cfg foveal_tiny.yaml` to train the mode
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import time
@@ -592,6 +593,19 @@ class FovealViT(nn.Module):
                              f"{self.cfg.z_max:g}]: the position MLP sees z / z_max [002, A.3.1]; "
                              f"raise model.z_max to at least {z:.3f} (a new model) or keep z in range")
 
+    def export(self) -> dict:
+        """What a checkpoint keeps for downstream use (see `load_frozen`)."""
+        return {"class": type(self).__name__, "args": {"cfg": dataclasses.asdict(self.cfg)},
+                "state_dict": self.state_dict()}
+
+    @classmethod
+    def from_export(cls, entry: dict) -> FovealViT:
+        cfg = dict(entry["args"]["cfg"])
+        cfg["grid_z"] = tuple(cfg["grid_z"])
+        model = cls(FovealConfig(**cfg))
+        model.load_state_dict(entry["state_dict"], strict=True)
+        return model
+
     def init_state(self, batch_size: int) -> Tensor:
         """The learned initial state s_1 [002, Sec. 4], (B, N, D): what a policy observes before
         the first glimpse. To step from it, pass state=None to `forward` / `step`."""
@@ -759,25 +773,84 @@ class FovealSupervised(nn.Module):
         if cfg.glimpse == "shuffled_vit":
             self.model.check_zoom(math.log2(cfg.vit_grid), f"shuffled_vit's {cfg.vit_grid}-cell grid")
 
-    def train_step(self, batch: dict, step: int, autocast, rank: int = 0, world: int = 1) -> dict:
+    def label_classes(self) -> tuple[str, int]:
+        return "foveal.model.num_classes", self.cfg.model.num_classes
+
+    def train_step(self, batch: dict, step: int, run) -> dict:
+        """One episode of `steps` glimpses for the process's images (train.py's interface)."""
         images, labels = batch["image"], batch["label"]
         B, dev, K = images.shape[0], images.device, self.cfg.model.num_classes
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         images, target = supervised_batch(gen, images, labels, K, self.cfg.mixup_alpha)
-        mine = slice(rank * B, (rank + 1) * B)             # this process's share of the global batch
-        episode = episode_patches(self.model, self.cfg, gen, B * world, tuple(images.shape[-2:]), dev)
+        mine = slice(run.rank * B, (run.rank + 1) * B)     # this process's share of the global batch
+        episode = episode_patches(self.model, self.cfg, gen, B * run.world, tuple(images.shape[-2:]), dev)
         table = integral_image(images)                     # once per image, on the device
         state, losses = None, []                           # None: start from the prompt s_1
         for patches in episode:
-            with autocast():
+            with run.autocast():
                 state = self.model(table, state, Patches(patches.boxes[mine], patches.yxz[mine]))
                 logits = self.model.classify(state)
                 loss = F.cross_entropy(logits.float(), target, label_smoothing=self.cfg.label_smoothing)
             (loss / len(episode)).backward()               # one graph per step: no BPTT
             losses.append(loss.detach())
+        run.optimizer_step()
         hit = (logits.argmax(-1) == target.argmax(-1)).float().mean()
         return {"loss": torch.stack(losses).mean(), "loss_first": losses[0], "loss_last": losses[-1],
                 "acc_last": hit.detach(), "glimpses": B * len(episode)}
+
+    def export(self) -> dict:
+        """The trained encoder with its task head, for evaluation and a gaze policy [002, A.3.4]."""
+        return {"encoder": self.model.export()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints of train.py -> frozen models (one home, used by distill, dino, grpo and eval)
+# ----------------------------------------------------------------------------------------------
+#
+# A train.py checkpoint is a dict with the run's "config", its trained "model" (for resuming) and
+# "export": named parts for downstream use, each {"class", "args", "state_dict"} made by the
+# part's `export()` (a foveal_sup run exports its "encoder", a vit_sup run its "classifier" and
+# "backbone", ...). A consumer asks for a part by name and class; the class rebuilds itself with
+# `from_export`. The reading lives here, in the module every other one imports, so that no
+# module needs train.py (which nothing imports) or another objective's key layout.
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file and what to do."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """torch.load a train.py checkpoint, with errors that name the file and say what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found: give the ckpt.pt of a train.py run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:                     # truncated, corrupt, not a torch file
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]}): the file "
+                              "is damaged or not a checkpoint; use another one (a run keeps the "
+                              "previous one as ckpt_prev.pt)") from None
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
+        raise CheckpointError(f"{path} is not a train.py checkpoint (a dict with 'model' and 'config')")
+    return ckpt
+
+
+def load_frozen(source: str | Path | dict, name: str, cls: type, what: str = "") -> nn.Module:
+    """The part `name` that a train.py run exported, rebuilt as `cls`, strictly loaded, frozen
+    (eval mode, no gradients). source: a checkpoint path or an already loaded checkpoint dict;
+    what: the config key asking for it, for the error messages."""
+    ckpt = read_checkpoint(source) if not isinstance(source, dict) else source
+    where = f"{what + ' = ' if what else ''}{source if not isinstance(source, dict) else 'the checkpoint'}"
+    objective = ckpt["config"].get("objective", "?")
+    exports = ckpt.get("export", {})
+    if name not in exports:
+        raise CheckpointError(f"{where} is a checkpoint of objective {objective!r}, which holds no "
+                              f"{name!r} (it holds {sorted(exports) or 'nothing to reuse'}); a "
+                              f"{cls.__name__} {name} is needed")
+    entry = exports[name]
+    if entry["class"] != cls.__name__:
+        raise CheckpointError(f"{where}: its {name!r} (objective {objective!r}) is a {entry['class']}, "
+                              f"but a {cls.__name__} is needed")
+    return cls.from_export(entry).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------

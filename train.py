@@ -3,55 +3,79 @@
     python train.py --cfg canvit_tiny.yaml                       # one process (CPU or GPU)
     torchrun --nproc_per_node 8 train.py --cfg canvit.yaml       # one node, 8 GPUs
     python train.py --cfg foveal_tiny.yaml --optim.lr=1e-3 --max_steps=200   # overrides
+    python train.py --cfg foveal_tiny.yaml --print_config        # every key, resolved
     torchrun --nproc_per_node 8 train.py --cfg canvit.yaml --export_features DIR  # teacher shards
 
-Objectives (each comes from its module; train.py only runs them)
+Objectives (each a class in its module; OBJECTIVES and `build_objective` are the one place that
+names them, and TrainConfig has one config section each)
   distill     passive-to-active dense latent distillation of CanViT [003, Sec. 5]  distill.py
-  foveal_sup  the foveal ViT's stage-1 training with random gazes [002, A.3.4]    fovea.py
-  vit_sup     the passive patch-16 ViT baseline of [000] Fig. 1 (canvit.ViTClassifier)  below
+  foveal_sup  the foveal ViT's stage 1 with random gazes [002, A.3.4]             fovea.py
+  vit_sup     the passive patch-16 ViT baseline of [000] Fig. 1                   canvit.py
 
-An objective is an nn.Module with
-  .model                      the network being trained (saved as ckpt["model"], strictly loaded)
-  .train_step(batch, step, autocast, rank, world) -> dict of floats with "loss" and "glimpses";
-                              it runs the forward passes under `autocast()` and calls backward
-                              itself (truncated BPTT needs several backward passes a step)
-  .setup(dataset) (optional)  one-time work before step 0 (e.g. fitting target statistics)
-  .extra_state() / .load_extra_state(d) (optional)  more to keep in the checkpoint
+The loop owns the data (the dataset of `cfg.data`, each process's share of every global batch,
+epochs, resuming mid-epoch), the device and processes, the optimizer (AdamW, its parameter
+groups, the learning-rate and weight-decay schedules it applies at every step), gradient
+averaging across processes, clipping, checkpoints and logs. An objective owns its networks and
+its forward and backward passes. It is an nn.Module with
+  .model                        the network being trained (ckpt["model"], strictly loaded)
+  .augment                      True: ImageNet's training view of real images (data.py)
+  .train_step(batch, step, run) -> dict of 0-d tensors with "loss", plus "glimpses" (an int,
+                                for the throughput); runs its forward passes under
+                                `run.autocast()`, calls backward itself (truncated BPTT needs
+                                several a step), then `run.optimizer_step()` once per update
+  .updates_per_step             optimizer steps a train_step takes (default 1; more when it
+                                makes several updates on one batch, as GRPO's inner epochs)
+and optionally
+  .setup(dataset)               one-time work on rank 0 before step 0 (e.g. target statistics)
+  .training_data(dataset, rank, world, seed) -> (dataset, sampler) or None   its own data
+                                (distill: precomputed feature shards); None: the loop's own
+  .param_groups(weight_decay), .clip_groups()   (defaults: decay on matrices; one clip group)
+  .label_classes() -> (key, K)  the config key and class count the data must match
+  .extra_state() / .load_extra_state(d)   more to checkpoint (an EMA teacher, a random teacher)
+  .export() -> {name: part.export()}      parts other runs reuse (`fovea.load_frozen`)
+`run` holds rank, world, device, steps_per_epoch, autocast() and optimizer_step(frozen=()):
+average the gradients over processes, clip each clip group, skip the `frozen` parameters this
+update, step AdamW; whatever must follow an update (an EMA teacher) follows that call.
 
-Config: the dataclasses below and those of the modules are the single home of defaults; a YAML
-file overrides them and `--a.b=value` overrides that. Unknown keys and wrong types stop the run
-before any work. The resolved config is saved beside the checkpoint and inside it.
-Checkpoint: <out_dir>/ckpt.pt, a plain dict written by rank 0 to a temporary file and then
-os.replace'd; a run started again with the same command resumes from it exactly.
-Log: a rank-0 line every `log_every` steps and the same fields in <out_dir>/log.jsonl.
+Config (config.py): the dataclasses below and those of the modules are the single home of
+defaults; a YAML file overrides them and `--a.b=value` overrides that. Unknown keys, wrong
+types and bad values stop the run before any work. The resolved config is saved beside the
+checkpoint and inside it.
+Reliability: <out_dir>/ckpt.pt is written by rank 0 to a temporary file, read back, then
+renamed, and the one before it is kept as ckpt_prev.pt; a run started again with the same
+command resumes exactly from the newest readable one. SIGTERM / SIGINT save a checkpoint at the
+next step boundary and exit (status 143 / 130). A lock refuses a second run in the same
+out_dir (a killed run leaves none). A non-finite loss stops the run before any save.
+Log: a rank-0 line after the first step and every `log_every` steps (losses are the mean over
+all processes), the same fields in <out_dir>/log.jsonl.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
+import fcntl
 import json
 import math
 import os
 import random
 import resource
+import signal
 import sys
 import time
-import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
 import canvit
+import config
 import data
 import distill
 import fovea
-
-HERE = Path(__file__).resolve().parent
+from config import ConfigError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,45 +90,14 @@ class OptimConfig:
     schedule: str = "constant"     # [003] Table 2: warmup -> constant | "cosine" ([002] A.3.4)
     min_lr: float = 0.0            # end of the cosine decay
     weight_decay: float = 1e-4     # [003] Table 2
+    weight_decay_end: float = -1.0  # cosine from weight_decay to this over the run; < 0: constant
     betas: tuple[float, float] = (0.9, 0.999)  # [003] Table 2
-    grad_clip: float = 1.0         # [003] Table 2: max norm (0 = off)
-
-
-@dataclass
-class PassiveViTConfig:
-    """The bottom-up patch-16 ViT baseline of [000] Fig. 1 (canvit.ViTClassifier), supervised."""
-    backbone: canvit.BackboneConfig = field(default_factory=lambda: canvit.backbone_config("vits16"))
-    n_storage_tokens: int = 4
-    num_classes: int = 1000
-    mixup_alpha: float = 0.8       # as the foveal model it is compared with
-    label_smoothing: float = 0.0
-
-
-class PassiveViTSupervised(torch.nn.Module):
-    """Cross-entropy of the passive ViT on whole images, with MixUp (the objective `vit_sup`)."""
-    augment = True                 # as the foveal model: random resized crop + flip
-
-    def __init__(self, cfg: PassiveViTConfig, seed: int):
-        super().__init__()
-        self.cfg, self.seed = cfg, seed
-        self.model = canvit.ViTClassifier(cfg.backbone, cfg.num_classes, cfg.n_storage_tokens)
-
-    def train_step(self, batch: dict, step: int, autocast, rank: int = 0, world: int = 1) -> dict:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)   # the (seed, step) stream
-        images, target = fovea.supervised_batch(gen, batch["image"], batch["label"],
-                                                self.cfg.num_classes, self.cfg.mixup_alpha)
-        with autocast():
-            logits = self.model(images)
-            loss = torch.nn.functional.cross_entropy(logits.float(), target,
-                                                     label_smoothing=self.cfg.label_smoothing)
-        loss.backward()
-        acc = (logits.argmax(-1) == target.argmax(-1)).float().mean()
-        return {"loss": loss.detach(), "acc": acc.detach(), "glimpses": images.shape[0]}
+    grad_clip: float = 1.0         # [003] Table 2: max norm, per clip group (0 = off)
 
 
 @dataclass
 class TrainConfig:
-    objective: str = "distill"     # distill | foveal_sup | vit_sup
+    objective: str = "distill"     # one of OBJECTIVES
     out_dir: str = "runs/default"
     max_steps: int = 2_000_000     # [003] Table 2
     batch_size: int = 64           # global, in scenes: [003] Table 2
@@ -119,129 +112,83 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: distill.DistillConfig = field(default_factory=distill.DistillConfig)
     foveal: fovea.FovealTrainConfig = field(default_factory=fovea.FovealTrainConfig)
-    vit: PassiveViTConfig = field(default_factory=PassiveViTConfig)
+    vit: canvit.PassiveViTConfig = field(default_factory=canvit.PassiveViTConfig)
 
 
 OBJECTIVES = ("distill", "foveal_sup", "vit_sup")
+
+
+def build_objective(cfg: TrainConfig) -> torch.nn.Module:
+    if cfg.objective == "distill":
+        return distill.Distillation(cfg.distill, seed=cfg.seed)
+    if cfg.objective == "foveal_sup":
+        return fovea.FovealSupervised(cfg.foveal, seed=cfg.seed)
+    if cfg.objective == "vit_sup":
+        return canvit.PassiveViTSupervised(cfg.vit, seed=cfg.seed)
+    raise ConfigError(f"objective: unknown {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+
 
 # Fields that may change when a run resumes; any other difference means another experiment.
 RESUMABLE_CHANGES = {"out_dir", "max_steps", "log_every", "ckpt_every", "compile", "num_workers", "threads"}
 
 
-class ConfigError(ValueError):
-    pass
+def usage() -> str:
+    lines = ["train.py --cfg NAME [--section.key=value ...]   (--print_config shows every key)",
+             "", "objectives: " + ", ".join(OBJECTIVES), "", "configs (in configs/, found by name):"]
+    lines += [f"  {p.name:24} {config.describe(p)}" for p in config.shipped_configs()]
+    return "\n".join(lines)
 
 
-def _coerce(value, typ, key: str):
-    """Check (and, for strings from the command line or YAML's '1e-4', convert) one value."""
-    origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        typ = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        elem = args if origin is tuple and Ellipsis not in args else [args[0]] * len(value)
-        if len(elem) != len(value):
-            raise ConfigError(f"{key}: expected {len(elem)} values, got {value!r}")
-        return origin(_coerce(v, t, key) for v, t in zip(value, elem))
-    if typ is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if typ in (int, float):
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value) if typ is int else float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and value != int(value)):
-            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
-        return typ(value)
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported config type {typ}")
-
-
-def apply_overrides(cfg, overrides: dict, prefix: str = "") -> None:
-    """Recursively override dataclass `cfg` in place; unknown keys and wrong types raise."""
-    hints = typing.get_type_hints(type(cfg))
-    valid = {f.name for f in dataclasses.fields(cfg)}
-    for key, value in overrides.items():
-        name = f"{prefix}{key}"
-        if key not in valid:
-            raise ConfigError(f"unknown config key '{name}'; valid keys{' in ' + prefix[:-1] if prefix else ''}: "
-                              f"{', '.join(sorted(valid))}")
-        current = getattr(cfg, key)
-        if dataclasses.is_dataclass(current):
-            if isinstance(value, str):                       # --section='{a: 1, b: 2}'
-                value = yaml.safe_load(value)
-            if not isinstance(value, dict):
-                raise ConfigError(f"'{name}' is a section: expected a mapping, got {value!r}")
-            apply_overrides(current, value, name + ".")
-        else:
-            setattr(cfg, key, _coerce(value, hints[key], name))
-
-
-def find_config(path: str) -> Path:
-    """A config path as given, or by name in the project root or its configs/ folder."""
-    for p in (Path(path), HERE / path, HERE / "configs" / path, HERE / "configs" / Path(path).name):
-        if p.is_file():
-            return p
-    raise ConfigError(f"config file {path!r} not found (looked in ., {HERE} and {HERE / 'configs'})")
-
-
-def parse_config(argv: list[str]) -> tuple[TrainConfig, str | None]:
-    """-> (config, export folder or None)."""
-    ap = argparse.ArgumentParser(description="Train any objective of the project.",
-                                 epilog="Any config field can be overridden as --section.key=value.")
+def parse_config(argv: list[str], world: int = 1) -> tuple[TrainConfig, str | None, bool]:
+    """-> (config, export folder or None, print the config and exit). Raises ConfigError."""
+    ap = argparse.ArgumentParser(prog="train.py", description="Train any objective of the project.",
+                                 epilog=usage(), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cfg", help="YAML config (a path, or a name in the project root or configs/)")
     ap.add_argument("--export_features", metavar="DIR",
                     help="write the distill teacher's features of the dataset into DIR, then exit")
+    ap.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     args, rest = ap.parse_known_args(argv)
+    if not args.cfg:
+        raise ConfigError("no --cfg given. Run one of the configs, e.g.\n  python train.py --cfg "
+                          "canvit_tiny.yaml\n\n" + usage())
     cfg = TrainConfig()
-    if args.cfg:
-        loaded = yaml.safe_load(find_config(args.cfg).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{args.cfg}: the top level must be a mapping")
-        apply_overrides(cfg, loaded)
-    i = 0
-    while i < len(rest):                                     # --a.b=value or --a.b value
-        arg = rest[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-        elif i + 1 < len(rest):
-            key, value, i = arg[2:], rest[i + 1], i + 1
-        else:
-            raise ConfigError(f"{arg} needs a value")
-        node: dict = {}
-        *parents, leaf = key.split(".")
-        cursor = node
-        for part in parents:
-            cursor = cursor.setdefault(part, {})
-        cursor[leaf] = value
-        apply_overrides(cfg, node)
-        i += 1
-    if cfg.objective not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if cfg.dtype not in ("bfloat16", "float32"):
-        raise ConfigError(f"dtype must be bfloat16 or float32, got {cfg.dtype!r}")
-    if cfg.data.dataset in ("imagefolder", "ade20k") and not (cfg.data.root and Path(cfg.data.root).is_dir()):
-        raise ConfigError(f"data.root {cfg.data.root!r} is not a folder: set --data.root=/path/to/"
-                          f"{'ADEChallengeData2016' if cfg.data.dataset == 'ade20k' else 'images'}")
-    if cfg.optim.schedule not in ("constant", "cosine"):
-        raise ConfigError(f"optim.schedule must be constant or cosine, got {cfg.optim.schedule!r}")
-    return cfg, args.export_features
+    config.load_file(cfg, args.cfg)
+    config.apply_cli(cfg, rest)
+    check_config(cfg, world)
+    return cfg, args.export_features, args.print_config
+
+
+def check_config(cfg: TrainConfig, world: int) -> None:
+    """Every value the run depends on, before any work: all problems in one message."""
+    problems = []
+
+    def need(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            problems.append(f"{key} = {value!r}: {allowed}")
+
+    need(cfg.objective in OBJECTIVES, "objective", f"one of {', '.join(OBJECTIVES)}")
+    need(cfg.dtype in ("bfloat16", "float32"), "dtype", "bfloat16 or float32")
+    for key in ("max_steps", "batch_size", "log_every", "ckpt_every"):
+        need(getattr(cfg, key) >= 1, key, "an integer >= 1")
+    need(cfg.batch_size % world == 0, "batch_size", f"a multiple of the {world} processes")
+    need(cfg.num_workers >= 0, "num_workers", "an integer >= 0")
+    need(cfg.threads >= 0, "threads", "an integer >= 0 (0: the free cores)")
+    need(cfg.optim.schedule in ("constant", "cosine"), "optim.schedule", "constant or cosine")
+    need(cfg.optim.lr > 0 and cfg.optim.warmup_steps >= 0, "optim.lr", "> 0 (and warmup_steps >= 0)")
+    d = cfg.data
+    need(d.dataset in data.DATASETS, "data.dataset", f"one of {', '.join(data.DATASETS)}")
+    need(d.image_size >= 1, "data.image_size", "an integer >= 1 (pixels)")
+    if d.dataset == "synthetic":
+        need(1 <= d.num_classes <= len(data.GLYPHS), "data.num_classes", f"1 to {len(data.GLYPHS)} glyphs")
+        need(d.length >= cfg.batch_size, "data.length", f">= batch_size ({cfg.batch_size}) scenes")
+    elif d.dataset in data.DATASETS:
+        folder = "ADEChallengeData2016" if d.dataset == "ade20k" else "images (train/<class>/...)"
+        need(bool(d.root) and Path(d.root).is_dir(), "data.root", f"a folder: set --data.root=/path/to/{folder}")
+    if problems:
+        raise ConfigError("\n  ".join(["bad config values (nothing was run):", *problems]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,8 +205,16 @@ def learning_rate(step: int, o: OptimConfig, max_steps: int) -> float:
     return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def weight_decay(step: int, o: OptimConfig, max_steps: int) -> float:
+    """Constant, or a cosine from weight_decay to weight_decay_end over the run (DINO: 0.04 -> 0.4)."""
+    if o.weight_decay_end < 0:
+        return o.weight_decay
+    return o.weight_decay_end + (o.weight_decay - o.weight_decay_end) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, step / max(1, max_steps))))
+
+
 # ----------------------------------------------------------------------------------------------
-# Distributed data order that can resume mid-epoch
+# Data: every process's share of every global batch, resumable mid-epoch
 # ----------------------------------------------------------------------------------------------
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -295,8 +250,150 @@ def data_position(step: int, batches_per_epoch: int) -> tuple[int, int]:
     return step // batches_per_epoch, step % batches_per_epoch
 
 
+def _quiet_worker(_: int) -> None:
+    """DataLoader workers leave SIGINT / SIGTERM to the main process, which saves and exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class Batches:
+    """This process's batches, epoch after epoch, from any step on; bad images counted."""
+
+    def __init__(self, dataset, sampler, local_batch: int, cfg: TrainConfig, device: torch.device):
+        self.dataset, self.sampler, self.b, self.cfg, self.device = dataset, sampler, local_batch, cfg, device
+        self.per_epoch = sampler.num_samples // local_batch
+        self.reported: set[str] = set()
+        self.it = None
+
+    def start(self, step: int) -> None:
+        epoch, offset = data_position(step, self.per_epoch)
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):               # the epoch's augmentations
+            self.dataset.set_epoch(epoch)
+        self.sampler.skip = offset * self.b
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+        self.it = iter(torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.b, sampler=self.sampler, num_workers=self.cfg.num_workers,
+            collate_fn=data.collate, pin_memory=self.device.type == "cuda", drop_last=True,
+            generator=gen, worker_init_fn=_quiet_worker, persistent_workers=False))
+
+    def next(self, step: int, say) -> tuple[dict, int]:
+        """-> (batch on the device, bad images in it). A new epoch starts when one ends."""
+        try:
+            batch = next(self.it)
+        except StopIteration:
+            self.start(step)
+            batch = next(self.it)
+        n_bad = batch.pop("n_bad", 0)
+        for reason in batch.pop("bad", []):
+            if reason not in self.reported and len(self.reported) < 1000:   # each file once
+                self.reported.add(reason)
+                say(f"skipped a bad image: {reason}")
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}, n_bad
+
+
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Processes, the optimizer and what the loop lends an objective
+# ----------------------------------------------------------------------------------------------
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK and the env:// rendezvous (multi-node too)."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", init_method="env://", device_id=torch.device("cuda", local))
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
+    dist.init_process_group("gloo", init_method="env://")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def param_groups(model: torch.nn.Module, decay: float) -> list[dict]:
+    """Weight decay on matrices only. NOTE(paper): [003] gives one value (1e-4); sparing norms,
+    biases, LayerScale and learned tokens follows the usual ViT practice (DINOv2, timm).
+    `wd_scale` tells the loop which groups its weight-decay schedule applies to."""
+    decayed, other = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decayed if p.dim() >= 2 and p.shape[0] > 1 else other).append(p)
+    return [{"params": decayed, "weight_decay": decay, "wd_scale": 1.0},
+            {"params": other, "weight_decay": 0.0, "wd_scale": 0.0}]
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average gradients over processes, one flat buffer per dtype.
+
+    NOTE: DistributedDataParallel expects one backward per forward; truncated BPTT runs a random
+    number of chunks, each with its backward, so the average is taken once, before the update.
+    """
+    for p in params:                                         # same buffers on every rank
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for dtype in {p.grad.dtype for p in params}:
+        grads = [p.grad for p in params if p.grad.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+class Run:
+    """What the loop lends an objective's train_step: processes, autocast and optimizer steps."""
+
+    def __init__(self, cfg: TrainConfig, objective, rank: int, world: int, device: torch.device,
+                 steps_per_epoch: int):
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.steps_per_epoch = steps_per_epoch
+        model = objective.model
+        groups = (objective.param_groups(cfg.optim.weight_decay) if hasattr(objective, "param_groups")
+                  else param_groups(model, cfg.optim.weight_decay))
+        self.params = [p for g in groups for p in g["params"]]
+        self.clip_groups = objective.clip_groups() if hasattr(objective, "clip_groups") else [self.params]
+        self.opt = torch.optim.AdamW(groups, lr=cfg.optim.init_lr, betas=cfg.optim.betas,
+                                     fused=device.type == "cuda")
+        self.amp_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+        self.updates, self.grad_norm = 0, torch.zeros((), device=device)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def set_schedules(self, step: int) -> float:
+        lr = learning_rate(step, self.cfg.optim, self.cfg.max_steps)
+        wd = weight_decay(step, self.cfg.optim, self.cfg.max_steps)
+        for g in self.opt.param_groups:
+            g["lr"], g["weight_decay"] = lr, wd * g.get("wd_scale", 1.0)
+        return lr
+
+    def optimizer_step(self, frozen=()) -> None:
+        """Average the gradients over processes, clip each clip group, update all parameters but
+        `frozen` (their gradients are dropped, as DINO does for its last layer in epoch 1)."""
+        if self.world > 1:
+            all_reduce_grads(self.params, self.world)
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        norms = [torch.nn.utils.clip_grad_norm_(g, clip) for g in self.clip_groups]
+        self.grad_norm = torch.stack(norms).square().sum().sqrt()
+        for p in frozen:
+            p.grad = None
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.updates += 1
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # peak RSS (Linux: KiB)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and the run folder
 # ----------------------------------------------------------------------------------------------
 
 def rng_state() -> dict:
@@ -315,11 +412,35 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash mid-write leaves the
-    previous checkpoint intact."""
+    """Write a temporary file, read it back, keep the current checkpoint as ckpt_prev.pt, then
+    rename: a crash or a full disk at any moment leaves a readable checkpoint behind."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(ckpt, tmp)
+    if fovea.read_checkpoint(tmp)["step"] != ckpt["step"]:
+        raise OSError(f"{tmp} did not read back as written")
+    if path.exists():
+        os.replace(path, path.with_name("ckpt_prev.pt"))
     os.replace(tmp, path)
+
+
+def load_latest(out: Path, say) -> tuple[dict | None, Path | None]:
+    """The newest readable checkpoint of out_dir (ckpt.pt, else ckpt_prev.pt) and its path."""
+    damaged = []
+    for path in (out / "ckpt.pt", out / "ckpt_prev.pt"):
+        if not path.exists():
+            continue
+        try:
+            ckpt = fovea.read_checkpoint(path)
+        except fovea.CheckpointError as e:
+            damaged.append(str(e))
+            continue
+        for message in damaged:
+            say(f"warning: {message}\n  resuming from {path} (step {ckpt['step']}) instead")
+        return ckpt, path
+    if damaged:
+        raise fovea.CheckpointError("no readable checkpoint to resume from:\n  " + "\n  ".join(damaged)
+                                    + f"\n  move them out of {out} to start the run afresh")
+    return None, None
 
 
 def check_resumable(saved: dict, now: dict, prefix: str = "") -> None:
@@ -334,71 +455,58 @@ def check_resumable(saved: dict, now: dict, prefix: str = "") -> None:
                               f"has {name}={b!r}; use another out_dir for a different experiment")
 
 
-def config_dict(cfg) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))   # tuples -> lists, as YAML writes them
+@contextlib.contextmanager
+def run_folder(path: str, master: bool):
+    """out_dir, checked writable and locked for this run (before any work); removed again if the
+    run stops before writing anything into it. The lock is an flock: a killed run holds none."""
+    out = Path(path)
+    if not master:
+        yield out
+        return
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / "lock", "a+")
+    except OSError as e:
+        raise ConfigError(f"out_dir = {path!r} is not writable ({e.strerror}): choose another out_dir") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise ConfigError(f"out_dir = {path!r} is in use by another run ({lock.read().strip() or 'a process'}); "
+                          "wait for it to end, or use another out_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    lock.flush()
+    for stale in out.glob("ckpt.pt.tmp*"):                   # a write cut short by a kill
+        stale.unlink()
+    try:
+        yield out
+    finally:
+        (out / "lock").unlink(missing_ok=True)
+        lock.close()
+        if created and not any(out.iterdir()):
+            out.rmdir()
+
+
+class StopSignal:
+    """SIGTERM (cluster schedulers, before a kill) and SIGINT (Ctrl-C) ask the loop to stop."""
+
+    def __init__(self):
+        self.signum = 0
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        if self.signum:                                      # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------------------
-# The run
+# Feature export (distill, --export_features)
 # ----------------------------------------------------------------------------------------------
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK and the env:// rendezvous (multi-node too)."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        local = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", init_method="env://", device_id=torch.device("cuda", local))
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
-    dist.init_process_group("gloo", init_method="env://")
-    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-
-
-def build_objective(cfg: TrainConfig) -> torch.nn.Module:
-    if cfg.objective == "distill":
-        return distill.Distillation(cfg.distill, seed=cfg.seed)
-    if cfg.objective == "foveal_sup":
-        return fovea.FovealSupervised(cfg.foveal, seed=cfg.seed)
-    if cfg.objective == "vit_sup":
-        return PassiveViTSupervised(cfg.vit, seed=cfg.seed)
-    raise ConfigError(f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only. NOTE(paper): [003] gives one value (1e-4); sparing norms,
-    biases, LayerScale and learned tokens follows the usual ViT practice (DINOv2, timm)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and p.shape[0] > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
-    """Average gradients over ranks, one flat buffer per dtype.
-
-    NOTE: DistributedDataParallel expects one backward per forward; truncated BPTT runs a random
-    number of chunks, each with its backward, so the average is taken once, after the last one.
-    """
-    for p in params:                                         # same buffers on every rank
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    for dtype in {g.dtype for g in grads}:
-        group = [g for g in grads if g.dtype == dtype]
-        flat = torch._utils._flatten_dense_tensors(group)
-        dist.all_reduce(flat)
-        flat /= world
-        for g, synced in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
-            g.copy_(synced)
-
-
-def memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # peak RSS (Linux: KiB)
-
 
 def export(cfg: TrainConfig, folder: str, rank: int, world: int, device: torch.device) -> None:
     """[003] App. D.2: the teacher's features of every scene, into float16 shards (resumable)."""
@@ -417,180 +525,253 @@ def export(cfg: TrainConfig, folder: str, rank: int, world: int, device: torch.d
         distill.write_index(folder, math.ceil(len(dataset) / cfg.distill.shard_size), {
             "dataset_len": len(dataset), "shard_size": cfg.distill.shard_size, "seed": cfg.seed,
             "image_size": cfg.data.image_size, "teacher_weights": cfg.distill.teacher.weights,
-            "data": config_dict(cfg.data)})
+            "data": config.as_dict(cfg.data)})
         print(f"index written: {Path(folder) / 'index.json'}")
 
 
-def main(argv: list[str]) -> None:
-    cfg, export_dir = parse_config(argv)                     # fails before any work
-    rank, world, device = setup_distributed()
-    master = rank == 0
-    say = (lambda *a, **k: print(*a, **k, flush=True)) if master else (lambda *a, **k: None)
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+# ----------------------------------------------------------------------------------------------
+# The run, in phases
+# ----------------------------------------------------------------------------------------------
+
+def set_threads(cfg: TrainConfig, device: torch.device) -> None:
     if device.type == "cpu":
         # More compute threads than free cores makes every parallel op wait for a descheduled
         # thread (seen here: 7 s/step instead of 0.2 s with 2 workers on 2 cores).
         cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(cfg.threads or max(1, cores - cfg.num_workers))
-    if export_dir:
-        export(cfg, export_dir, rank, world, device)
-        if world > 1:
-            dist.destroy_process_group()
-        return
-    out = Path(cfg.out_dir)
-    ckpt_path = out / "ckpt.pt"
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob("ckpt.pt.tmp*"):               # a write cut short by a kill
-            stale.unlink()
 
-    # Model: the same initialisation on every rank (seeded alike); other randomness per rank.
-    torch.manual_seed(cfg.seed)
-    objective = build_objective(cfg).to(device)
-    model = objective.model                                  # the raw module: what is saved
+
+def training_data(cfg: TrainConfig, objective, rank: int, world: int):
+    """The dataset (the objective's view of cfg.data) and this process's sampler."""
     dataset = data.build_dataset(cfg.data, "train", augment=objective.augment, seed=cfg.seed)
-    if cfg.objective == "distill" and cfg.distill.teacher.features:   # stream precomputed shards
-        dataset = distill.TeacherFeatures(cfg.distill.teacher.features, dataset)
-        sampler = distill.ShardSampler(dataset.counts, dataset.shard_size, rank, world, cfg.seed)
+    if hasattr(objective, "label_classes") and hasattr(dataset, "num_classes"):
+        key, K = objective.label_classes()
+        if dataset.num_classes != K:
+            raise ConfigError(f"{key} = {K}, but the data ({cfg.data.dataset}"
+                              f"{', ' + cfg.data.root if cfg.data.root else ''}) have {dataset.num_classes} "
+                              f"classes: set {key}={dataset.num_classes}")
+        if K < 2:
+            raise ConfigError(f"{key} = {K}: a single class leaves nothing to learn (loss 0)")
+    custom = objective.training_data(dataset, rank, world, cfg.seed) if hasattr(objective, "training_data") else None
+    if custom is not None:
+        dataset, sampler = custom
     else:
         sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed)
-    local_batch = cfg.batch_size // world
-    loader_gen = torch.Generator()
-    batches_per_epoch = sampler.num_samples // local_batch
-    if batches_per_epoch == 0:
-        raise ConfigError(f"the dataset has {len(dataset)} samples, fewer than one batch of {cfg.batch_size}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.init_lr,
-                            betas=cfg.optim.betas, fused=device.type == "cuda")
+    if sampler.num_samples < cfg.batch_size // world:
+        raise ConfigError(f"batch_size = {cfg.batch_size}: the dataset has {len(dataset)} samples, "
+                          "fewer than one global batch")
+    return dataset, sampler
 
-    step = 0
-    if ckpt_path.exists():                                   # automatic resume
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        check_resumable(ckpt["config"], config_dict(cfg))
-        if len(ckpt["rng"]) != world:     # the data order follows the global batch; RNG streams do not
-            say(f"warning: {ckpt_path} was written by {len(ckpt['rng'])} processes, this run has {world}: "
-                "it continues on the same data, but per-process random streams restart differently")
-        model.load_state_dict(ckpt["model"], strict=True)
-        opt.load_state_dict(ckpt["optimizer"])
-        if hasattr(objective, "load_extra_state"):
-            objective.load_extra_state(ckpt["extra"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
-        say(f"resumed from {ckpt_path} at step {step}")
-        del ckpt
-    else:
-        if master and hasattr(objective, "setup"):
-            objective.setup(dataset)                         # e.g. target statistics; shared below
-        torch.manual_seed(cfg.seed + rank)                   # per-rank stream from here on
-    if master:                                               # after the resume check: never clobber
-        (out / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    if world > 1:              # identical start on every rank: rank 0's weights and fitted statistics
-        shared = [{k: v.cpu() for k, v in model.state_dict().items()} if master else None]
+
+def resume(out: Path, cfg: TrainConfig, objective, run: Run, dataset, say) -> dict:
+    """Restore the newest readable checkpoint of out_dir, or start: -> the loop's counters."""
+    state = {"step": 0, "bad_images": 0, "skipped": 0, "checkpoint": None}
+    ckpt, path = load_latest(out, say) if run.rank == 0 else (None, None)
+    if run.world > 1:                        # rank 0 chose the file; every process reads it
+        shared = [path]
         dist.broadcast_object_list(shared, src=0)
-        if not master:
-            model.load_state_dict(shared[0], strict=True)
-        del shared
+        path = shared[0]
+        if run.rank and path is not None:
+            ckpt = fovea.read_checkpoint(path)
+    if ckpt is None:
+        if run.rank == 0 and hasattr(objective, "setup"):
+            objective.setup(dataset)                         # e.g. target statistics; shared below
+        torch.manual_seed(cfg.seed + run.rank)               # per-rank stream from here on
+        return state
+    check_resumable(ckpt["config"], config.as_dict(cfg))
+    if len(ckpt["rng"]) != run.world:     # the data order follows the global batch; RNG streams do not
+        say(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, this run has "
+            f"{run.world}: it continues on the same data, but per-process random streams restart differently")
+    objective.model.load_state_dict(ckpt["model"], strict=True)
+    run.opt.load_state_dict(ckpt["optimizer"])
+    if hasattr(objective, "load_extra_state"):
+        objective.load_extra_state(ckpt["extra"])
+    set_rng_state(ckpt["rng"][run.rank % len(ckpt["rng"])])
+    say(f"resumed from {path} at step {ckpt['step']}")
+    return {**state, "step": ckpt["step"], "bad_images": ckpt.get("bad_images", 0),
+            "skipped": ckpt.get("skipped", 0), "checkpoint": ckpt["step"]}
 
-    if cfg.compile:
-        model.compile()                                      # in place: state_dict keys unchanged
-    amp_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    say(f"objective {cfg.objective}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, "
-        f"{world} process(es) on {device}, global batch {cfg.batch_size}, {len(dataset)} samples")
 
-    def loader_from(step: int):
-        epoch, offset = data_position(step, batches_per_epoch)
-        sampler.set_epoch(epoch)
-        if hasattr(dataset, "set_epoch"):                    # the epoch's augmentations
-            dataset.set_epoch(epoch)
-        sampler.skip = offset * local_batch
-        loader_gen.manual_seed(cfg.seed * 7919 + epoch)
-        return iter(torch.utils.data.DataLoader(
-            dataset, batch_size=local_batch, sampler=sampler, num_workers=cfg.num_workers,
-            collate_fn=data.collate, pin_memory=device.type == "cuda", drop_last=True,
-            generator=loader_gen, persistent_workers=False))
+def checkpoint(cfg: TrainConfig, objective, step: int, optimizer: dict | None = None,
+               rng: list | None = None, **counters) -> dict:
+    """A checkpoint: the trained model, what resuming needs, and the objective's exported parts."""
+    return {"model": objective.model.state_dict(), "optimizer": optimizer or {}, "step": step,
+            "rng": rng or [], "config": config.as_dict(cfg), **counters,
+            "extra": objective.extra_state() if hasattr(objective, "extra_state") else {},
+            "export": objective.export() if hasattr(objective, "export") else {}}
 
-    log_file = open(out / "log.jsonl", "a") if master else None
-    batches = loader_from(step)
-    t_last, ema_ms, n_bad, glimpses = time.perf_counter(), None, 0, 0
-    sums: dict[str, torch.Tensor] = {}                       # metrics summed over the log window
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
-    def check_finite() -> None:                              # one host sync, at log / save time
-        if nonfinite.item():
-            raise FloatingPointError(f"a non-finite loss occurred before step {step}; the last good "
-                                     f"checkpoint in {out} is kept as it was")
+def save(out: Path, cfg: TrainConfig, objective, run: Run, state: dict, per_epoch: int) -> None:
+    rngs = [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if run.rank == 0:
+        step = state["step"]
+        save_checkpoint(out / "ckpt.pt", checkpoint(
+            cfg, objective, step, run.opt.state_dict(), rngs, bad_images=state["bad_images"],
+            skipped=state["skipped"], data=dict(zip(("epoch", "batch"), data_position(step, per_epoch)))))
+    state["checkpoint"] = state["step"]
 
-    while step < cfg.max_steps:
-        try:
-            batch = next(batches)
-        except StopIteration:                                # epoch boundary
-            batches = loader_from(step)
-            continue
-        n_bad += batch.pop("n_bad", 0)
-        for reason in batch.pop("bad", []):
-            say(f"skipped a bad image: {reason}")
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        lr = learning_rate(step, cfg.optim, cfg.max_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        if "image" in batch:                                 # else every image was bad: zero gradient
-            metrics = objective.train_step(batch, step, autocast, rank, world)
-            glimpses += metrics.pop("glimpses") * world
-            nonfinite |= ~torch.isfinite(metrics["loss"])
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-        if world > 1:
-            all_reduce_grads(params, world)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                     if cfg.optim.grad_clip > 0 else torch.zeros(()))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            check_finite()
-            n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-            now = time.perf_counter()
-            ms = (now - t_last) * 1e3 / n
-            ema_ms = ms if ema_ms is None else 0.9 * ema_ms + 0.1 * ms
-            record = {"step": step, **{k: round(float(v) / n, 6) for k, v in sums.items()},
-                      "lr": lr, "grad_norm": round(float(grad_norm), 4), "ms_per_step": round(ms, 1),
-                      "glimpses_per_s": round(glimpses / (now - t_last), 1),
-                      "mem_mb": round(memory_mb(device)), "bad_images": n_bad}
-            eta = (cfg.max_steps - step) * ema_ms / 1e3
-            say(f"step {step:>7}/{cfg.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | "
-                f"{ms:.0f} ms/step | {record['glimpses_per_s']:.0f} glimpses/s | "
-                f"{record['mem_mb']} MB | ETA {eta / 3600:.2f} h" + (f" | {n_bad} bad images" if n_bad else ""))
-            if master:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            t_last, glimpses, sums = time.perf_counter(), 0, {}
+class Logger:
+    """Metrics summed over a window, averaged over processes at log time; a line and JSONL."""
 
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            check_finite()
-            rngs = [None] * world
-            if world > 1:
-                dist.all_gather_object(rngs, rng_state())
+    def __init__(self, out: Path, cfg: TrainConfig, run: Run, say):
+        self.cfg, self.run, self.say = cfg, run, say
+        self.file = open(out / "log.jsonl", "a") if run.rank == 0 else None
+        self.sums: dict[str, torch.Tensor] = {}
+        self.nonfinite = torch.zeros((), device=run.device)
+        self.t0, self.ema_ms, self.bad = time.perf_counter(), None, 0
+        self.glimpses, self.steps, self.measured = 0, 0, 0          # in this window
+
+    def add(self, metrics: dict | None, bad: int) -> None:
+        """One step's metrics (None: a skipped step) and its bad images on this process."""
+        self.bad += bad
+        self.steps += 1
+        if metrics is None:
+            return
+        self.glimpses += metrics.pop("glimpses", 0)
+        self.measured += 1
+        self.nonfinite = torch.maximum(self.nonfinite, (~torch.isfinite(metrics["loss"])).float())
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+
+    def settle_bad_images(self, state: dict) -> None:
+        """Add every process's bad images since the last call to the run's count."""
+        bad = torch.tensor(float(self.bad), device=self.run.device)
+        if self.run.world > 1:
+            dist.all_reduce(bad)
+        state["bad_images"] += int(bad.item())
+        self.bad = 0
+
+    def check_finite(self, state: dict, out: Path) -> None:
+        """One host sync, at log / save time; every process agrees."""
+        flag = self.nonfinite.clone()
+        if self.run.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            kept = (f"the last good checkpoint (step {state['checkpoint']}) in {out} is kept as it was"
+                    if state["checkpoint"] is not None else "no checkpoint was written yet")
+            raise FloatingPointError(f"a non-finite loss occurred before step {state['step']}; {kept}")
+
+    def write(self, state: dict, lr: float) -> None:
+        self.settle_bad_images(state)
+        step, run, n = state["step"], self.run, max(1, self.steps)
+        keys = sorted(self.sums)
+        totals = torch.stack([self.sums[k] for k in keys] + [torch.tensor(float(self.glimpses), device=run.device)])
+        if run.world > 1:
+            dist.all_reduce(totals)
+            totals[:len(keys)] /= run.world
+        now = time.perf_counter()
+        ms = (now - self.t0) * 1e3 / n
+        self.ema_ms = ms if self.ema_ms is None else 0.9 * self.ema_ms + 0.1 * ms
+        record = {"step": step, **{k: round(float(v) / max(1, self.measured), 6) for k, v in zip(keys, totals)},
+                  "lr": lr, "grad_norm": round(float(run.grad_norm), 4), "ms_per_step": round(ms, 1),
+                  "glimpses_per_s": round(float(totals[-1]) / (now - self.t0), 1),
+                  "mem_mb": round(memory_mb(run.device)), "bad_images": state["bad_images"],
+                  "skipped_steps": state["skipped"]}
+        eta = time.strftime("%H:%M:%S", time.gmtime((self.cfg.max_steps - step) * self.ema_ms / 1e3))
+        extra = (f" | {record['bad_images']} bad images" if record["bad_images"] else "")
+        loss = f"{record['loss']:.4f}" if "loss" in record else "-"
+        self.say(f"step {step:>7}/{self.cfg.max_steps} | loss {loss} | lr {lr:.2e} | "
+                 f"{ms:.0f} ms/step | {record['glimpses_per_s']:.0f} glimpses/s | "
+                 f"{record['mem_mb']} MB | ETA {eta}" + extra)
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        self.t0, self.sums = time.perf_counter(), {}
+        self.glimpses, self.steps, self.measured = 0, 0, 0
+
+
+def main(argv: list[str]) -> None:
+    # -- set up: config (fails before any work), processes, threads, the run folder --------------
+    cfg, export_dir, show = parse_config(argv, int(os.environ.get("WORLD_SIZE", 1)))
+    if show:
+        print(config.as_yaml(cfg), end="")
+        return
+    rank, world, device = setup_distributed()
+    say = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
+    if rank:
+        warnings.simplefilter("ignore", distill.RandomTeacherWarning)   # said once, by rank 0
+    set_threads(cfg, device)
+    if export_dir:
+        return export(cfg, export_dir, rank, world, device)
+    stop = StopSignal()
+    with run_folder(cfg.out_dir, rank == 0) as out:
+        # -- the objective, its data and optimizer; resume ----------------------------------------
+        torch.manual_seed(cfg.seed)              # the same initialisation on every rank
+        objective = build_objective(cfg).to(device)
+        dataset, sampler = training_data(cfg, objective, rank, world)
+        batches = Batches(dataset, sampler, cfg.batch_size // world, cfg, device)
+        run = Run(cfg, objective, rank, world, device, batches.per_epoch)
+        state = resume(out, cfg, objective, run, dataset, say)
+        if rank == 0:                            # after the resume check: never clobber
+            (out / "config.yaml").write_text(config.as_yaml(cfg))
+        if world > 1:                            # rank 0's weights and fitted statistics everywhere
+            shared = [{k: v.cpu() for k, v in objective.model.state_dict().items()} if rank == 0 else None]
+            dist.broadcast_object_list(shared, src=0)
+            objective.model.load_state_dict(shared[0], strict=True)
+        if cfg.compile:
+            objective.model.compile()            # in place: state_dict keys unchanged
+        say(f"objective {cfg.objective}: {sum(p.numel() for p in run.params) / 1e6:.2f}M trainable "
+            f"parameters, {world} process(es) on {device}, global batch {cfg.batch_size}, "
+            f"{len(dataset)} samples, {batches.per_epoch} steps an epoch")
+        log = Logger(out, cfg, run, say)
+        batches.start(state["step"])
+        t_first = time.perf_counter()
+        # -- the loop ------------------------------------------------------------------------
+        while state["step"] < cfg.max_steps:
+            batch, bad = batches.next(state["step"], say)
+            flags = torch.tensor([float(stop.signum), float("image" not in batch)], device=device)
+            if world > 1:                        # every process stops or skips together
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[0]:
+                return preempted(out, cfg, objective, run, state, batches, log, int(flags[0]), say)
+            lr = run.set_schedules(state["step"])
+            updates = run.updates
+            if flags[1]:                         # a process got only bad images: nobody updates
+                state["skipped"] += 1
+                log.add(None, bad)
             else:
-                rngs = [rng_state()]
-            if master:
-                save_checkpoint(ckpt_path, {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "rng": rngs, "data": dict(zip(("epoch", "batch"), data_position(step, batches_per_epoch))),
-                    "config": config_dict(cfg),
-                    "extra": objective.extra_state() if hasattr(objective, "extra_state") else {}})
-    if master:
-        log_file.close()
-        say(f"done: {step} steps; checkpoint {ckpt_path}, log {out / 'log.jsonl'}")
+                log.add(objective.train_step(batch, state["step"], run), bad)
+                expected = getattr(objective, "updates_per_step", 1)
+                if run.updates - updates != expected:
+                    raise RuntimeError(f"{type(objective).__name__}.train_step made {run.updates - updates} "
+                                       f"optimizer steps, not {expected} (updates_per_step)")
+            state["step"] += 1
+            if state["step"] == 1:
+                say(f"step 1 done in {time.perf_counter() - t_first:.1f} s (start-up included); a line "
+                    f"every {cfg.log_every} steps")
+            if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
+                log.check_finite(state, out)
+                log.write(state, lr)
+            if state["step"] % cfg.ckpt_every == 0 or state["step"] == cfg.max_steps:
+                log.check_finite(state, out)
+                log.settle_bad_images(state)
+                save(out, cfg, objective, run, state, batches.per_epoch)
+        say(f"done: {state['step']} steps; checkpoint {out / 'ckpt.pt'}, log {out / 'log.jsonl'}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
 
 
+def preempted(out, cfg, objective, run, state, batches, log, signum, say) -> None:
+    """Save at this step boundary and exit with the signal's status: resume with the same command."""
+    log.check_finite(state, out)
+    if state["checkpoint"] != state["step"]:
+        log.settle_bad_images(state)
+        save(out, cfg, objective, run, state, batches.per_epoch)
+    name = signal.Signals(signum).name
+    say(f"{name}: checkpoint of step {state['step']} saved in {out}; resume with the same command")
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    except (ConfigError, fovea.CheckpointError) as e:
+        sys.exit(f"train.py: {e}")
+    except FloatingPointError as e:
+        sys.exit(f"train.py: stopped: {e}")

@@ -1,4 +1,5 @@
 """Shared test fixtures: the official reference tensors and deterministic threading."""
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -37,3 +38,25 @@ def load_reference(reference_dir: Path, relpath: str) -> dict:
     if not path.is_file():
         pytest.skip(f"reference file {path} is missing")
     return torch.load(path, weights_only=False)
+
+
+class LocalRun:
+    """What train.py lends an objective's train_step, for one process without the loop:
+    autocast off; optimizer_step() steps `opt` when given, else leaves the gradients for the
+    test to read."""
+    rank, world, device, steps_per_epoch = 0, 1, torch.device("cpu"), 1000
+
+    def __init__(self, opt=None):
+        self.opt, self.updates, self.frozen = opt, 0, []
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def optimizer_step(self, frozen=()):
+        self.updates += 1
+        self.frozen.append(list(frozen))
+        if self.opt is not None:
+            for p in frozen:
+                p.grad = None
+            self.opt.step()
+            self.opt.zero_grad()

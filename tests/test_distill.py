@@ -1,5 +1,4 @@
 """distill.py: rollouts, truncated BPTT, the loss, standardization, teacher-feature shards."""
-import contextlib
 import math
 import weakref
 
@@ -7,8 +6,11 @@ import pytest
 import torch
 
 import canvit
+import config
 import data
 import distill
+import fovea
+from conftest import LocalRun
 
 TINY = distill.DistillConfig(
     model=canvit.CanViTConfig(backbone=canvit.BackboneConfig(embed_dim=32, num_heads=1, n_blocks=2),
@@ -81,7 +83,7 @@ def test_no_gradient_crosses_a_chunk_boundary(monkeypatch):
     batch = scenes()
     obj.setup(data.SyntheticScenes(16, 64))
     seen = record_states(obj, monkeypatch)
-    out = obj.train_step(batch, step=0, autocast=contextlib.nullcontext)
+    out = obj.train_step(batch, step=0, run=LocalRun())
     assert out["rollout_len"] == 6 and len(seen) == 6
     for t, state in enumerate(seen):
         if t in (2, 4):  # chunk starts: the state is cut from the previous chunk's graph
@@ -115,7 +117,7 @@ def test_memory_does_not_grow_with_the_rollout_length(monkeypatch):
         return backward(self, *a, **k)
     monkeypatch.setattr(torch.Tensor, "backward", counting_backward)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
-        obj.train_step(batch, step=0, autocast=contextlib.nullcontext)
+        obj.train_step(batch, step=0, run=LocalRun())
     assert len(at_backward) == 8 and at_backward[0] > 0
     assert max(at_backward) == min(at_backward)
 
@@ -157,16 +159,14 @@ def test_a_training_step_lowers_the_loss_on_a_fixed_batch():
     opt = torch.optim.AdamW(obj.model.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
-        losses.append(obj.train_step(batch, step=0, autocast=contextlib.nullcontext)["loss"].item())
-        opt.step()
-        opt.zero_grad()
+        losses.append(obj.train_step(batch, step=0, run=LocalRun(opt))["loss"].item())
     assert losses[-1] < 0.8 * losses[0]
 
 
 def test_integral_glimpses_train_too():
     obj = tiny_objective(glimpse_method="integral", p_stop=1.0)
     obj.setup(data.SyntheticScenes(16, 64))
-    out = obj.train_step(scenes(), step=0, autocast=contextlib.nullcontext)
+    out = obj.train_step(scenes(), step=0, run=LocalRun())
     assert math.isfinite(out["loss"].item())
 
 
@@ -221,15 +221,16 @@ def test_shard_sampler_gives_each_process_its_shards():
 def test_a_vit_sup_checkpoint_serves_as_teacher(tmp_path):
     import train
     cfg = train.TrainConfig()
-    train.apply_overrides(cfg, {"objective": "vit_sup", "vit": {
+    config.apply_overrides(cfg, {"objective": "vit_sup", "vit": {
         "backbone": {"embed_dim": 32, "num_heads": 1, "n_blocks": 1, "patch_size": 8}, "num_classes": 5}})
     torch.manual_seed(0)
-    classifier = train.build_objective(cfg).model
-    torch.save({"model": classifier.state_dict(), "config": train.config_dict(cfg)}, tmp_path / "vit.pt")
+    objective = train.build_objective(cfg)
+    classifier = objective.model
+    torch.save(train.checkpoint(cfg, objective, step=1), tmp_path / "vit.pt")
     teacher = distill.make_teacher(distill.TeacherConfig(weights=str(tmp_path / "vit.pt")))
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(teacher(images)["cls"], classifier.vit(images)["cls"], rtol=0, atol=0)
     assert not any(p.requires_grad for p in teacher.parameters())
-    with pytest.raises(FileNotFoundError, match="not a file"):
+    with pytest.raises(fovea.CheckpointError, match="not a file"):
         distill.make_teacher(distill.TeacherConfig(weights=str(tmp_path / "missing.pth")))

@@ -15,6 +15,7 @@ import data
 import distill
 import eval as ev
 import fovea
+import config
 import train
 from conftest import ROOT, TINY_DISTILL_SECTION
 
@@ -39,12 +40,11 @@ def one_thread():
 
 def save_tiny_checkpoint(path, objective="distill"):
     cfg = train.TrainConfig()
-    train.apply_overrides(cfg, {**TINY, "objective": objective})
+    config.apply_overrides(cfg, {**TINY, "objective": objective})
     torch.manual_seed(0)
     obj = distill.Distillation(cfg.distill, seed=0)
     obj.setup(data.build_dataset(cfg.data))                    # fits the 4 x 4 standardizers
-    torch.save({"model": obj.model.state_dict(), "optimizer": {}, "step": 7, "rng": [],
-                "config": train.config_dict(cfg), "extra": obj.extra_state()}, path)
+    torch.save(train.checkpoint(cfg, obj, step=7), path)
     return path
 
 
@@ -416,11 +416,10 @@ VIT = {"objective": "vit_sup", "seed": 0, "dtype": "float32", "data": FOVEAL["da
 
 def save_checkpoint(path, overrides: dict, objective):
     cfg = train.TrainConfig()
-    train.apply_overrides(cfg, overrides)
+    config.apply_overrides(cfg, overrides)
     torch.manual_seed(0)
     obj = train.build_objective(cfg)
-    torch.save({"model": obj.model.state_dict(), "optimizer": {}, "step": 3, "rng": [],
-                "config": train.config_dict(cfg), "extra": {}}, path)
+    torch.save(train.checkpoint(cfg, obj, step=3), path)
     return path
 
 

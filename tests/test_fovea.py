@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fovea
-from conftest import load_reference
+from conftest import LocalRun, load_reference
 
 
 def brute_force_means(img: torch.Tensor, box, p: int) -> torch.Tensor:
@@ -588,13 +588,12 @@ def test_shuffled_vit_episode_shows_every_patch_once():
 def test_the_task_prompt_learns_from_the_first_step_only():
     """[002] Sec. 4, [000] Sec. 2.1: s_1 is a learned embedding. It receives the gradient of
     the first step's loss, and nothing from later steps (their input state is detached)."""
-    import contextlib
     torch.manual_seed(0)
     cfg = fovea.FovealTrainConfig(model=tiny_foveal(), steps=3, mixup_alpha=0.0)
     obj = fovea.FovealSupervised(cfg, seed=0)
     gen = torch.Generator().manual_seed(1)
     batch = {"image": torch.randn(6, 3, 48, 48, generator=gen), "label": torch.arange(6) % 5}
-    obj.train_step(batch, 0, contextlib.nullcontext)
+    obj.train_step(batch, 0, LocalRun())
     full = obj.model.state_prompt.grad
     assert full is not None and full.abs().sum() > 0
     # Independent: the gradient of the first step's loss alone (weighted 1/T as in train_step).
@@ -624,7 +623,6 @@ def test_zoom_levels_beyond_z_max_are_refused():
 
 
 def test_a_short_training_run_lowers_the_loss():
-    import contextlib
     torch.manual_seed(0)
     cfg = fovea.FovealTrainConfig(model=tiny_foveal(), steps=3, mixup_alpha=0.0)
     obj = fovea.FovealSupervised(cfg, seed=0)
@@ -634,8 +632,6 @@ def test_a_short_training_run_lowers_the_loss():
     losses = []
     prompt = obj.model.state_prompt.detach().clone()
     for _ in range(30):
-        losses.append(obj.train_step(batch, 0, contextlib.nullcontext)["loss"].item())
-        opt.step()
-        opt.zero_grad()
+        losses.append(obj.train_step(batch, 0, LocalRun(opt))["loss"].item())
     assert losses[-1] < 0.5 * losses[0]
     assert (obj.model.state_prompt - prompt).abs().max() > 1e-3           # the prompt moved
