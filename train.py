@@ -352,7 +352,8 @@ class Run:
         model = objective.model
         groups = (objective.param_groups(cfg.optim.weight_decay) if hasattr(objective, "param_groups")
                   else param_groups(model, cfg.optim.weight_decay))
-        self.params = [p for g in groups for p in g["params"]]
+        in_groups = {id(p) for g in groups for p in g["params"]}
+        self.params = [p for p in objective.parameters() if id(p) in in_groups]   # the model's order
         self.clip_groups = objective.clip_groups() if hasattr(objective, "clip_groups") else [self.params]
         self.opt = torch.optim.AdamW(groups, lr=cfg.optim.init_lr, betas=cfg.optim.betas,
                                      fused=device.type == "cuda")
