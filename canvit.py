@@ -43,17 +43,14 @@ State-dict names are the official canvit-pytorch 0.1 ones (`canvas_read.0.q_proj
 `scene_standardizers.32.mean`, ...) and, for the teacher, the official DINOv3 ones; 0.2 names
 are mapped by `_v02_to_v01_keys`.
 
-Run `python canvit.py` for a demo, `python canvit.py --bench` for the latency benchmark,
+Run `python canvit.py` for a demo, `python bench.py canvit` for the latency benchmark,
 `python -m pytest tests/test_canvit.py` for the tests.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import statistics
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -1095,63 +1092,8 @@ def count_params(module: nn.Module, readout_heads: bool = True) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Benchmark and demo
+# Demo (`python canvit.py`); the benchmarks are in bench.py
 # ----------------------------------------------------------------------------------------------
-
-def _bench_config(device: str) -> tuple[CanViTConfig, int, int]:
-    """CanViT-B, 128 px glimpse, 32 x 32 canvas on a GPU; a small model on CPU."""
-    if device == "cuda":
-        return CanViTConfig(), 128, 32
-    small = BackboneConfig(embed_dim=192, num_heads=3, n_blocks=12)
-    return CanViTConfig(backbone=small, canvas_num_heads=4, canvas_head_dim=64,
-                        teacher_dim=384), 128, 16
-
-
-def bench(device: str | None = None, steps: int = 20) -> list[dict]:
-    """Per-glimpse latency at batch 1 and throughput at batch 64, eager vs compiled,
-    float32 vs bf16 autocast: the median time of one recurrent step (state carried over),
-    after 3 warm-up steps. Prints a table; returns its rows."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, glimpse_px, G = _bench_config(device)
-    torch.manual_seed(0)
-    model = CanViT(cfg).to(device).eval()
-    print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, "
-          f"{torch.get_num_threads()} threads); D={cfg.backbone.embed_dim} x "
-          f"{cfg.backbone.n_blocks} blocks, Dc={cfg.canvas_dim}, glimpse {glimpse_px} px, "
-          f"canvas {G}x{G}; {count_params(model) / 1e6:.1f}M params, "
-          f"{count_flops(cfg, glimpse_grid=glimpse_px // 16, canvas_grid=G)['total'] / 1e9:.2f} "
-          f"GFLOPs/glimpse")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    rows = []
-    print(f"{'mode':9} {'dtype':9} {'batch':>5} {'ms/step median':>15} {'best':>9} "
-          f"{'glimpses/s':>11}")
-    for compiled in (False, True):
-        step = torch.compile(model, dynamic=False) if compiled else model
-        for dtype in (torch.float32, torch.bfloat16):
-            for batch in (1, 64):
-                glimpse = torch.randn(batch, 3, glimpse_px, glimpse_px, device=device)
-                vp = random_viewpoints(batch, torch.Generator().manual_seed(0))
-                center, scale = vp.center_yx.to(device), vp.scale.to(device)
-                with torch.inference_mode(), torch.autocast(device, dtype,
-                                                            enabled=dtype == torch.bfloat16):
-                    state = model.init_state(batch, G)
-                    times = []
-                    for i in range(steps + 3):                         # 3 warm-up steps
-                        sync()
-                        t0 = time.perf_counter()
-                        state = step(glimpse, state, center, scale).state
-                        sync()
-                        if i >= 3:
-                            times.append(time.perf_counter() - t0)
-                ms, best = statistics.median(times) * 1e3, min(times) * 1e3
-                row = {"mode": "compiled" if compiled else "eager", "dtype": str(dtype)[6:],
-                       "batch": batch, "ms": ms, "best_ms": best,
-                       "glimpses_per_s": batch / (ms / 1e3)}
-                rows.append(row)
-                print(f"{row['mode']:9} {row['dtype']:9} {batch:5d} {ms:15.2f} {best:9.2f} "
-                      f"{row['glimpses_per_s']:11.1f}")
-    return rows
-
 
 def demo() -> None:
     """A C2F rollout of a small random CanViT on a random scene, and App. G's FLOP table."""
@@ -1184,14 +1126,4 @@ def demo() -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", action="store_true", help="latency / throughput benchmark")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.bench:
-        bench(args.device)
-    else:
-        demo()
+    demo()

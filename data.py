@@ -34,7 +34,7 @@ Paper -> code
   003 App. F.2.1          square resize; random resized crop [0.5, 2] + flip    ADE20K
   DESIGN.md "Data"        the built-in synthetic scenes                         render_scene
 
-Run `python data.py` for a picture of sample scenes and masks, `python data.py --bench` for the
+Run `python data.py` for a picture of sample scenes and masks, `python bench.py data` for the
 rendering speed, `python -m pytest tests/test_data.py` for the tests.
 """
 from __future__ import annotations
@@ -43,7 +43,6 @@ import argparse
 import colorsys
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -709,7 +708,7 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = False, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Demo and benchmark
+# Demo (`python data.py`); the benchmarks are in bench.py
 # ----------------------------------------------------------------------------------------------
 
 def save_grid(path: str, n: int = 6, size: int = 256, seed: int = 0) -> None:
@@ -728,34 +727,11 @@ def save_grid(path: str, n: int = 6, size: int = 256, seed: int = 0) -> None:
     Image.fromarray((np.concatenate(rows, 0) * 255).round().astype(np.uint8)).save(path)
 
 
-def bench(sizes: tuple[int, ...] = (128, 256, 512, 1024), n: int = 100) -> None:
-    """Milliseconds per SyntheticScenes item (render + normalisation) in one thread, then the
-    scenes per second a DataLoader with 2 workers delivers at 128 px in batches of 64."""
-    for size in sizes:
-        ds = SyntheticScenes(n, size)
-        ds[0]
-        t0 = time.perf_counter()
-        for i in range(n):
-            ds[i]
-        print(f"synthetic scene {size:5d} px: {(time.perf_counter() - t0) / n * 1e3:7.2f} ms")
-    loader = torch.utils.data.DataLoader(SyntheticScenes(1024, 128), batch_size=64, num_workers=2,
-                                         collate_fn=collate)
-    t0 = time.perf_counter()
-    count = sum(len(batch["image"]) for batch in loader)
-    print(f"DataLoader, 2 workers, 128 px: {count / (time.perf_counter() - t0):7.0f} scenes/s "
-          f"(worker start-up included)")
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", action="store_true", help="time the synthetic scene rendering")
     parser.add_argument("--out", default="out/synthetic_scenes.png", help="where the sample grid goes")
     args = parser.parse_args()
-    if args.bench:
-        torch.set_num_threads(1)
-        bench()
-    else:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        save_grid(args.out)
-        print(f"wrote {os.path.abspath(args.out)}: scene | mask | 64 px view | zoom on the target; "
-              f"labels {[GLYPHS[sample_scene(i)['label']][0] for i in range(6)]}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    save_grid(args.out)
+    print(f"wrote {os.path.abspath(args.out)}: scene | mask | 64 px view | zoom on the target; "
+          f"labels {[GLYPHS[sample_scene(i)['label']][0] for i in range(6)]}")

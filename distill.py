@@ -30,7 +30,7 @@ Paper -> code
   Table 2 hyperparameters                DistillConfig, train.OptimConfig
 
 Run: `python train.py --cfg canvit_tiny.yaml` (tiny CanViT and teacher on synthetic scenes),
-`python distill.py --bench` (CanViT-B training step: throughput, memory vs rollout length);
+`python bench.py distill` (CanViT-B training step: throughput, memory vs rollout length);
 tests: `python -m pytest tests/test_distill.py`.
 """
 from __future__ import annotations
@@ -102,6 +102,21 @@ def make_teacher(cfg: TeacherConfig) -> canvit.DINOv3ViT:
                       + "!" * 78, RandomTeacherWarning, stacklevel=2)
         teacher = canvit.DINOv3ViT(cfg.backbone, cfg.n_storage_tokens)
     return teacher.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def teacher_features(teacher: canvit.DINOv3ViT, images: Tensor, grid: int | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """The teacher's CLS (B, Dt) and patch features (B, grid^2, Dt) after its final norm, in
+    float32 (bf16 autocast on CUDA). grid: the patch grid wanted; when it is not the scene's
+    (a canvas grid other than S / patch), the scene is resized to grid patches a side so that
+    both grids agree."""
+    if grid is not None and images.shape[-1] != grid * teacher.cfg.patch_size:
+        px = grid * teacher.cfg.patch_size
+        images = F.interpolate(images, size=(px, px), mode="bilinear", antialias=True, align_corners=False)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):
+        out = teacher(images)
+    return out["cls"].float(), out["patches"].float()
 
 
 def reconstruction_loss(pred: canvit.Predictions, cls_target: Tensor, patch_target: Tensor
@@ -213,17 +228,10 @@ class Distillation(nn.Module):
             self.teacher.eval()                                   # frozen, always
         return self
 
-    @torch.no_grad()
-    def teacher_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher CLS (B, Dt) and patch features (B, G*G, Dt), after its final norm, float32."""
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):
-            out = self.teacher(images)
-        return out["cls"].float(), out["patches"].float()
-
     def targets(self, batch: dict) -> tuple[Tensor, Tensor]:
         if "teacher_cls" in batch:                                # precomputed (float16 shards)
             return batch["teacher_cls"].float(), batch["teacher_patches"].float()
-        return self.teacher_features(batch["image"])
+        return teacher_features(self.teacher, batch["image"])
 
     @torch.no_grad()
     def setup(self, dataset) -> None:
@@ -422,83 +430,3 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark (`python distill.py --bench`): training throughput and memory vs rollout length
-# ----------------------------------------------------------------------------------------------
-
-def _bench(batch: int, lengths: list[int], device: str, dtype: str, compile_model: bool) -> None:
-    """One optimizer step of CanViT-B (Table 1) distilled from a ViT-B/16 teacher (random weights)
-    on 512 px scenes with 128 px glimpses, at fixed rollout lengths T."""
-    import contextlib
-    import time
-
-    dev = torch.device(device)
-    torch.manual_seed(0)
-    obj = Distillation(DistillConfig(p_stop=1e-9), seed=0).to(dev)
-    G = 512 // 16
-    obj.model.set_standardizers(G, torch.zeros(1, 768), torch.ones(1, 768), torch.zeros(G * G, 768),
-                                torch.ones(G * G, 768))
-    if compile_model:
-        obj.model.compile()
-    amp = ((lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if dtype == "bfloat16"
-           else contextlib.nullcontext)
-    opt = torch.optim.AdamW(obj.model.parameters(), lr=1e-7, fused=dev.type == "cuda")
-    images = torch.randn(batch, 3, 512, 512, device=dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    print(f"CanViT-B distillation step: {batch} scenes x 2 rollouts, 512 px scenes, 128 px glimpses, "
-          f"{dtype}{', compiled' if compile_model else ''}, {name}, torch {torch.__version__}")
-    print("| rollout length T | s/step | glimpses/s | activations held at a chunk's backward (MB) "
-          "| peak CUDA memory (MB) |\n|---:|---:|---:|---:|---:|")
-    for T in lengths:
-        obj.cfg.max_chunks = T // obj.cfg.chunk                   # p_stop ~ 0: exactly T glimpses
-        held, saved = [], {}
-
-        def pack(t):
-            saved[id(t)] = t.numel() * t.element_size()
-            return t
-
-        backward = torch.Tensor.backward
-
-        def counting(self, *a, **k):
-            held.append(sum(saved.values()) / 2 ** 20)
-            saved.clear()
-            return backward(self, *a, **k)
-
-        times = []
-        for i in range(2):                                        # the first step warms up
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            torch.Tensor.backward = counting
-            try:
-                sync()
-                t0 = time.perf_counter()
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    obj.train_step({"image": images}, i, amp)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sync()
-                times.append(time.perf_counter() - t0)
-            finally:
-                torch.Tensor.backward = backward
-        peak = f"{torch.cuda.max_memory_allocated(dev) / 2 ** 20:.0f}" if dev.type == "cuda" else "-"
-        print(f"| {T} | {times[-1]:.2f} | {2 * batch * T / times[-1]:.1f} | {max(held):.0f} | {peak} |",
-              flush=True)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Distillation benchmark (training throughput, memory)")
-    ap.add_argument("--bench", action="store_true", help="time CanViT-B training steps")
-    ap.add_argument("--batch", type=int, default=64 if torch.cuda.is_available() else 1)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[4, 20], help="rollout lengths T")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    ap.add_argument("--compile", action="store_true")
-    args = ap.parse_args()
-    if not args.bench:
-        ap.error("nothing to do: pass --bench (training runs through train.py)")
-    _bench(args.batch, args.lengths, args.device, args.dtype, args.compile)
