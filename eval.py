@@ -1,61 +1,27 @@
-"""Evaluation of a frozen model: probes, per-step / per-policy tables, resolutions, pictures.
+"""Evaluation of a frozen model: the command line, its config, and the pieces both protocols share.
 
-Papers
-  [003] Berreby, Du, Durand, Krishna, "CanViT: Toward Active-Vision Foundation Models": Sec. 6,
-        App. A, E (Table 4), F (Tables 6, 7). Official code: m2b3/CanViT-eval (evaluation) and
-        m2b3/CanViT-specialize (probe training).
-  [002] Prisadnikov et al., "Vision encoders should be image size agnostic and task driven",
-        arXiv 2508.16317: Sec. 6, Tables 1-2.
-  [000] "Self-supervised pretraining for an iterative image size agnostic vision transformer",
-        arXiv 2604.20392: Sec. 5.3 (ViT mode), Fig. 1 (resolution robustness).
+    python eval.py --ckpt runs/canvit_tiny/ckpt.pt --out_dir runs/canvit_tiny/eval
+    python eval.py --ckpt runs/foveal_tiny/ckpt.pt --baseline runs/vit_tiny/ckpt.pt --out_dir DIR
+    python eval.py --cfg my_eval.yaml --ckpt ... --n_val=512 --policies=c2f,riid   # overrides
 
-CanViT (objective "distill"). The checkpoint's CanViT is frozen (eval mode, no gradient, its
-weights checked bit-identical at the end) and rolled out on held-out scenes under each viewing
-policy for T glimpses. After every glimpse t we measure
-  * reconstruction: per-position cosine similarity between the destandardized W_spatial /
-    W_global predictions and the teacher's patch / CLS features (Table 4's metric), and the same
-    in the z-scored space of the loss (Eq. 3);
-  * segmentation: one probe (LayerNorm + Dropout + BatchNorm + 1x1 conv, F.2.1) on the canvas
-    cells, trained on frozen canvases of R-IID sequences and shared by all timesteps; mIoU;
-  * classification: a linear probe on the recurrent CLS, and F.2.2's zero-shot route: the
-    destandardized W_global prediction through a linear probe trained on the teacher's CLS.
-Probes are trained on cached frozen features of `n_train` scenes, then every policy runs on
-`n_val` other scenes. The whole evaluation is repeated at larger scenes and canvas grids of the
-same frozen model (Table 6's "Res." column, e.g. 512/32 and 1024/64), each with its own probes.
+The checkpoint's objective chooses the protocol:
+  distill (CanViT; or an official Hugging Face folder)  eval_canvit.py  [003] Sec. 6, App. A, E, F
+  foveal_sup, probe, dino (the foveal iterative ViT)     eval_foveal.py  [002] Sec. 6; [000] Sec. 5
+Both write results.json, tables.md and PNG pictures into --out_dir, and check that the frozen
+models are bit-identical after evaluation.
 
-The foveal iterative ViT (objective "foveal_sup"). Its task head's top-1 / top-5 after every
-step of an episode with random gazes ([002] Table 2's layout) and with a fixed gaze sequence;
-"ViT mode", one step on a static grid over the whole scene ([000] Sec. 5.3); and the resolution
-sweep of [000] Fig. 1: the same frozen model on scenes 2x, 4x, 8x larger than in training (the
-same gazes in scene coordinates), beside a passive ViT baseline (`--baseline`, a `vit_sup`
-checkpoint) whose patches shrink as the scene grows.
+Config: EvalConfig below, with train.py's config system (config.py): an optional YAML file
+(--cfg), then `--key=value` or `--key value` (lists as `a,b,c`); unknown keys and bad values stop
+before any work. Shared here: reading checkpoints, held-out batches, frozen-weight checks, top-k
+hits, probe training on cached features (F.2.1), progress lines.
 
-Shapes
-  B scenes, T glimpses, N probe-training scenes, S scene side (px), G canvas grid side,
-  K segment classes or labels, Dc canvas width, D backbone width, Dt teacher width.
-
-Paper -> code
-  App. F.1       R-IID, F-IID, C2F, F2C, full, entropy C2F     POLICIES, rollout
-  App. E Table 4 reconstruction cosine similarity              step_metrics
-  App. F.2.1     segmentation probe, AdamW warmup-cosine       SegProbe, cell_targets, train_probe
-  App. F.2.1     mIoU (dataset-wide confusion matrix)          confusion_matrix, miou, predict_masks
-  App. F.2.2     zero-shot classification through W_global     train_probes, step_metrics
-  Sec. 6.1       the same weights at 2x scene and canvas grid  evaluate_canvit, fit_standardizers
-  App. A         canvas PCA pictures                           pca_rgb, save_pictures
-  Tables 4, 6, 7 markdown tables                               tables
-  [002] Table 2  per-step top-1 / top-5, random gazes          evaluate_foveal, foveal_tables
-  [000] Sec. 5.3 ViT mode; Fig. 1 resolution robustness        evaluate_foveal
-
-Run `python eval.py --ckpt runs/canvit_tiny/ckpt.pt --out_dir runs/canvit_tiny/eval` (a train.py
-checkpoint, or an official Hugging Face folder with config.json + model.safetensors), or
-`python eval.py --ckpt runs/foveal_tiny/ckpt.pt --baseline runs/vit_tiny/ckpt.pt --out_dir DIR`; tests:
-`python -m pytest tests/test_eval.py`.
+Tests: `python -m pytest tests/test_eval.py tests/test_eval_canvit.py tests/test_eval_foveal.py`.
 """
 from __future__ import annotations
 
 import argparse
-import colorsys
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -64,21 +30,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from torch import Tensor
 
-import canvit
+import config
 import data
-import distill
 import fovea
-
-POLICIES = {"c2f": "C2F", "entropy": "Entropy C2F", "fiid": "F-IID", "riid": "R-IID",
-            "f2c": "F2C", "full": "Rep. full"}                       # Table 6's rows, in its order
-IGNORE = data.ADE20K_IGNORE                                          # mask value left out of mIoU
 
 
 class EvalError(ValueError):
@@ -93,147 +51,143 @@ def _opt(default, help: str):
 
 @dataclass
 class EvalConfig:
-    ckpt: str = _opt("", "train.py checkpoint (ckpt.pt) or official Hugging Face folder")
-    out_dir: str = _opt("", "where results.json, tables.md and the PNGs go")
-    policies: tuple = _opt(tuple(POLICIES), f"comma-separated, from {', '.join(POLICIES)}")
+    ckpt: str = _opt("", "train.py checkpoint (ckpt.pt) or official Hugging Face folder (required)")
+    out_dir: str = _opt("", "where results.json, tables.md and the PNGs go (required)")
     T: int = _opt(0, "glimpses per rollout (0: 21 for CanViT, [003] F.2; the training episode "
                      "for a foveal model)")
     data: str = _opt("", "synthetic | ade20k | imagefolder ('' = the checkpoint's dataset)")
     root: str = _opt("", "ADEChallengeData2016 folder, or an ImageFolder root with train/ val/")
     scene_size: int = _opt(0, "scene side S in px (0 = the checkpoint's; 512 for an HF folder)")
-    canvas_grid: int = _opt(0, "canvas grid G (0 = S / patch size, the teacher's grid)")
-    res_factors: tuple = _opt((), "evaluate at k S (and k G) for each k ('' = 1,2 for CanViT, "
-                              "[003] 512/32 and 1024/64; 1,2,4,8 for a foveal model, [000] Fig. 1)")
-    glimpse_px: int = _opt(0, "glimpse side in px (0 = the checkpoint's; 128 for an HF folder)")
-    teacher_weights: str = _opt("", "DINOv3 .pth for an HF folder (train.py checkpoints know it)")
-    n_train: int = _opt(512, "probe-training scenes (their features are cached)")
+    res_factors: tuple[int, ...] = _opt((), "evaluate at k S (and k G) for each k (none: 1,2 for "
+                                        "CanViT, [003] 512/32 and 1024/64; 1,2,4,8 for a foveal "
+                                        "model, [000] Fig. 1)")
     n_val: int = _opt(256, "held-out scenes every policy is evaluated on")
-    probe_T: int = _opt(10, "glimpses of the probe-training sequences ([003] F.2.1: 10)")
-    probe_policy: str = _opt("riid", "policy of the probe-training sequences (official: R-IID)")
-    probe_steps: int = _opt(500, "probe optimizer steps ([003] F.2.1: 40,000; CPU default)")
-    probe_batch: int = _opt(16, "scenes per probe step ([003] F.2.1: 16), all T_probe steps each")
-    probe_lr: float = _opt(1e-2, "peak AdamW lr ([003] F.2.1: 3e-4 for 40k steps; CPU default)")
-    probe_wd: float = _opt(1e-3, "AdamW weight decay ([003] F.2.1)")
     batch_size: int = _opt(64, "scenes per frozen-model batch")
-    pictures: int = _opt(3, "scenes shown in each policy's PNG (0 = none)")
+    pictures: int = _opt(3, "scenes shown in each picture (0 = none)")
     seed: int = _opt(0, "seeds policy randomness and probes (the scenes do not depend on it)")
     device: str = _opt("", "cpu | cuda ('' = cuda when available)")
-    threads: int = _opt(1, "CPU threads (1: a second thread on a shared 2-core CPU is ~20x slower)")
-    baseline: str = _opt("", "foveal models: a vit_sup checkpoint (passive ViT) to compare with")
-    repeats: int = _opt(3, "foveal models: random gaze sequences averaged per scene")
-    vit_grid: int = _opt(0, "foveal models: ViT-mode grid side (0: scene px / patch px)")
+    threads: int = _opt(0, "CPU threads (0: every core)")
+    # CanViT [003]
+    policies: tuple[str, ...] = _opt(("c2f", "entropy", "fiid", "riid", "f2c", "full"),
+                                     "CanViT: viewing policies, from c2f, entropy, fiid, riid, f2c, full")
+    canvas_grid: int = _opt(0, "CanViT: canvas grid G (0 = S / patch size, the teacher's grid)")
+    glimpse_px: int = _opt(0, "CanViT: glimpse side in px (0 = the checkpoint's; 128 for an HF folder)")
+    teacher_weights: str = _opt("", "CanViT: DINOv3 .pth for an HF folder (train.py checkpoints know it)")
+    n_train: int = _opt(512, "probe-training scenes (CanViT; their features are cached) or k-NN "
+                             "training scenes (a foveal dino / probe backbone)")
+    probe_T: int = _opt(10, "CanViT: glimpses of the probe-training sequences ([003] F.2.1: 10)")
+    probe_policy: str = _opt("riid", "CanViT: policy of the probe-training sequences (official: R-IID)")
+    probe_steps: int = _opt(500, "CanViT: probe optimizer steps ([003] F.2.1: 40,000; CPU default)")
+    probe_batch: int = _opt(16, "CanViT: scenes per probe step ([003] F.2.1: 16), all T_probe steps each")
+    probe_lr: float = _opt(1e-2, "CanViT: peak AdamW lr ([003] F.2.1: 3e-4 for 40k steps; CPU default)")
+    probe_wd: float = _opt(1e-3, "CanViT: AdamW weight decay ([003] F.2.1)")
+    # The foveal iterative ViT [002, 000]
+    baseline: str = _opt("", "foveal: a vit_sup checkpoint (the passive ViT) to compare with")
+    repeats: int = _opt(3, "foveal: random gaze sequences averaged per scene")
+    vit_grid: int = _opt(0, "foveal: ViT-mode grid side (0: scene px / patch px)")
+
+
+def usage() -> str:
+    rows = [f"  --{f.name:16} {f.metadata['help']}" for f in dataclasses.fields(EvalConfig)]
+    return "options (--key=value or --key value):\n" + "\n".join(rows)
 
 
 def parse_args(argv: list[str]) -> EvalConfig:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(EvalConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = str if isinstance(default, tuple) else type(default)
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        ap.add_argument(f"--{f.name}", type=kind, default=default,
-                        required=f.name in ("ckpt", "out_dir"),
-                        help=f"{f.metadata['help']} (default: {shown!r})")
-    ns = vars(ap.parse_args(argv))
-    for name in ("policies", "res_factors"):                            # "a,b" -> tuple
-        if isinstance(ns[name], str):
-            ns[name] = tuple(v.strip() for v in ns[name].split(",") if v.strip())
+    """EvalConfig from an optional --cfg YAML file and overrides; checked before any work."""
+    ap = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0], epilog=usage(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cfg", help="YAML file of EvalConfig keys (optional)")
+    args, rest = ap.parse_known_args(argv)
+    cfg = EvalConfig()
     try:
-        ns["res_factors"] = tuple(int(k) for k in ns["res_factors"])
-    except ValueError:
-        raise EvalError(f"--res_factors takes integers, got {ns['res_factors']}") from None
-    cfg = EvalConfig(**ns)
-    bad = [p for p in (*cfg.policies, cfg.probe_policy) if p not in POLICIES]
-    if bad or cfg.probe_policy == "entropy":
-        raise EvalError(f"unknown policy {bad or ['entropy']} (the probes' policy cannot be "
-                        f"entropy); valid: {', '.join(POLICIES)}")
-    if min(cfg.probe_T, cfg.n_train, cfg.n_val, cfg.probe_steps, cfg.repeats, *cfg.res_factors) < 1 or cfg.T < 0:
-        raise EvalError("probe_T, n_train, n_val, probe_steps, repeats and res_factors must be >= 1")
+        if args.cfg:
+            config.load_file(cfg, args.cfg)
+        config.apply_cli(cfg, rest)
+    except config.ConfigError as e:
+        raise EvalError(str(e)) from None
+    for key in ("ckpt", "out_dir"):
+        if not getattr(cfg, key):
+            raise EvalError(f"--{key} is required\n{usage()}")
+    small = [k for k in ("n_val", "batch_size", "n_train", "probe_T", "probe_steps", "probe_batch",
+                         "repeats") if getattr(cfg, k) < 1]
+    if small or min(cfg.res_factors, default=1) < 1 or cfg.T < 0:
+        raise EvalError(f"{', '.join(small) or 'res_factors / T'}: must be >= 1 (T >= 0)")
     return cfg
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics (F.2.1: mIoU over a global confusion matrix; top-1)
+# Checkpoints, held-out data, frozen models
 # ----------------------------------------------------------------------------------------------
 
-def confusion_matrix(pred: Tensor, target: Tensor, K: int, ignore: int = IGNORE) -> Tensor:
-    """(K, K) int64 pixel counts, row = true class, column = predicted, where target != ignore.
-    One bincount; ignored pixels go to an extra bin (no boolean indexing: 8x faster on CPU)."""
-    t = target.to(torch.int32)
-    idx = torch.where(t != ignore, t * K + pred.to(torch.int32), K * K)
-    return torch.bincount(idx.flatten(), minlength=K * K + 1)[:K * K].view(K, K)
+def read_checkpoint(path: str) -> tuple[str, dict | Path]:
+    """-> (objective, checkpoint dict); an official Hugging Face folder is ("distill", folder)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise EvalError(f"{p} is a folder without config.json: not a Hugging Face checkpoint")
+        return "distill", p
+    try:
+        ckpt = fovea.read_checkpoint(p)
+    except fovea.CheckpointError as e:
+        raise EvalError(f"{e} (or an official Hugging Face folder: config.json + model.safetensors)") from None
+    return ckpt["config"].get("objective"), ckpt
 
 
-def miou(conf: Tensor) -> float:
-    """Mean IoU over the classes present (union > 0) of a dataset-wide confusion matrix: counts
-    are summed over all images first, as mmsegmentation and the official mIoUAccumulator do."""
-    inter = conf.diag().double()
-    union = conf.sum(0).double() + conf.sum(1).double() - inter
-    present = union > 0
-    return (inter[present] / union[present]).mean().item() if present.any() else float("nan")
+def device_of(cfg: EvalConfig) -> torch.device:
+    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def cell_targets(masks: Tensor, G: int, K: int, ignore: int = IGNORE) -> Tensor:
-    """(B, S, S) masks -> (B, K, G, G) fraction of each cell's pixels in each class (ignored
-    pixels count for none), by one bincount: memory O(pixels), not O(pixels x K)."""
-    B, H, W = masks.shape
-    if H % G or W % G:
-        raise EvalError(f"scene {H}x{W} px is not a whole number of cells of a {G}x{G} canvas")
-    rows = torch.arange(H, device=masks.device) // (H // G)
-    cols = torch.arange(W, device=masks.device) // (W // G)
-    cell = (rows[:, None] * G + cols[None, :]).expand(B, H, W)                 # (B, S, S)
-    b = torch.arange(B, device=masks.device)[:, None, None].expand(B, H, W)
-    valid = masks != ignore
-    idx = ((b * G * G + cell) * K + masks.long())[valid]
-    counts = torch.bincount(idx, minlength=B * G * G * K).view(B, G, G, K)
-    return (counts.float() / (H // G * W // G)).permute(0, 3, 1, 2)        # (B, K, G, G)
+def batches(ds, n: int, batch_size: int):
+    """The first n scenes of a fixed shuffle (seed 0: the same scenes whatever --seed), batched."""
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    for i in range(0, n, batch_size):
+        batch = data.collate([ds[j] for j in order[i:i + batch_size]])
+        for reason in batch.pop("bad"):
+            print(f"skipped a bad image: {reason}", file=sys.stderr)
+        if "image" in batch:
+            yield batch
 
 
-def predict_masks(logits: Tensor, size: int) -> Tensor:
-    """(B, K, G, G) logits -> (B, S, S) classes: bilinear upsampling then argmax (as the official
-    CanViT-eval), channels-last (3x faster on CPU) and a few images at a time, so that the
-    (B, K, S, S) logits never exist at once."""
-    n = max(1, 2 ** 22 // (logits.shape[1] * size * size))
-    logits = logits.float().contiguous(memory_format=torch.channels_last)
-    return torch.cat([F.interpolate(chunk, size=(size, size), mode="bilinear",
-                                    align_corners=False).argmax(1) for chunk in logits.split(n)])
+def snapshot(*modules) -> list[dict]:
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()}
+            for m in modules if m is not None]
+
+
+def check_unchanged(modules, snaps: list[dict]) -> None:
+    """Evaluation must leave the frozen model bit-identical (no new buffers either)."""
+    for m, before in zip([m for m in modules if m is not None], snaps):
+        after = m.state_dict()
+        changed = sorted(set(before) ^ set(after)) + [k for k in before if k in after
+                                                      and not torch.equal(before[k], after[k])]
+        if changed:
+            raise RuntimeError(f"evaluation changed the frozen {type(m).__name__}: {changed[:10]}")
+
+
+class Progress:
+    """A line about every `every` seconds (and at the end): what, how far, elapsed, ETA."""
+
+    def __init__(self, what: str, total: int, every: float = 20.0):
+        self.what, self.total, self.every = what, total, every
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every and done < self.total:
+            return
+        self.last = now
+        clock = lambda s: time.strftime("%H:%M:%S", time.gmtime(s))
+        eta = (now - self.t0) / max(done, 1) * (self.total - done)
+        print(f"  {self.what}: {done}/{self.total}, {clock(now - self.t0)} elapsed, ETA {clock(eta)}",
+              flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
-# Probes (F.2.1, F.2.2) and their training on cached frozen features
+# Metrics and probes trained on cached frozen features ([003] F.2.1)
 # ----------------------------------------------------------------------------------------------
 
-class SegProbe(nn.Module):
-    """F.2.1: LayerNorm + Dropout (0.1) + BatchNorm + Conv 1x1; (B, G, G, D) -> (B, K, G, G).
-    NOTE(paper): as the official probe (and DINOv3's), the dropout drops whole channels."""
-
-    def __init__(self, dim: int, num_classes: int, dropout: float = 0.1):
-        super().__init__()
-        self.ln, self.dropout = nn.LayerNorm(dim), nn.Dropout2d(dropout)
-        self.bn, self.conv = nn.BatchNorm2d(dim), nn.Conv2d(dim, num_classes, 1)
-        nn.init.normal_(self.conv.weight, std=0.01)                      # official init
-        nn.init.zeros_(self.conv.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.ln(x).permute(0, 3, 1, 2)                   # (B, G, G, D) -> (B, D, G, G)
-        return self.conv(self.bn(self.dropout(x)))
-
-
-def seg_loss(probe: nn.Module, feats: Tensor, q: Tensor) -> Tensor:
-    """Pixel cross-entropy, averaged over timesteps, of feats (b, T, G*G, D) against cell class
-    fractions q (b, K, G, G). NOTE(paper): the official code takes the mask's nearest pixel per
-    cell; the fractions give the exact pixel-level loss of a per-cell prediction, and do not
-    lose objects smaller than a cell (the synthetic target badge is about one cell wide)."""
-    b, T, N, D = feats.shape
-    G = math.isqrt(N)
-    logp = F.log_softmax(probe(feats.float().reshape(b * T, G, G, D)), 1)      # (b*T, K, G, G)
-    q = q.float().repeat_interleave(T, 0)                                      # (b*T, K, G, G)
-    return -(q * logp).sum() / q.sum().clamp_min(1e-6)
-
-
-def cls_loss(probe: nn.Module, feats: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy averaged over timesteps: feats (b, T, D), labels (b,)."""
-    logits = probe(feats.float().flatten(0, 1))                              # (b*T, K)
-    return F.cross_entropy(logits, labels.repeat_interleave(feats.shape[1]))
+def hits(logits: Tensor, labels: Tensor, k: int) -> Tensor:
+    """(B,) 1.0 where the label is among the k highest logits (top-k accuracy per image)."""
+    return (logits.topk(min(k, logits.shape[-1]), -1).indices == labels[:, None]).any(-1).float()
 
 
 def warmup_cosine(step: int, steps: int, peak: float) -> float:
@@ -268,681 +222,39 @@ def train_probe(probe: nn.Module, loss_fn, inputs: tuple[Tensor, ...], cfg: Eval
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading a frozen model (dispatch on the checkpoint's objective)
+# The command line
 # ----------------------------------------------------------------------------------------------
 
-def read_checkpoint(path: str) -> tuple[str, dict | Path]:
-    """-> (objective, checkpoint dict); an official Hugging Face folder is ("distill", folder)."""
-    p = Path(path)
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise EvalError(f"{p} is a folder without config.json: not a Hugging Face checkpoint")
-        return "distill", p
-    if not p.is_file():
-        raise EvalError(f"checkpoint {p} not found: give a train.py ckpt.pt or an official "
-                        "Hugging Face folder (config.json + model.safetensors)")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
-        raise EvalError(f"{p} is not a train.py checkpoint (a dict with 'model' and 'config')")
-    return ckpt["config"].get("objective"), ckpt
-
-
-def load_canvit(source: dict | Path, cfg: EvalConfig) -> tuple[canvit.CanViT, nn.Module | None,
-                                                                dict]:
-    """CanViT, its teacher (None when unknown) and the run's settings, from a train.py
-    checkpoint (teacher rebuilt strictly from `extra`, as in training) or a Hugging Face folder."""
-    if isinstance(source, Path):
-        model = canvit.load_hf_folder(source)
-        teacher = load_teacher(cfg.teacher_weights) if cfg.teacher_weights else None
-        # Table 1 / Table 2: 512 px scenes, 128 px bilinear glimpses
-        info = {"step": None, "glimpse_px": 128, "glimpse_method": "bilinear",
-                "data": data.DataConfig(image_size=512)}
-    else:
-        d, extra = source["config"]["distill"], source.get("extra", {})
-        model = canvit.CanViT(canvit.CanViTConfig(**d["model"]))
-        model.load_state_dict(source["model"], strict=True)
-        if "teacher" in extra:                 # a random teacher: its weights are in the checkpoint
-            t = d["teacher"]
-            teacher = canvit.DINOv3ViT(canvit.BackboneConfig(**t["backbone"]),
-                                       t["n_storage_tokens"])
-            teacher.load_state_dict(extra["teacher"], strict=True)
-        else:                                  # DINOv3 weights from a path (or --teacher_weights)
-            weights = cfg.teacher_weights or extra.get("teacher_weights") or d["teacher"]["weights"]
-            teacher = load_teacher(weights) if weights else None
-        info = {"step": source.get("step"), "glimpse_px": d["glimpse_px"],
-                "glimpse_method": d.get("glimpse_method", "bilinear"),
-                "data": data.DataConfig(**source["config"]["data"])}
-    if cfg.glimpse_px:
-        info["glimpse_px"] = cfg.glimpse_px
-    if teacher is None:
-        print("!! no teacher: neither saved in the checkpoint nor given (--teacher_weights); "
-              "reconstruction and zero-shot classification are skipped", file=sys.stderr)
-    for m in (model, teacher):
-        if m is not None:
-            m.eval().requires_grad_(False)
-    return model, teacher, info
-
-
-def load_teacher(path: str) -> canvit.DINOv3ViT:
-    """Official DINOv3 weights, or the passive ViT of a `vit_sup` checkpoint (as in training)."""
-    if not Path(path).is_file():
-        raise EvalError(f"teacher weights {path} not found (give the DINOv3 .pth with "
-                        "--teacher_weights)")
-    return distill.make_teacher(distill.TeacherConfig(weights=path))
-
-
-def snapshot(*modules) -> list[dict]:
-    return [{k: v.detach().clone() for k, v in m.state_dict().items()}
-            for m in modules if m is not None]
-
-
-def check_unchanged(modules, snaps: list[dict]) -> None:
-    """Evaluation must leave the frozen model bit-identical (no new buffers either)."""
-    for m, before in zip([m for m in modules if m is not None], snaps):
-        after = m.state_dict()
-        changed = sorted(set(before) ^ set(after)) + [k for k in before if k in after
-                                                      and not torch.equal(before[k], after[k])]
-        if changed:
-            raise RuntimeError(f"evaluation changed the frozen {type(m).__name__}: {changed[:10]}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Rollouts under a policy (App. F.1)
-# ----------------------------------------------------------------------------------------------
-
-def rollout(model: canvit.CanViT, scenes: Tensor, policy: str, T: int, G: int, glimpse_px: int,
-            gen: torch.Generator, method: str = "bilinear", seg_probe: nn.Module | None = None):
-    """Yield (t, Viewpoint (B, 2), (B,), State) after each of T glimpses of scenes (B, 3, S, S).
-
-    Static policies come from canvit.policy_viewpoints (drawn from `gen`); 'entropy' asks
-    EntropyGuidedC2F for the next tile given the seg probe's per-cell entropy on the canvas
-    before the glimpse (as the official evaluation)."""
-    B, device = scenes.shape[0], scenes.device
-    state = model.init_state(B, G)
-    source = fovea.integral_image(scenes) if method == "integral" else scenes
-    if policy == "entropy":
-        if seg_probe is None:
-            raise EvalError("the entropy-guided C2F policy needs the segmentation probe (masks)")
-        guide = canvit.EntropyGuidedC2F(T, G)
-    else:
-        vps = canvit.policy_viewpoints(policy, T, B, gen)
-    for t in range(T):
-        if policy == "entropy":
-            logits = seg_probe(canvas_cells(model, state.canvas).float())
-            vp = guide.step(canvit.predictive_entropy(logits))
-        else:
-            vp = canvit.Viewpoint(vps.center_yx[t].to(device), vps.scale[t].to(device))
-        glimpse = fovea.viewpoint_glimpse(source, vp.center_yx, vp.scale, glimpse_px)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            state = model(glimpse, state, vp.center_yx, vp.scale).state
-        yield t, vp, state
-
-
-def canvas_cells(model: canvit.CanViT, canvas: Tensor) -> Tensor:
-    """(B, Rc + G*G, Dc) canvas -> (B, G, G, Dc) spatial cells (F.2: registers excluded)."""
-    cells = canvas[:, model.cfg.n_canvas_registers:]
-    G = math.isqrt(cells.shape[1])
-    return cells.reshape(cells.shape[0], G, G, -1)
-
-
-@torch.inference_mode()
-def teacher_features(teacher: nn.Module, images: Tensor, G: int) -> tuple[Tensor, Tensor]:
-    """Teacher CLS (B, Dt) and patches (B, G*G, Dt) after its final norm. NOTE: when the canvas
-    grid is not S / patch, the scene is resized to G patches a side so both grids agree."""
-    px = G * teacher.cfg.patch_size
-    if images.shape[-1] != px:
-        images = F.interpolate(images, size=(px, px), mode="bilinear", antialias=True,
-                               align_corners=False)
-    with torch.autocast(images.device.type, torch.bfloat16, enabled=images.is_cuda):
-        out = teacher(images)
-    return out["cls"].float(), out["patches"].float()
-
-
-# ----------------------------------------------------------------------------------------------
-# One resolution: cache frozen features, train probes, evaluate every policy
-# ----------------------------------------------------------------------------------------------
-
-def datasets(cfg: EvalConfig, info: dict, S: int):
-    """(probe-training, held-out) datasets at scene size S: train / val (synthetic, ImageFolder:
-    resize + centre crop, F.2.2) or training / validation (ADE20K: resized to S x S, F.2.1)."""
-    dc = dataclasses.replace(info["data"], dataset=cfg.data or info["data"].dataset,
-                             root=cfg.root or info["data"].root, image_size=S)
-    if dc.dataset == "imagefolder":               # class count from the folders, not the config
-        sets = tuple(data.ImageFolder(os.path.join(dc.root, s), S) for s in ("train", "val"))
-    else:
-        sets = data.build_dataset(dc, "train"), data.build_dataset(dc, "val")
-    for ds, n in zip(sets, (cfg.n_train, cfg.n_val)):
-        if len(ds) < n:
-            raise EvalError(f"{dc.dataset} split has {len(ds)} scenes, fewer than {n} requested")
-    return sets
-
-
-def batches(ds, n: int, batch_size: int):
-    """The first n scenes of a fixed shuffle (seed 0: the same scenes whatever --seed), batched."""
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    for i in range(0, n, batch_size):
-        batch = data.collate([ds[j] for j in order[i:i + batch_size]])
-        for reason in batch.pop("bad"):
-            print(f"skipped a bad image: {reason}", file=sys.stderr)
-        if "image" in batch:
-            yield batch
-
-
-def collect_features(model, teacher, ds, cfg: EvalConfig, info: dict, S: int, G: int) -> dict:
-    """Cache, for n_train scenes, the frozen canvas cells (N, T, G*G, Dc) float16 and recurrent
-    CLS (N, T, D) after each glimpse of probe_T-step probe_policy rollouts, cell class fractions
-    (N, K, G, G), labels (N,) and teacher CLS (N, Dt) / patches (N, G*G, Dt).
-
-    NOTE(paper): F.2.1 trains on "sequences of T = 10 timesteps" without naming their policy;
-    the official probe training draws R-IID viewpoints, one probe for all timesteps, its loss
-    averaged over them (seg_loss, cls_loss). One rollout per scene is cached (the official code
-    draws new viewpoints, and augmentations, at every step)."""
-    device = model.canvas_spatial_init.device
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 999)
-    out: dict[str, list] = {}
-    with torch.inference_mode():
-        for batch in batches(ds, cfg.n_train, cfg.batch_size):
-            images = batch["image"].to(device)
-            cells, cls = [], []
-            for _, _, state in rollout(model, images, cfg.probe_policy, cfg.probe_T, G,
-                                       info["glimpse_px"], gen, info["glimpse_method"]):
-                cells.append(state.canvas[:, model.cfg.n_canvas_registers:].half().cpu())
-                cls.append(state.recurrent_cls[:, 0].float().cpu())
-            item = {"cells": torch.stack(cells, 1), "cls": torch.stack(cls, 1)}
-            if "mask" in batch:
-                item["q"] = cell_targets(batch["mask"], G, ds.num_segment_classes).half()
-            if "label" in batch:
-                item["label"] = batch["label"]
-            if teacher is not None:
-                t_cls, t_patches = teacher_features(teacher, images, G)
-                item["t_cls"], item["t_patches"] = t_cls.cpu(), t_patches.cpu()
-            for k, v in item.items():
-                out.setdefault(k, []).append(v)
-    # cat outside inference mode: the probes need ordinary tensors to train on
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def train_probes(model, feats: dict, ds, cfg: EvalConfig, device) -> tuple[dict, dict]:
-    """Seg probe on canvas cells, linear probe on the recurrent CLS, and the teacher's probes
-    (CLS: the zero-shot route of F.2.2; patches: a passive reference). -> (probes, loss logs).
-
-    NOTE(paper): the paper classifies only zero-shot, with DINOv3's ImageNet-1k probe (App. H);
-    here the teacher-CLS probe is trained on the same scenes' teacher CLS, and the probe on the
-    recurrent CLS (LayerNorm + Linear: the CLS is a pre-norm residual stream) is our addition."""
-    probes, logs = {}, {}
-    Dc, D, Dt = model.cfg.canvas_dim, model.cfg.backbone.embed_dim, model.cfg.teacher_dim
-    jobs = []                                            # (name, make the probe, loss, inputs)
-    if "q" in feats:
-        K = ds.num_segment_classes
-        jobs.append(("seg", lambda: SegProbe(Dc, K), seg_loss, (feats["cells"], feats["q"])))
-        if "t_patches" in feats:
-            jobs.append(("teacher_seg", lambda: SegProbe(Dt, K), seg_loss,
-                         (feats["t_patches"][:, None], feats["q"])))
-    if "label" in feats:
-        C = ds.num_classes
-        jobs.append(("cls", lambda: nn.Sequential(nn.LayerNorm(D), nn.Linear(D, C)), cls_loss,
-                     (feats["cls"], feats["label"])))
-        if "t_cls" in feats:
-            jobs.append(("teacher_cls", lambda: nn.Linear(Dt, C), cls_loss,
-                         (feats["t_cls"][:, None], feats["label"])))
-    for i, (name, make, loss_fn, inputs) in enumerate(jobs):
-        torch.manual_seed(cfg.seed * 1000 + i)            # initialisation and dropout
-        probe = make().to(device)
-        logs[name] = train_probe(probe, loss_fn, inputs, cfg, seed=cfg.seed * 1000 + i)
-        probes[name] = probe.eval()
-    return probes, logs
-
-
-def fit_standardizers(model, feats: dict, G: int) -> tuple[tuple, str]:
-    """The (CLS, patch) standardizers of grid G: the checkpoint's, or, for a grid it has none
-    for (a larger canvas), fitted here on the probe-training scenes' teacher features at that
-    resolution, outside the model (which stays unchanged). NOTE(paper): the official models
-    keep one standardizer pair per canvas grid (`canvas_patch_grid_sizes`) in the same way."""
-    if str(G) in model.scene_standardizers:
-        return model.standardizers(G), "checkpoint"
-    cls_std = canvit.Standardizer(1, model.cfg.teacher_dim)
-    patch_std = canvit.Standardizer(G * G, model.cfg.teacher_dim)
-    cls_std.fit(feats["t_cls"][:, None])
-    patch_std.fit(feats["t_patches"])
-    device = model.canvas_spatial_init.device
-    source = f"fitted on {len(feats['t_cls'])} probe-training scenes"
-    return (cls_std.to(device), patch_std.to(device)), source
-
-
-def step_metrics(model, probes: dict, stds, state, truth: dict, S: int
-                 ) -> tuple[dict, Tensor | None]:
-    """Sums over a batch of every metric after one glimpse, and the predicted masks (B, S, S).
-
-    NOTE(paper): Table 4 does not say in which space its cosine is taken; the official
-    evaluation logs both, so both are kept: destandardized predictions vs the teacher's features
-    (F.2's decoding), and z-scores vs z-scored targets (the loss's space, Eq. 3)."""
-    sums, pred = {}, None
-    if "t_cls" in truth:                                 # Table 4: destandardized vs teacher
-        z = model.predict(state)                                             # z-scored (Eq. 3)
-        cls_hat = stds[0].destandardize(z.cls.float()[:, None])[:, 0]        # (B, Dt)
-        patches_hat = stds[1].destandardize(z.patches.float())               # (B, G*G, Dt)
-        cos = lambda a, b: F.cosine_similarity(a, b, dim=-1)           # per position (or CLS)
-        sums["patch_cos"] = cos(patches_hat, truth["t_patches"]).mean(1).sum()
-        sums["cls_cos"] = cos(cls_hat, truth["t_cls"]).sum()
-        sums["patch_cos_z"] = cos(z.patches.float(), truth["z_patches"]).mean(1).sum()
-        sums["cls_cos_z"] = cos(z.cls.float(), truth["z_cls"]).sum()
-        if "teacher_cls" in probes:                      # F.2.2: zero-shot through W_global
-            sums["zero_shot_correct"] = correct(probes["teacher_cls"](cls_hat), truth["label"])
-    if "seg" in probes:
-        logits = probes["seg"](canvas_cells(model, state.canvas).float())      # (B, K, G, G)
-        pred = predict_masks(logits, S)
-        sums["conf"] = confusion_matrix(pred, truth["mask"], logits.shape[1])
-    if "cls" in probes:
-        logits = probes["cls"](state.recurrent_cls[:, 0].float())             # (B, K)
-        sums["cls_correct"] = correct(logits, truth["label"])
-    return sums, pred
-
-
-def correct(logits: Tensor, labels: Tensor) -> Tensor:
-    """Top-1: how many of (B, K) logits have their largest value at the label (B,)."""
-    return (logits.argmax(-1) == labels).sum()
-
-
-@torch.inference_mode()
-def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg: EvalConfig, info: dict,
-                      S: int, G: int) -> tuple[dict, dict]:
-    """Every policy for T glimpses on the n_val held-out scenes. -> (results: per policy, each
-    metric per timestep, plus the passive teacher's; pictures: rollouts of the first scenes)."""
-    device, T = model.canvas_spatial_init.device, cfg.T
-    policies = [p for p in cfg.policies if p != "entropy" or "seg" in probes]
-    if len(policies) < len(cfg.policies):
-        print("entropy C2F skipped: it needs the segmentation probe, and these data have no masks")
-    gens = {p: torch.Generator().manual_seed(cfg.seed * 1000 + list(POLICIES).index(p))
-            for p in policies}                            # the same viewpoints at every resolution
-    sums = {p: {} for p in policies}                      # policy -> metric -> [sum at t]
-    passive, pics, n = {}, {"policies": {p: [] for p in policies}}, 0
-    for i, batch in enumerate(batches(ds, cfg.n_val, cfg.batch_size)):
-        images = batch["image"].to(device)
-        truth = {k: batch[k].to(device) for k in ("mask", "label") if k in batch}
-        k, n = (cfg.pictures if i == 0 else 0), n + len(images)         # pictures: first scenes
-        if "label" in truth:                           # for the constant-prediction floor
-            counts = torch.bincount(truth["label"], minlength=ds.num_classes).cpu()
-            passive["label_counts"] = passive.get("label_counts", 0) + counts
-        if teacher is not None:
-            truth["t_cls"], truth["t_patches"] = teacher_features(teacher, images, G)
-            truth["z_cls"] = stds[0].standardize(truth["t_cls"][:, None])[:, 0]
-            truth["z_patches"] = stds[1].standardize(truth["t_patches"])
-            if "teacher_seg" in probes:                   # the teacher's probes on its own features
-                logits = probes["teacher_seg"](truth["t_patches"].view(len(images), G, G, -1))
-                conf = confusion_matrix(predict_masks(logits, S), truth["mask"], logits.shape[1])
-                passive["teacher_conf"] = passive.get("teacher_conf", 0) + conf.cpu()
-            if "teacher_cls" in probes:
-                hits = correct(probes["teacher_cls"](truth["t_cls"]), truth["label"])
-                passive["teacher_correct"] = passive.get("teacher_correct", 0) + hits.item()
-        if k:
-            masks = truth["mask"][:k].cpu() if "mask" in truth else None
-            pics.update(images=images[:k].cpu(), masks=masks,
-                        teacher=truth["t_patches"][:k].cpu() if teacher is not None else None)
-        for p in policies:
-            for t, vp, state in rollout(model, images, p, T, G, info["glimpse_px"], gens[p],
-                                        info["glimpse_method"], probes.get("seg")):
-                step, pred = step_metrics(model, probes, stds, state, truth, S)
-                for name, v in step.items():
-                    acc = sums[p].setdefault(name, [0] * T)
-                    acc[t] = acc[t] + v.cpu()
-                if k:
-                    pics["policies"][p].append({
-                        "center": vp.center_yx[:k].cpu(), "scale": vp.scale[:k].cpu(),
-                        "cells": canvas_cells(model, state.canvas)[:k].float().cpu(),
-                        "seg": pred[:k].cpu() if pred is not None else None})
-    results = {"n_val": n}
-    for p in policies:
-        s = sums[p]
-        results[p] = {name: [v.item() / n for v in s[name]] for name in
-                      ("patch_cos", "cls_cos", "patch_cos_z", "cls_cos_z") if name in s}
-        for name, key in (("cls_correct", "top1_cls_probe"),
-                          ("zero_shot_correct", "top1_zero_shot")):
-            if name in s:
-                results[p][key] = [v.item() / n for v in s[name]]
-        if "conf" in s:
-            results[p]["miou"] = [miou(c) for c in s["conf"]]
-    if "seg" in probes:            # floor: the most frequent class everywhere (IoU N_c / N)
-        pixels = sums[policies[0]]["conf"][0].sum(1).double()             # per true class
-        results["floor_miou"] = (pixels.max() / pixels.sum() / (pixels > 0).sum()).item()
-    if "label_counts" in passive:
-        results["floor_top1"] = passive["label_counts"].max().item() / n
-    if "teacher_conf" in passive:
-        results["teacher_miou"] = miou(passive["teacher_conf"])
-    if "teacher_correct" in passive:
-        results["teacher_top1"] = passive["teacher_correct"] / n
-    return results, pics
-
-
-# ----------------------------------------------------------------------------------------------
-# App. A: pictures (Pillow)
-# ----------------------------------------------------------------------------------------------
-
-def pca_rgb(tokens: Tensor) -> np.ndarray:
-    """App. A: (N, D) tokens -> (N, 3) uint8: LayerNorm each token, PCA across tokens, the first
-    three components as RGB, each min-max scaled over the tokens shown."""
-    x = F.layer_norm(tokens.float(), tokens.shape[-1:])
-    x = x - x.mean(0)
-    _, _, V = torch.linalg.svd(x, full_matrices=False)                       # V: (min(N, D), D)
-    rgb = x @ V[:3].T                                                        # (N, <=3)
-    rgb = F.pad(rgb, (0, 3 - rgb.shape[1]))
-    rgb = (rgb - rgb.min(0).values) / (rgb.max(0).values - rgb.min(0).values).clamp_min(1e-8)
-    return (rgb.numpy() * 255).round().astype(np.uint8)
-
-
-def _palette(K: int) -> np.ndarray:
-    """(256, 3) uint8: class 0 black, classes 1..K-1 well-spread hues, the rest (ignore) white."""
-    pal = np.full((256, 3), 255, np.uint8)
-    pal[0] = 0
-    for c in range(1, K):
-        pal[c] = [round(255 * v) for v in colorsys.hsv_to_rgb((c * 0.618) % 1.0, 0.75, 0.95)]
-    return pal
-
-
-def save_pictures(pics: dict, path_prefix: Path, K: int | None, tile: int = 128) -> list[str]:
-    """One PNG per policy: for each scene, rows = scene with the glimpse boxes so far (the current
-    one yellow), canvas PCA, predicted segmentation; columns = reference (scene, teacher PCA, true
-    mask), then the tables' timesteps. Returns the paths written."""
-    mean = torch.tensor(data.IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(data.IMAGENET_STD)[:, None, None]
-    scenes = ((pics["images"] * std + mean).clamp(0, 1) * 255).round().byte()
-    scenes = scenes.permute(0, 2, 3, 1).numpy()                      # (n, S, S, 3) uint8
-    pal = _palette(K) if K else None
-    head, written = 14, []
-
-    def grid_image(rgb: np.ndarray) -> Image.Image:                       # (G*G, 3) -> tile
-        G = math.isqrt(len(rgb))
-        return Image.fromarray(rgb.reshape(G, G, 3)).resize((tile, tile), Image.NEAREST)
-
-    def mask_image(mask: Tensor) -> Image.Image:
-        rgb = pal[mask.numpy().astype(np.int64)]                          # (S, S, 3)
-        return Image.fromarray(rgb).resize((tile, tile), Image.NEAREST)
-
-    for policy, steps in pics["policies"].items():
-        cols = _columns(len(steps))                                   # the tables' timesteps
-        canvas = Image.new("RGB", ((len(cols) + 1) * tile, len(scenes) * 3 * tile + head), "white")
-        draw = ImageDraw.Draw(canvas)
-        for c, label in enumerate(["reference"] + [f"t={t}" for t in cols]):
-            draw.text((c * tile + 4, 1), label, fill="black")
-        for i in range(len(scenes)):
-            y0 = head + i * 3 * tile
-            scene = Image.fromarray(scenes[i]).resize((tile, tile), Image.BILINEAR)
-            canvas.paste(scene, (0, y0))
-            if pics["teacher"] is not None:
-                canvas.paste(grid_image(pca_rgb(pics["teacher"][i])), (0, y0 + tile))
-            if pics["masks"] is not None:
-                canvas.paste(mask_image(pics["masks"][i]), (0, y0 + 2 * tile))
-            for c, t in enumerate(cols):
-                x0, view = (c + 1) * tile, scene.copy()
-                vd = ImageDraw.Draw(view)
-                for u in range(t + 1):                   # earlier glimpses grey, this one yellow
-                    box = fovea.viewpoint_boxes(steps[u]["center"][i:i + 1],
-                                                steps[u]["scale"][i:i + 1], (tile, tile))
-                    y_a, x_a, y_b, x_b = box[0].tolist()
-                    vd.rectangle([x_a, y_a, x_b - 1, y_b - 1], width=2 if u == t else 1,
-                                 outline=(255, 230, 0) if u == t else (150, 150, 150))
-                canvas.paste(view, (x0, y0))
-                cells = steps[t]["cells"][i].flatten(0, 1)               # (G*G, Dc)
-                canvas.paste(grid_image(pca_rgb(cells)), (x0, y0 + tile))
-                if steps[t]["seg"] is not None:
-                    canvas.paste(mask_image(steps[t]["seg"][i]), (x0, y0 + 2 * tile))
-        path = f"{path_prefix}_{policy}.png"
-        canvas.save(path)
-        written.append(path)
-    return written
-
-
-# ----------------------------------------------------------------------------------------------
-# Tables 4, 6, 7 (markdown)
-# ----------------------------------------------------------------------------------------------
-
-def _columns(T: int) -> list[int]:
-    """Table 6's timesteps (0-4, 9, 16, 20) for long rollouts, every step for short ones."""
-    return [t for t in (0, 1, 2, 3, 4, 9, 16, 20) if t < T] if T > 10 else list(range(T))
-
-
-TABLES = (   # (title, the key a policy's results need, one cell at step t)
-    ("Reconstruction (Table 4's metric): cosine similarity x100 between destandardized "
-     "predictions and the teacher's features, patches / CLS", "patch_cos",
-     lambda r, t: f"{100 * r['patch_cos'][t]:.1f} / {100 * r['cls_cos'][t]:.1f}"),
-    ("Reconstruction in the z-scored space of the loss (Eq. 3): cosine x100, patches / CLS",
-     "patch_cos_z",
-     lambda r, t: f"{100 * r['patch_cos_z'][t]:.1f} / {100 * r['cls_cos_z'][t]:.1f}"),
-    ("Segmentation mIoU (%) (Table 6's layout): probe on the frozen canvas cells", "miou",
-     lambda r, t: f"{100 * r['miou'][t]:.1f}"),
-    ("Classification top-1 (%): linear probe on the frozen recurrent CLS", "top1_cls_probe",
-     lambda r, t: f"{100 * r['top1_cls_probe'][t]:.1f}"),
-    ("Classification top-1 (%), zero-shot (Table 7's layout): W_global prediction, "
-     "destandardized, through the teacher-CLS probe", "top1_zero_shot",
-     lambda r, t: f"{100 * r['top1_zero_shot'][t]:.1f}"),
-)
-
-
-def tables(results: dict) -> str:
-    """Markdown: one table per metric, rows policy x resolution, columns timesteps."""
-    res = results["resolutions"]
-    cols = _columns(results["config"]["T"])
-    head = ("| Policy | Res. | " + " | ".join(f"t = {t}" for t in cols) + " |\n"
-            + "|---|---|" + "---|" * len(cols) + "\n")
-    out = ""
-    for title, key, cell in TABLES:
-        rows = [f"| {POLICIES[p]} | {r['scene_px']}/{r['canvas_grid']}² | "
-                + " | ".join(cell(r[p], t) for t in cols) + " |"
-                for r in res for p in POLICIES if p in r and key in r[p]]
-        if rows:
-            out += f"**{title}**\n\n{head}" + "\n".join(rows) + "\n\n"
-    for r in res:
-        for what, keys in (("Passive teacher (probes on its whole-scene features)",
-                            ("teacher_miou", "teacher_top1")),
-                           ("Floor (the most frequent class everywhere)",
-                            ("floor_miou", "floor_top1"))):
-            ref = [f"{name} {100 * r[key]:.1f}%" for key, name in zip(keys, ("mIoU", "top-1"))
-                   if key in r]
-            if ref:
-                out += f"{what} at {r['scene_px']}/{r['canvas_grid']}²: {', '.join(ref)}\n\n"
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# The foveal iterative ViT: per-step accuracy, ViT mode, resolution ([002] Sec. 6, [000] Sec. 5)
-# ----------------------------------------------------------------------------------------------
-
-def load_foveal(ckpt: dict) -> fovea.FovealViT:
-    """The frozen FovealViT of a `foveal_sup` checkpoint (extraction uncompiled: shapes vary)."""
-    model = fovea.load_frozen(ckpt, "encoder", fovea.FovealViT)
-    model.cfg.compile_extraction = False
-    return model
-
-
-def load_baseline(path: str) -> tuple[canvit.ViTClassifier, int]:
-    """The frozen passive ViT of a `vit_sup` checkpoint, and the scene size it was trained at."""
-    objective, ckpt = read_checkpoint(path)
-    if objective != "vit_sup":
-        raise EvalError(f"--baseline {path} was trained with objective {objective!r}, not vit_sup")
-    model = fovea.load_frozen(ckpt, "classifier", canvit.ViTClassifier, what=f"--baseline {path}")
-    return model, ckpt["config"]["data"]["image_size"]
-
-
-def hits(logits: Tensor, labels: Tensor, k: int) -> Tensor:
-    """(B,) 1.0 where the label is among the k highest logits (top-k accuracy per image)."""
-    return (logits.topk(min(k, logits.shape[-1]), -1).indices == labels[:, None]).any(-1).float()
-
-
-@torch.inference_mode()
-def foveal_per_step(model: fovea.FovealViT, images: Tensor, glimpses: list[fovea.Patches]
-                    ) -> list[Tensor]:
-    """Logits after every step of an episode, one Patches per step -> T x (B, K)."""
-    table = fovea.integral_image(images)
-    state, out = None, []                                   # None: from the prompt s_1
-    for patches in glimpses:
-        state = model(table, state, patches)
-        out.append(model.classify(state))
-    return out
-
-
-def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> dict:
-    """[002] Table 2's layout (top-1 / top-5 after each step, random gazes), a fixed gaze
-    sequence, [000] Sec. 5.3's ViT mode, and [000] Fig. 1's resolution robustness: the same
-    frozen model on scenes 2x, 4x, 8x larger than in training, beside a passive ViT baseline."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_foveal(ckpt).to(device)
-    baseline, base_S = load_baseline(cfg.baseline) if cfg.baseline else (None, None)
-    frozen = [m.to(device) for m in (model, baseline) if m is not None]
-    snaps = snapshot(*frozen)
-    mcfg, dcfg = model.cfg, data.DataConfig(**ckpt["config"]["data"])
-    S, T = dcfg.image_size, cfg.T or ckpt["config"]["foveal"]["steps"]
-    if baseline is not None and base_S != S:
-        raise EvalError(f"the baseline was trained on {base_S} px scenes, the foveal model on {S} px")
-    grid = cfg.vit_grid or S // mcfg.patch_px                   # ViT mode: native patches at S
-    saved = ckpt["config"]["foveal"]
-    if saved["glimpse"] == "shuffled_vit" and (saved["vit_grid"] ** 2) % T:
-        raise EvalError(f"--T {T}: the {saved['vit_grid']}^2 ViT patches do not split into {T} groups")
-    train_cfg = fovea.FovealTrainConfig(model=mcfg, steps=T, glimpse=saved["glimpse"], vit_grid=saved["vit_grid"])
-    results: dict = {"objective": "foveal_sup", "glimpse": train_cfg.glimpse, "step": ckpt.get("step"),
-                     "scene_px": S, "steps": T, "vit_grid": grid, "repeats": cfg.repeats, "resolution": {}}
-    for k in cfg.res_factors or (1, 2, 4, 8):
-        ds = data.build_dataset(dataclasses.replace(dcfg, image_size=S * k, val_length=cfg.n_val), "val")
-        gen = torch.Generator().manual_seed(cfg.seed)           # the same glimpses at every resolution
-        top = {name: torch.zeros(2, T) for name in ("random", "fixed")}   # hits: top-1, top-5
-        vit_top, base_top, n = torch.zeros(2), torch.zeros(2), 0
-        for batch in batches(ds, min(cfg.n_val, len(ds)), cfg.batch_size):
-            images, labels = batch["image"].to(device), batch["label"].to(device)
-            B, n = images.shape[0], n + images.shape[0]
-            score = lambda logits: torch.stack([hits(logits, labels, 1).sum(), hits(logits, labels, 5).sum()]).cpu()
-            hw = tuple(images.shape[-2:])
-            for _ in range(cfg.repeats):
-                glimpses = fovea.episode_patches(model, train_cfg, gen, B, hw, device)
-                for t, logits in enumerate(foveal_per_step(model, images, glimpses)):
-                    top["random"][:, t] += score(logits) / cfg.repeats
-            fixed = fovea.episode_patches(model, train_cfg, None, B, hw, device)
-            for t, logits in enumerate(foveal_per_step(model, images, fixed)):
-                top["fixed"][:, t] += score(logits)
-            with torch.inference_mode():
-                vit_top += score(model.classify(model.vit_mode(fovea.integral_image(images), grid)))
-                if baseline is not None:
-                    base_top += score(baseline(images))
-        pct = lambda x: [round(100 * v / n, 2) for v in x.tolist()]
-        res = {"scene_px": S * k, "n": n, "vit_mode": dict(zip(("top1", "top5"), pct(vit_top))),
-               **{name: {"top1": pct(h[0]), "top5": pct(h[1])} for name, h in top.items()}}
-        if baseline is not None:
-            res["baseline"] = dict(zip(("top1", "top5"), pct(base_top)))
-        results["resolution"][f"{k}x"] = res
-        print(f"{S * k} px: top-1 by step (random gazes) {res['random']['top1']}, ViT mode "
-              f"{res['vit_mode']['top1']}" + (f", baseline {res['baseline']['top1']}" if baseline else ""),
-              flush=True)
-    check_unchanged(frozen, snaps)
-    results["frozen_weights_unchanged"] = True
-    return results
-
-
-def foveal_tables(results: dict) -> str:
-    """Markdown: [002] Table 2's layout per step, ViT mode, and the resolution sweep."""
-    r1, T = results["resolution"]["1x"], results["steps"]
-    shuffled = results["glimpse"] == "shuffled_vit"
-    rnd, fix = ("random patch groups", "raster-order groups") if shuffled else ("random gazes", "fixed gazes")
-    head = "| | " + " | ".join(f"step {t + 1}" for t in range(T)) + " |\n|---|" + "---:|" * T + "\n"
-    row = lambda name, xs: f"| {name} | " + " | ".join(f"{x:.1f}" for x in xs) + " |\n"
-    out = (f"Per-step accuracy (%) at the training resolution ({results['scene_px']} px, "
-           f"{r1['n']} held-out scenes, {rnd} averaged over {results['repeats']} draws):\n\n"
-           + head + row(f"{rnd}, top-1", r1["random"]["top1"]) + row(f"{rnd}, top-5", r1["random"]["top5"])
-           + row(f"{fix}, top-1", r1["fixed"]["top1"]) + row(f"{fix}, top-5", r1["fixed"]["top5"])
-           + f"\nViT mode ({results['vit_grid']} x {results['vit_grid']} grid, one step): top-1 "
-           f"{r1['vit_mode']['top1']:.1f}, top-5 {r1['vit_mode']['top5']:.1f}\n\n")
-    keys = list(results["resolution"])
-    out += ("Top-1 (%) when testing on larger scenes than in training:\n\n| model | "
-            + " | ".join(f"{k} ({results['resolution'][k]['scene_px']} px)" for k in keys)
-            + " |\n|---|" + "---:|" * len(keys) + "\n")
-    res = [results["resolution"][k] for k in keys]
-    out += row(f"foveal, {T} steps of {rnd}", [r["random"]["top1"][-1] for r in res])
-    out += row("foveal, ViT mode", [r["vit_mode"]["top1"] for r in res])
-    if "baseline" in r1:
-        out += row("passive ViT baseline", [r["baseline"]["top1"] for r in res])
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Driver
-# ----------------------------------------------------------------------------------------------
-
-def evaluate_canvit(source: dict | Path, cfg: EvalConfig) -> dict:
-    """[003] Sec. 6: every metric at every resolution; results.json, tables.md and PNGs."""
-    # CanViT's defaults: T = 21 glimpses ([003] F.2) at 1x and 2x the scene and grid (Table 6).
-    cfg = dataclasses.replace(cfg, T=cfg.T or 21, res_factors=cfg.res_factors or (1, 2))
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, teacher, info = load_canvit(source, cfg)
-    for m in (model, teacher):
-        if m is not None:
-            m.to(device)
-    snaps = snapshot(model, teacher)
-    out = Path(cfg.out_dir)
+def write(out_dir: str, results: dict, tables: str) -> None:
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    p = model.cfg.backbone.patch_size
-    S0 = cfg.scene_size or info["data"].image_size
-    G0 = cfg.canvas_grid or S0 // p
-    results = {"checkpoint": str(cfg.ckpt), "objective": "distill", "step": info["step"],
-               "config": dataclasses.asdict(cfg), "glimpse_px": info["glimpse_px"],
-               "resolutions": []}
-    t_start = time.perf_counter()
-    # NOTE(paper): each resolution gets its own probes: Table 6's 1024/64 rows use probes trained
-    # at 1024/64 (the official probes are per scene size and canvas grid, "s512-c32").
-    for k in cfg.res_factors:
-        S, G = S0 * k, G0 * k
-        if "entropy" in cfg.policies:
-            try:
-                canvit.EntropyGuidedC2F(cfg.T, G)                       # checks G against the tiles
-            except ValueError as e:
-                raise EvalError(f"entropy policy at {S}/{G}: {e}") from None
-        t0 = time.perf_counter()
-        train_ds, val_ds = datasets(cfg, info, S)
-        feats = collect_features(model, teacher, train_ds, cfg, info, S, G)
-        probes, logs = train_probes(model, feats, train_ds, cfg, device)
-        stds, std_source = (fit_standardizers(model, feats, G) if teacher is not None
-                            else (None, None))
-        res, pics = evaluate_policies(model, teacher, probes, stds, val_ds, cfg, info, S, G)
-        losses = {name: {"first": l[0], "last_10pct": float(np.mean(l[-max(1, len(l) // 10):]))}
-                  for name, l in logs.items()}
-        res.update(scene_px=S, canvas_grid=G, standardizers=std_source, n_train=len(feats["cells"]),
-                   probe_loss=losses)
-        if cfg.pictures:
-            K = getattr(val_ds, "num_segment_classes", None) if "seg" in probes else None
-            res["pictures"] = save_pictures(pics, out / f"rollout_{S}px", K)
-        results["resolutions"].append(res)
-        del feats
-        print(f"[{S}/{G}x{G}] done in {time.perf_counter() - t0:.0f} s; probe losses (first "
-              "step -> last 10%): " + ", ".join(f"{n} {v['first']:.3f} -> {v['last_10pct']:.3f}"
-                                         for n, v in losses.items()), flush=True)
-    check_unchanged((model, teacher), snaps)                     # frozen: bit-identical weights
-    results["frozen_check"] = "passed: model and teacher state dicts bit-identical after evaluation"
-    results["seconds"] = round(time.perf_counter() - t_start, 1)
-    md = tables(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "tables.md").write_text(md)
-    print(md + f"wrote {out / 'results.json'}, {out / 'tables.md'} and the PNGs in {out} "
-          f"({results['seconds']:.0f} s)")
-    return results
+    (out / "tables.md").write_text(tables)
+    print(tables + f"wrote {out / 'results.json'}, {out / 'tables.md'} and the pictures in {out}")
 
 
 def main(argv: list[str]) -> dict:
     cfg = parse_args(argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     objective, source = read_checkpoint(cfg.ckpt)
+    # The protocols import this module for its shared pieces, so they are imported here.
     if objective == "distill":                                  # CanViT [003]
-        return evaluate_canvit(source, cfg)
-    if objective == "foveal_sup":                               # the foveal iterative ViT [002, 000]
-        results = evaluate_foveal(source, cfg)
-        out = Path(cfg.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        text = foveal_tables(results)
-        (out / "tables.md").write_text(text)
-        print(text)
-        return results
-    raise EvalError(f"{cfg.ckpt} was trained with objective {objective!r}; eval.py evaluates "
-                    "'distill' (CanViT) and 'foveal_sup' (foveal ViT) checkpoints")
+        protocol = importlib.import_module("eval_canvit")
+    elif objective in ("foveal_sup", "probe", "dino"):         # the foveal iterative ViT [002, 000]
+        protocol = importlib.import_module("eval_foveal")
+    else:
+        raise EvalError(f"{cfg.ckpt} was trained with objective {objective!r}; eval.py evaluates "
+                        "'distill' (CanViT), 'foveal_sup', 'probe' and 'dino' (foveal ViT) checkpoints")
+    results, tables = protocol.evaluate(source, cfg)
+    write(cfg.out_dir, results, tables)
+    return results
 
 
 if __name__ == "__main__":
+    # Run through the module `eval` rather than `__main__`, so that eval_canvit and eval_foveal,
+    # which import `eval`, share this run's classes (EvalError above all).
+    cli = importlib.import_module("eval")
     try:
-        main(sys.argv[1:])
-    except EvalError as e:
+        cli.main(sys.argv[1:])
+    except (cli.EvalError, fovea.CheckpointError) as e:
         sys.exit(f"eval.py: {e}")

@@ -1,0 +1,296 @@
+"""The foveal iterative ViT's evaluation [002, Sec. 6; 000, Sec. 5]: per step, ViT mode, resolutions.
+
+Papers
+  [002] Prisadnikov et al., "Vision encoders should be image size agnostic and task driven",
+        arXiv 2508.16317: Sec. 6, Tables 1-2.
+  [000] "Self-supervised pretraining for an iterative image size agnostic vision transformer",
+        arXiv 2604.20392: Sec. 5.3 (ViT mode), Fig. 1 (resolution robustness).
+
+A frozen foveal model (objective "foveal_sup") and its task head: top-1 / top-5 after every step
+of an episode with random gazes ([002] Table 2's layout) and with a fixed gaze sequence; "ViT
+mode", one step on a static grid over the whole scene ([000] Sec. 5.3); and the resolution sweep
+of [000] Fig. 1: the same frozen model on scenes 2x, 4x, 8x larger than in training (the same
+gazes in scene coordinates), beside a passive ViT baseline (`--baseline`, a `vit_sup`
+checkpoint) whose patches shrink as the scene grows. A picture shows the gazes of episodes.
+
+Shapes
+  B scenes, T steps, K classes, S scene side (px).
+
+Paper -> code
+  [002] Table 2  per-step top-1 / top-5, random gazes          evaluate, per_step
+  [002] Sec. 6.1 shuffled ViT-patch groups, as trained          fovea.episode_patches
+  [000] Sec. 5.3 ViT mode; Fig. 1 resolution robustness        evaluate
+                 markdown tables, gaze pictures                 tables, save_gaze_picture
+
+Run `python eval.py --ckpt runs/foveal_tiny/ckpt.pt --baseline runs/vit_tiny/ckpt.pt --out_dir DIR`;
+tests: `python -m pytest tests/test_eval_foveal.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+import canvit
+import data
+import eval as ev
+import fovea
+from eval import EvalConfig, EvalError
+
+# ----------------------------------------------------------------------------------------------
+# The foveal iterative ViT: per-step accuracy, ViT mode, resolution ([002] Sec. 6, [000] Sec. 5)
+# ----------------------------------------------------------------------------------------------
+
+def load_foveal(ckpt: dict) -> fovea.FovealViT:
+    """The frozen FovealViT a foveal_sup, probe or dino run exported (extraction uncompiled:
+    shapes vary here)."""
+    model = fovea.load_frozen(ckpt, "encoder", fovea.FovealViT)
+    model.cfg.compile_extraction = False
+    return model
+
+
+def episode_config(ckpt: dict, model: fovea.FovealViT, T: int) -> fovea.FovealTrainConfig:
+    """The episodes the model was trained on: foveal_sup's section, else random gazes."""
+    saved = ckpt["config"].get("foveal") if ckpt["config"]["objective"] == "foveal_sup" else None
+    if saved and saved["glimpse"] == "shuffled_vit":
+        if (saved["vit_grid"] ** 2) % T:
+            raise EvalError(f"--T {T}: the {saved['vit_grid']}^2 ViT patches do not split into {T} groups")
+        return fovea.FovealTrainConfig(model=model.cfg, steps=T, glimpse="shuffled_vit", vit_grid=saved["vit_grid"])
+    return fovea.FovealTrainConfig(model=model.cfg, steps=T)
+
+
+def trained_steps(ckpt: dict) -> int:
+    c = ckpt["config"]
+    return {"foveal_sup": lambda: c["foveal"]["steps"], "probe": lambda: c["probe"]["steps"],
+            "dino": lambda: c["dino"]["seq_steps"]}[c["objective"]]()
+
+
+# ----------------------------------------------------------------------------------------------
+# k-NN on frozen first-state-token features [000, Sec. 5; DINO's protocol]
+# ----------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def first_tokens(model: fovea.FovealViT, ds, n: int, cfg: EvalConfig, episode: fovea.FovealTrainConfig,
+                 mode: str, grid: int) -> tuple[Tensor, Tensor]:
+    """L2-normalised first state tokens (n, D) and labels (n,): after ViT mode ("vit") or after
+    an episode of random gazes ("random", drawn from --seed)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed + 17)
+    feats, labels = [], []
+    for batch in ev.batches(ds, n, cfg.batch_size):
+        images = batch["image"].to(device)
+        table = fovea.integral_image(images)
+        if mode == "vit":
+            state = model.vit_mode(table, grid)
+        else:
+            state = None
+            for patches in fovea.episode_patches(model, episode, gen, len(images), tuple(images.shape[-2:]), device):
+                state = model(table, state, patches)
+        feats.append(torch.nn.functional.normalize(state[:, 0].float(), dim=-1).cpu())
+        labels.append(batch["label"])
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_top1(train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor,
+             num_classes: int, k: int = 20, temperature: float = 0.07) -> float:
+    """DINO's weighted k-NN: each test feature votes with its k most similar training features
+    (cosine), weighted by exp(similarity / temperature). -> top-1 accuracy."""
+    sim = test @ train.T                                                          # (n_test, n_train)
+    top, idx = sim.topk(min(k, train.shape[0]), dim=1)
+    votes = torch.zeros(test.shape[0], num_classes).scatter_add_(1, train_labels[idx], (top / temperature).exp())
+    return (votes.argmax(1) == test_labels).float().mean().item()
+
+
+def knn(model: fovea.FovealViT, ckpt: dict, cfg: EvalConfig, T: int, grid: int) -> dict:
+    """k-NN top-1 (%) of the first state token, after ViT mode and after T random gazes."""
+    dcfg = data.DataConfig(**ckpt["config"]["data"])
+    train_ds = data.build_dataset(dataclasses.replace(dcfg, length=max(cfg.n_train, 1)), "train")
+    val_ds = data.build_dataset(dataclasses.replace(dcfg, val_length=cfg.n_val), "val")
+    episode = fovea.FovealTrainConfig(model=model.cfg, steps=T)
+    out = {"k": 20, "n_train": min(cfg.n_train, len(train_ds))}
+    for mode in ("vit", "random"):
+        a = first_tokens(model, train_ds, min(cfg.n_train, len(train_ds)), cfg, episode, mode, grid)
+        b = first_tokens(model, val_ds, min(cfg.n_val, len(val_ds)), cfg, episode, mode, grid)
+        out[mode] = round(100 * knn_top1(*a, *b, train_ds.num_classes), 2)
+    return out
+
+
+def load_baseline(path: str) -> tuple[canvit.ViTClassifier, int]:
+    """The frozen passive ViT of a `vit_sup` checkpoint, and the scene size it was trained at."""
+    objective, ckpt = ev.read_checkpoint(path)
+    if objective != "vit_sup":
+        raise EvalError(f"--baseline {path} was trained with objective {objective!r}, not vit_sup")
+    model = fovea.load_frozen(ckpt, "classifier", canvit.ViTClassifier, what=f"--baseline {path}")
+    return model, ckpt["config"]["data"]["image_size"]
+
+
+@torch.inference_mode()
+def per_step(model: fovea.FovealViT, images: Tensor, glimpses: list[fovea.Patches]) -> list[Tensor]:
+    """Logits after every step of an episode, one Patches per step -> T x (B, K)."""
+    table = fovea.integral_image(images)
+    state, out = None, []                                   # None: from the prompt s_1
+    for patches in glimpses:
+        state = model(table, state, patches)
+        out.append(model.classify(state))
+    return out
+
+
+class Trace:
+    """The gazes of the first scenes of an episode, for the pictures: per step the gaze (y, x),
+    the extent of what it saw sharply (the foveal grid, else the finest multi-zoom patch) and
+    whether the prediction after that step was right."""
+
+    def __init__(self, model: fovea.FovealViT, glimpses: list[fovea.Patches], logits: list[Tensor],
+                 labels: Tensor, n: int):
+        g, M = model.cfg.grid, model.cfg.num_zoom
+        self.gaze = torch.stack([p.yxz[:n, 0, :2] for p in glimpses]).cpu()          # (T, n, 2)
+        sharp = [p.boxes[:n, M:] if g else p.boxes[:n, M - 1:M] for p in glimpses]   # (n, P, 4)
+        self.box = torch.stack([torch.cat([b[..., :2].amin(1), b[..., 2:].amax(1)], -1)
+                                for b in sharp]).cpu()                                # (T, n, 4) px
+        self.right = torch.stack([l[:n].argmax(-1) == labels[:n] for l in logits]).cpu()  # (T, n)
+
+
+def save_gaze_picture(images: Tensor, traces: dict[str, Trace], path: Path, tile: int = 192) -> str:
+    """One row per scene, one column per trace: the scene with the numbered fixations, lines
+    between them, the region each saw sharply; a number is green when the prediction after that
+    step is right, red when wrong."""
+    mean = torch.tensor(data.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(data.IMAGENET_STD)[:, None, None]
+    scenes = ((images * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    S = images.shape[-1]
+    head = 16
+    canvas = Image.new("RGB", (len(traces) * tile, len(scenes) * tile + head), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, (name, trace) in enumerate(traces.items()):
+        draw.text((c * tile + 4, 2), name, fill="black")
+        for i in range(len(scenes)):
+            view = Image.fromarray(scenes[i]).resize((tile, tile), Image.BILINEAR)
+            d = ImageDraw.Draw(view)
+            pts = [((x + 1) / 2 * tile, (y + 1) / 2 * tile) for y, x in trace.gaze[:, i].tolist()]
+            for t, (x, y) in enumerate(pts):
+                y0, x0, y1, x1 = (trace.box[t, i] * tile / S).tolist()
+                d.rectangle([x0, y0, x1, y1], outline=(255, 230, 0), width=1)
+                if t:
+                    d.line([pts[t - 1], (x, y)], fill=(255, 255, 255), width=1)
+            for t, (x, y) in enumerate(pts):
+                colour = (0, 200, 0) if trace.right[t, i] else (230, 0, 0)
+                d.ellipse([x - 6, y - 6, x + 6, y + 6], fill=colour, outline="white")
+                d.text((x - 3, y - 6), str(t + 1), fill="white")
+            canvas.paste(view, (c * tile, head + i * tile))
+    canvas.save(path)
+    return str(path)
+
+
+def evaluate(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
+    """[002] Table 2's layout (top-1 / top-5 after each step, random gazes), a fixed gaze
+    sequence, [000] Sec. 5.3's ViT mode, and [000] Fig. 1's resolution robustness: the same
+    frozen model on scenes 2x, 4x, 8x larger than in training, beside a passive ViT baseline.
+    -> (results, markdown tables); a picture of the gazes goes into out_dir."""
+    device = ev.device_of(cfg)
+    model = load_foveal(ckpt).to(device)
+    baseline, base_S = load_baseline(cfg.baseline) if cfg.baseline else (None, None)
+    frozen = [m.to(device) for m in (model, baseline) if m is not None]
+    snaps = ev.snapshot(*frozen)
+    mcfg, dcfg = model.cfg, data.DataConfig(**ckpt["config"]["data"])
+    objective = ckpt["config"]["objective"]
+    S, T = dcfg.image_size, cfg.T or trained_steps(ckpt)
+    if baseline is not None and base_S != S:
+        raise EvalError(f"the baseline was trained on {base_S} px scenes, the foveal model on {S} px")
+    grid = cfg.vit_grid or S // mcfg.patch_px                   # ViT mode: native patches at S
+    results: dict = {"objective": objective, "step": ckpt.get("step"), "scene_px": S, "steps": T,
+                     "vit_grid": grid, "repeats": cfg.repeats, "resolution": {}}
+    if objective in ("probe", "dino"):                          # [000]: k-NN on the backbone
+        results["knn"] = knn(model, ckpt, cfg, T, grid)
+        print(f"k-NN top-1 (first state token): ViT mode {results['knn']['vit']}, after {T} random "
+              f"gazes {results['knn']['random']}", flush=True)
+    if model.head is None:                                      # a dino backbone: k-NN only
+        ev.check_unchanged(frozen, snaps)
+        return results, tables(results)
+    train_cfg = episode_config(ckpt, model, T)
+    results["glimpse"] = train_cfg.glimpse
+    for k in cfg.res_factors or (1, 2, 4, 8):
+        ds = data.build_dataset(dataclasses.replace(dcfg, image_size=S * k, val_length=cfg.n_val), "val")
+        gen = torch.Generator().manual_seed(cfg.seed)           # the same glimpses at every resolution
+        top = {name: torch.zeros(2, T) for name in ("random", "fixed")}   # hits: top-1, top-5
+        vit_top, base_top, n = torch.zeros(2), torch.zeros(2), 0
+        progress = ev.Progress(f"[{S * k} px] held-out scenes", min(cfg.n_val, len(ds)))
+        for batch in ev.batches(ds, min(cfg.n_val, len(ds)), cfg.batch_size):
+            images, labels = batch["image"].to(device), batch["label"].to(device)
+            B, first, n = images.shape[0], n == 0, n + images.shape[0]
+            score = lambda logits: torch.stack([ev.hits(logits, labels, 1).sum(),
+                                                ev.hits(logits, labels, 5).sum()]).cpu()
+            hw = tuple(images.shape[-2:])
+            traces = {}
+            for r in range(cfg.repeats):
+                glimpses = fovea.episode_patches(model, train_cfg, gen, B, hw, device)
+                logits = per_step(model, images, glimpses)
+                for t, lt in enumerate(logits):
+                    top["random"][:, t] += score(lt) / cfg.repeats
+                if r == 0:
+                    traces["random gazes"] = Trace(model, glimpses, logits, labels, cfg.pictures)
+            fixed = fovea.episode_patches(model, train_cfg, None, B, hw, device)
+            logits = per_step(model, images, fixed)
+            for t, lt in enumerate(logits):
+                top["fixed"][:, t] += score(lt)
+            traces["fixed gazes"] = Trace(model, fixed, logits, labels, cfg.pictures)
+            with torch.inference_mode():
+                vit_top += score(model.classify(model.vit_mode(fovea.integral_image(images), grid)))
+                if baseline is not None:
+                    base_top += score(baseline(images))
+            if first and k == 1 and cfg.pictures and train_cfg.glimpse == "foveal":
+                Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+                results["pictures"] = [save_gaze_picture(images[:cfg.pictures].cpu(), traces,
+                                                         Path(cfg.out_dir) / "gazes.png")]
+            progress(n)
+        pct = lambda x: [round(100 * v / n, 2) for v in x.tolist()]
+        res = {"scene_px": S * k, "n": n, "vit_mode": dict(zip(("top1", "top5"), pct(vit_top))),
+               **{name: {"top1": pct(h[0]), "top5": pct(h[1])} for name, h in top.items()}}
+        if baseline is not None:
+            res["baseline"] = dict(zip(("top1", "top5"), pct(base_top)))
+        results["resolution"][f"{k}x"] = res
+        print(f"{S * k} px: top-1 by step (random gazes) {res['random']['top1']}, ViT mode "
+              f"{res['vit_mode']['top1']}" + (f", baseline {res['baseline']['top1']}" if baseline else ""),
+              flush=True)
+    ev.check_unchanged(frozen, snaps)
+    results["frozen_weights_unchanged"] = True
+    return results, tables(results)
+
+
+def tables(results: dict) -> str:
+    """Markdown: [002] Table 2's layout per step, ViT mode, the resolution sweep; [000] Table 1's
+    (ViT | Rand) and k-NN for a probed backbone."""
+    out = ""
+    if "knn" in results:
+        kn = results["knn"]
+        out += (f"k-NN top-1 (%) on the frozen first state token (k = {kn['k']}, {kn['n_train']} "
+                f"training scenes): ViT mode {kn['vit']:.1f}, after {results['steps']} random gazes "
+                f"{kn['random']:.1f}\n\n")
+    if "1x" not in results["resolution"]:
+        return out
+    r1, T = results["resolution"]["1x"], results["steps"]
+    shuffled = results["glimpse"] == "shuffled_vit"
+    rnd, fix = ("random patch groups", "raster-order groups") if shuffled else ("random gazes", "fixed gazes")
+    head = "| | " + " | ".join(f"step {t + 1}" for t in range(T)) + " |\n|---|" + "---:|" * T + "\n"
+    row = lambda name, xs: f"| {name} | " + " | ".join(f"{x:.1f}" for x in xs) + " |\n"
+    out += (f"Per-step accuracy (%) at the training resolution ({results['scene_px']} px, "
+            f"{r1['n']} held-out scenes, {rnd} averaged over {results['repeats']} draws):\n\n"
+            + head + row(f"{rnd}, top-1", r1["random"]["top1"]) + row(f"{rnd}, top-5", r1["random"]["top5"])
+            + row(f"{fix}, top-1", r1["fixed"]["top1"]) + row(f"{fix}, top-5", r1["fixed"]["top5"])
+            + f"\nViT mode ({results['vit_grid']} x {results['vit_grid']} grid, one step): top-1 "
+            f"{r1['vit_mode']['top1']:.1f}, top-5 {r1['vit_mode']['top5']:.1f}\n\n")
+    if results["objective"] == "probe":                          # [000] Table 1's layout
+        out += ("| top-1 (%) | ViT | Rand |\n|---|---:|---:|\n"
+                f"| this probe | {r1['vit_mode']['top1']:.1f} | {r1['random']['top1'][-1]:.1f} |\n\n")
+    keys = list(results["resolution"])
+    out += ("Top-1 (%) when testing on larger scenes than in training:\n\n| model | "
+            + " | ".join(f"{k} ({results['resolution'][k]['scene_px']} px)" for k in keys)
+            + " |\n|---|" + "---:|" * len(keys) + "\n")
+    res = [results["resolution"][k] for k in keys]
+    out += row(f"foveal, {T} steps of {rnd}", [r["random"]["top1"][-1] for r in res])
+    out += row("foveal, ViT mode", [r["vit_mode"]["top1"] for r in res])
+    if "baseline" in r1:
+        out += row("passive ViT baseline", [r["baseline"]["top1"] for r in res])
+    return out

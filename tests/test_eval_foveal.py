@@ -1,0 +1,130 @@
+"""eval_foveal.py (through eval.py): per-step accuracy, ViT mode, resolutions, baselines."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import config
+import data
+import eval as ev
+import eval_foveal as ef
+import fovea
+import train
+
+
+# ---------------------------------------------------------------------------------------------
+# The foveal iterative ViT [002, 000]
+# ---------------------------------------------------------------------------------------------
+
+FOVEAL = {"objective": "foveal_sup", "seed": 0, "dtype": "float32",
+          "data": {"dataset": "synthetic", "image_size": 32, "length": 64, "val_length": 12},
+          "foveal": {"steps": 3, "model": {"dim": 32, "depth": 1, "heads": 2, "num_state": 2, "patch_px": 8,
+                                           "num_zoom": 3, "max_z": 2.0, "grid": 2, "grid_z": [2.0, 2.5],
+                                           "num_classes": 10, "layerscale": 0.0}}}
+VIT = {"objective": "vit_sup", "seed": 0, "dtype": "float32", "data": FOVEAL["data"],
+       "vit": {"backbone": {"embed_dim": 32, "num_heads": 1, "n_blocks": 1, "patch_size": 8},
+               "n_storage_tokens": 0, "num_classes": 10}}
+
+
+def save_checkpoint(path, overrides: dict, objective):
+    cfg = train.TrainConfig()
+    config.apply_overrides(cfg, overrides)
+    torch.manual_seed(0)
+    obj = train.build_objective(cfg)
+    torch.save(train.checkpoint(cfg, obj, step=3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def foveal_ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("foveal")
+    return save_checkpoint(d / "foveal.pt", FOVEAL, "foveal_sup"), save_checkpoint(d / "vit.pt", VIT, "vit_sup")
+
+
+def test_foveal_evaluation(foveal_ckpts, tmp_path):
+    fov, vit = foveal_ckpts
+    args = ["--ckpt", str(fov), "--baseline", str(vit), "--n_val", "12", "--batch_size", "5",
+            "--repeats", "2", "--res_factors", "1,2"]
+    res = ev.main([*args, "--out_dir", str(tmp_path / "a")])
+    r1 = res["resolution"]["1x"]
+    assert res["steps"] == 3 and res["vit_grid"] == 4 and r1["n"] == 12 and res["frozen_weights_unchanged"]
+    assert (tmp_path / "a" / "results.json").is_file() and "passive ViT baseline" in (tmp_path / "a" / "tables.md").read_text()
+    from PIL import Image                                # the gazes of an episode over 3 scenes
+    picture = Image.open(res["pictures"][0])
+    assert res["pictures"][0].endswith("gazes.png") and picture.size == (2 * 192, 3 * 192 + 16)
+    # Step 1 with random gazes, recomputed independently: the same generator draws, one batch at a time.
+    model = ef.load_foveal(torch.load(fov, weights_only=False))
+    ds = data.SyntheticScenes(12, 32, split="val")
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0)).tolist()
+    gen, correct = torch.Generator().manual_seed(0), 0.0
+    for i in range(0, 12, 5):
+        batch = data.collate([ds[j] for j in order[i:i + 5]])
+        for _ in range(2):
+            gazes = torch.rand(3, len(batch["label"]), 2, generator=gen) * 2 - 1
+            zs = 2.0 + 0.5 * torch.rand(3, len(batch["label"]), generator=gen)
+            table = fovea.integral_image(batch["image"])
+            with torch.no_grad():                                   # the step interface, directly
+                state = model.step(table, None, gazes[0], zs[0])
+                correct += (model.classify(state).argmax(-1) == batch["label"]).sum().item() / 2
+    assert r1["random"]["top1"][0] == pytest.approx(100 * correct / 12, abs=0.01)
+    # Seeds: the same seed repeats every number, another changes only the random gazes.
+    same = ev.main([*args, "--out_dir", str(tmp_path / "b")])
+    other = ev.main([*args, "--out_dir", str(tmp_path / "c"), "--seed", "1"])
+    assert same["resolution"] == res["resolution"]
+    assert other["resolution"]["1x"]["fixed"] == r1["fixed"] and other["resolution"]["1x"]["vit_mode"] == r1["vit_mode"]
+    assert other["resolution"]["1x"]["random"] != r1["random"]
+
+
+def test_shuffled_vit_evaluation(tmp_path):
+    """[002] Sec. 6.1: evaluated on the ViT grid shuffled into groups, as trained."""
+    cfg = {**FOVEAL, "foveal": {**FOVEAL["foveal"], "glimpse": "shuffled_vit", "vit_grid": 4, "steps": 4}}
+    path = save_checkpoint(tmp_path / "shuffled.pt", cfg, "foveal_sup")
+    res = ev.main(["--ckpt", str(path), "--out_dir", str(tmp_path / "o"), "--n_val", "6", "--repeats", "1",
+                   "--res_factors", "1"])
+    assert res["glimpse"] == "shuffled_vit" and len(res["resolution"]["1x"]["random"]["top1"]) == 4
+    model = ef.load_foveal(torch.load(path, weights_only=False))
+    tcfg = fovea.FovealTrainConfig(model=model.cfg, steps=4, glimpse="shuffled_vit", vit_grid=4)
+    groups = fovea.episode_patches(model, tcfg, torch.Generator().manual_seed(0), 2, (32, 32), "cpu")
+    boxes = torch.cat([g.boxes for g in groups], 1)                 # every grid patch exactly once
+    assert sorted(map(tuple, boxes[0].tolist())) == sorted(map(tuple, fovea.vit_grid(1, (32, 32), 4).boxes[0].tolist()))
+    with pytest.raises(ev.EvalError, match="do not split into 3 groups"):
+        ev.main(["--ckpt", str(path), "--out_dir", str(tmp_path / "o"), "--T", "3"])
+
+
+def test_foveal_evaluation_rejects_a_wrong_baseline(foveal_ckpts, tmp_path):
+    with pytest.raises(ev.EvalError, match="objective 'foveal_sup', not vit_sup"):
+        ev.main(["--ckpt", str(foveal_ckpts[0]), "--baseline", str(foveal_ckpts[0]), "--out_dir", str(tmp_path)])
+
+
+def test_knn_matches_a_brute_force_vote():
+    gen = torch.Generator().manual_seed(0)
+    train_f = torch.nn.functional.normalize(torch.randn(30, 8, generator=gen), dim=1)
+    test_f = torch.nn.functional.normalize(torch.randn(10, 8, generator=gen), dim=1)
+    train_y, test_y = torch.randint(0, 3, (30,), generator=gen), torch.randint(0, 3, (10,), generator=gen)
+    right = 0
+    for i in range(10):                                     # one test feature at a time
+        sims = sorted(((float(test_f[i] @ train_f[j]), int(train_y[j])) for j in range(30)), reverse=True)[:5]
+        votes = [sum(math.exp(s / 0.07) for s, y in sims if y == c) for c in range(3)]
+        right += max(range(3), key=lambda c: votes[c]) == int(test_y[i])
+    assert ef.knn_top1(train_f, train_y, test_f, test_y, 3, k=5) == pytest.approx(right / 10)
+
+
+def test_dino_and_probe_checkpoints(tmp_path):
+    """A dino backbone: k-NN only; its probe: the per-step tables, [000] Table 1's layout, k-NN."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_fovea import dino_checkpoint
+    dino_checkpoint(tmp_path / "dino.pt")
+    args = ["--n_val", "8", "--n_train", "12", "--batch_size", "4", "--repeats", "1", "--res_factors", "1",
+            "--pictures", "0"]
+    res = ev.main(["--ckpt", str(tmp_path / "dino.pt"), "--out_dir", str(tmp_path / "d"), *args])
+    assert set(res["knn"]) == {"k", "n_train", "vit", "random"} and res["resolution"] == {}
+    assert "k-NN top-1" in (tmp_path / "d" / "tables.md").read_text()
+    cfg = train.TrainConfig()
+    config.apply_overrides(cfg, {"objective": "probe", "data": {"image_size": 32},
+                                 "probe": {"backbone": str(tmp_path / "dino.pt"), "num_classes": 10, "steps": 2}})
+    torch.save(train.checkpoint(cfg, train.build_objective(cfg), step=2), tmp_path / "probe.pt")
+    res = ev.main(["--ckpt", str(tmp_path / "probe.pt"), "--out_dir", str(tmp_path / "p"), *args])
+    assert len(res["resolution"]["1x"]["random"]["top1"]) == 2 and "knn" in res
+    assert "| this probe |" in (tmp_path / "p" / "tables.md").read_text()
