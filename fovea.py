@@ -45,8 +45,9 @@ Paper -> code
   002 A.3.4              random gazes, MixUp, stage 1   FovealSupervised, mixup
   002 Sec. 6.1           shuffled ViT-patch groups      FovealSupervised.episode_patches
 
-Run `python fovea.py` for a picture of the patches, `python fovea.py --bench` for the
-extraction benchmark, `python train.py --cfg foveal_tiny.yaml` to train the model, and
+Run `python fovea.py` for a picture of the patches, `python bench.py extraction` for the
+extraction benchmark (`python bench.py foveal` times a training step),
+`python train.py --cfg foveal_tiny.yaml` to train the model, and
 `python -m pytest tests/test_fovea.py` for the tests.
 """
 from __future__ import annotations
@@ -55,7 +56,6 @@ import argparse
 import dataclasses
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -472,7 +472,7 @@ class FovealConfig:
     grid_z: tuple[float, float] = (3.0, 4.0)  # [000] Sec. 3.2: "a predefined zoom range" (values unstated)
     z_max: float = 4.0             # [002] A.3.1: Z_max, the largest zoom the model sees (see FovealViT)
     pos_hidden: int = 256          # [002] A.3.1: "a small MLP" with 3 inputs (width unstated)
-    head: str = "combine_mlp"      # "combine_mlp" [002] A.3.2 | "linear" | "transformer" [000] Sec. 4
+    head: str = "combine_mlp"      # "combine_mlp" [002] A.3.2 | "linear" | "transformer" [000] Sec. 4 | "none"
     num_classes: int = 1000        # ImageNet-1k
     exact: bool = True             # sub-pixel box filter; False: [000] App. A nearest-pixel corners
     compile_extraction: bool = True  # box_patches through torch.compile
@@ -583,8 +583,10 @@ class FovealViT(nn.Module):
             self.head = LinearHead(D, cfg.num_classes)
         elif cfg.head == "transformer":
             self.head = TransformerHead(D, cfg.heads, cfg.num_classes)
+        elif cfg.head == "none":                         # a self-supervised backbone [000]
+            self.head = None
         else:
-            raise ValueError(f"unknown head {cfg.head!r}; choose combine_mlp, linear or transformer")
+            raise ValueError(f"unknown head {cfg.head!r}; choose combine_mlp, linear, transformer or none")
 
     def check_zoom(self, z: float, what: str) -> None:
         """Refuse a zoom level the position MLP was not made for (z / Z_max outside [0, 1])."""
@@ -619,10 +621,13 @@ class FovealViT(nn.Module):
         z = sum(self.cfg.grid_z) / 2 if grid_z is None else grid_z
         return cat_patches(mz, foveal_grid(gaze_yx, image_hw, self.cfg.grid, z))
 
-    def embed(self, table: SummedAreaTable, patches: Patches) -> Tensor:
-        """Extract the patches from the summed-area table and embed them: (B, P, D)."""
+    def embed(self, table: SummedAreaTable, patches: Patches, transform=None) -> Tensor:
+        """Extract the patches from the summed-area table and embed them: (B, P, D).
+        transform: applied to the extracted pixels (B, P, 3, p, p) first (an augmentation)."""
         p = self.cfg.patch_px
         pix = box_patches(table, patches.boxes, p, self.cfg.exact, self.cfg.compile_extraction)
+        if transform is not None:
+            pix = transform(pix)
         tokens = self.patch_embed(pix.flatten(2))                                 # (B, P, 3*p*p) -> (B, P, D)
         y, x, z = patches.yxz.unbind(-1)
         torch._assert_async(((z >= 0) & (z <= self.cfg.z_max + 1e-6)).all(),
@@ -635,14 +640,16 @@ class FovealViT(nn.Module):
             pos = self.pos_mlp(xyz.float())
         return tokens + pos.to(tokens.dtype)
 
-    def forward(self, table: SummedAreaTable, state: Tensor | None, patches: Patches) -> Tensor:
+    def forward(self, table: SummedAreaTable, state: Tensor | None, patches: Patches,
+                transform=None) -> Tensor:
         """One step: the state (B, N, D) and the patches of one glimpse -> new state (B, N, D).
 
         state None: the first step, from the learned prompt s_1, which receives this step's
-        gradient. A state from an earlier step is detached (no BPTT [002, Sec. 5.2])."""
+        gradient. A state from an earlier step is detached (no BPTT [002, Sec. 5.2]).
+        transform: an augmentation of the extracted pixels (see `embed`)."""
         B = patches.boxes.shape[0]
         state = self.state_prompt.expand(B, -1, -1) if state is None else state.detach()
-        tokens = self.embed(table, patches)                                       # (B, P, D)
+        tokens = self.embed(table, patches, transform)                            # (B, P, D)
         x = torch.cat([state.to(tokens.dtype), tokens], 1)                        # (B, N + P, D)
         # NOTE(paper): "similarly to DETR the state query vectors are added to each layer as skip
         # connections" [002, A.3.1]. DETR adds its queries to the input of every attention layer;
@@ -670,6 +677,9 @@ class FovealViT(nn.Module):
 
     def classify(self, state: Tensor) -> Tensor:
         """Task head: (B, N, D) -> (B, K) logits."""
+        if self.head is None:
+            raise ValueError("this FovealViT has no task head (head: none, a self-supervised "
+                             "backbone): train one with the objective `probe`")
         return self.head(state)
 
 
@@ -803,6 +813,81 @@ class FovealSupervised(nn.Module):
         return {"encoder": self.model.export()}
 
 
+@dataclass
+class ProbeConfig:
+    """[000] Sec. 5.1, stage 2: a task head on a frozen pretrained backbone, random gazes."""
+    backbone: str = ""             # a `dino` run's checkpoint (its EMA teacher's backbone)
+    reinit: bool = False           # True: that architecture with random weights (the baseline)
+    head: str = "linear"           # [000] Sec. 4: "linear" on the first state token | "transformer"
+    num_classes: int = 1000
+    steps: int = 8                 # [000] Sec. 5.1: random gazes, the episode of pretraining
+    label_smoothing: float = 0.0
+
+
+class FovealProbe(nn.Module):
+    """[000] Sec. 5.1, stage 2 (train.py's `probe`): the backbone of a `dino` run, frozen, and a
+    new task head trained on its states after each random gaze of an episode (cross-entropy
+    after every step, as stage 1 of [002]). The backbone runs without gradient; only the head
+    learns. The checkpoint exports the whole model (backbone and head) as "encoder", the form a
+    foveal_sup run exports, so evaluation and a gaze policy take either."""
+    augment = True                 # DINO's linear evaluation trains on random resized crops + flips
+
+    def __init__(self, cfg: ProbeConfig, seed: int):
+        super().__init__()
+        if not cfg.backbone:
+            raise CheckpointError("probe.backbone: set the checkpoint of a dino run (runs/<run>/ckpt.pt)")
+        ckpt = read_checkpoint(cfg.backbone)
+        objective = ckpt["config"].get("objective")
+        if objective != "dino":
+            raise CheckpointError(f"probe.backbone = {cfg.backbone} is a {objective!r} checkpoint; the "
+                                  "probe stage takes a self-supervised backbone: a 'dino' checkpoint "
+                                  "(a foveal_sup run has its own task head: evaluate it directly)")
+        frozen = load_frozen(ckpt, "encoder", FovealViT, what=f"probe.backbone = {cfg.backbone}")
+        self.cfg, self.seed = cfg, seed
+        self.model = FovealViT(dataclasses.replace(frozen.cfg, head=cfg.head, num_classes=cfg.num_classes))
+        if not cfg.reinit:                 # all but the new head, checked key by key
+            theirs = frozen.state_dict()
+            ours = self.model.state_dict()
+            backbone = {k for k in ours if not k.startswith("head.")}
+            if backbone != set(theirs):
+                raise CheckpointError(f"probe.backbone = {cfg.backbone}: its keys differ from the "
+                                      f"model's: {sorted(backbone ^ set(theirs))[:5]}")
+            self.model.load_state_dict({**ours, **theirs}, strict=True)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+        self.episode = FovealTrainConfig(model=self.model.cfg, steps=cfg.steps)
+
+    def label_classes(self) -> tuple[str, int]:
+        return "probe.num_classes", self.cfg.num_classes
+
+    def train_step(self, batch: dict, step: int, run) -> dict:
+        images, labels = batch["image"], batch["label"]
+        B, dev = images.shape[0], images.device
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        mine = slice(run.rank * B, (run.rank + 1) * B)
+        episode = episode_patches(self.model, self.episode, gen, B * run.world, tuple(images.shape[-2:]), dev)
+        table = integral_image(images)
+        states, state = [], None
+        with torch.no_grad(), run.autocast():                 # the frozen backbone
+            for patches in episode:
+                state = self.model(table, state, Patches(patches.boxes[mine], patches.yxz[mine]))
+                states.append(state)
+        losses = []
+        for state in states:
+            with run.autocast():
+                logits = self.model.classify(state)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
+            (loss / len(states)).backward()
+            losses.append(loss.detach())
+        run.optimizer_step()
+        return {"loss": torch.stack(losses).mean(), "loss_first": losses[0], "loss_last": losses[-1],
+                "acc_last": (logits.argmax(-1) == labels).float().mean().detach(),
+                "glimpses": B * len(states)}
+
+    def export(self) -> dict:
+        return {"encoder": self.model.export()}
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints of train.py -> frozen models (one home, used by distill, dino, grpo and eval)
 # ----------------------------------------------------------------------------------------------
@@ -854,7 +939,7 @@ def load_frozen(source: str | Path | dict, name: str, cls: type, what: str = "")
 
 
 # ----------------------------------------------------------------------------------------------
-# Demo (`python fovea.py`) and benchmark (`python fovea.py --bench`)
+# Demo (`python fovea.py`); the benchmarks are in bench.py
 # ----------------------------------------------------------------------------------------------
 
 def _test_image(size: int) -> Tensor:
@@ -904,75 +989,7 @@ def _demo(out_path: str, size: int = 512) -> None:
           f"each resampled to 32x32 by box filtering")
 
 
-def _crop_resize(images: Tensor, boxes: Tensor, p: int) -> Tensor:
-    """Naive baseline: crop each box (zero padded) and F.interpolate(antialias=True), one by one."""
-    B, C, H, W = images.shape
-    out = []
-    for b in range(B):
-        for y0, x0, y1, x1 in boxes[b].round().long().tolist():
-            crop = images[b:b + 1, :, max(y0, 0):min(y1, H), max(x0, 0):min(x1, W)]
-            crop = F.pad(crop, (max(-x0, 0), max(x1 - W, 0), max(-y0, 0), max(y1 - H, 0)))
-            out.append(F.interpolate(crop, size=(p, p), mode="bilinear", antialias=True,
-                                     align_corners=False))
-    return torch.cat(out).view(B, -1, C, p, p)
-
-
-def _bilinear_boxes(images: Tensor, boxes: Tensor, p: int) -> Tensor:
-    """All boxes sampled bilinearly at their p x p cell centres in one grid_sample call."""
-    B, C, H, W = images.shape
-    P = boxes.shape[1]
-    t = (torch.arange(p, device=images.device, dtype=torch.float32) + 0.5) / p
-    y0, x0, y1, x1 = boxes.unbind(-1)                                             # (B, P)
-    ys = (y0[..., None] + (y1 - y0)[..., None] * t) / H * 2 - 1                   # (B, P, p)
-    xs = (x0[..., None] + (x1 - x0)[..., None] * t) / W * 2 - 1
-    grid = torch.stack(torch.broadcast_tensors(xs[:, :, None, :], ys[:, :, :, None]), -1)
-    out = F.grid_sample(images, grid.reshape(B, P * p, p, 2), align_corners=False)  # (B,C,P*p,p)
-    return out.view(B, C, P, p, p).transpose(1, 2)
-
-
-def _bench(sizes: list[int], device: str, repeats: int) -> None:
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-
-    def timed(fn) -> float:
-        fn(); fn(); sync()                                                        # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter(); fn(); sync(); times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2] * 1e3                               # median, ms
-
-    gen = torch.Generator().manual_seed(0)
-    gazes = (torch.rand(8, 2, generator=gen) * 1.6 - 0.8).to(dev)                 # 8 gazes
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    print(f"glimpse set: 8 gazes x (16 multi-zoom + 25 grid) patches of 16x16, one image; "
-          f"median ms of {repeats}; device: {name}, torch {torch.__version__}")
-    print("| image side | integral (table ready) | integral + table build | bilinear | "
-          "crop + interpolate (antialias) | naive / integral |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    def row(S: int) -> str:
-        img = torch.rand(1, 3, S, S, generator=gen).to(dev)
-        ctx = foveal_context(gazes, (S, S), num_zoom=16, max_z=4.0, grid=5, grid_z=4.0)
-        boxes = ctx.boxes.reshape(1, -1, 4)                                       # (1, 328, 4)
-        table = integral_image(img)
-        t_int = timed(lambda: box_patches(table, boxes, 16))
-        t_tab = timed(lambda: box_patches(integral_image(img), boxes, 16))
-        t_bil = timed(lambda: _bilinear_boxes(img, boxes, 16))
-        t_naive = timed(lambda: _crop_resize(img, boxes, 16))
-        return f"| {S} | {t_int:.2f} | {t_tab:.1f} | {t_bil:.2f} | {t_naive:.1f} | {t_naive / t_int:.0f}x |"
-
-    for S in sizes:
-        print(row(S), flush=True)
-
-
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bench", action="store_true", help="time extraction vs image size")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--out", default="out/fovea_demo.png")
-    args = ap.parse_args()
-    if args.bench:
-        _bench(args.sizes, args.device, args.repeats)
-    else:
-        _demo(args.out)
+    ap.add_argument("--out", default="out/fovea_demo.png", help="where the picture goes")
+    _demo(ap.parse_args().out)

@@ -11,6 +11,8 @@ names them, and TrainConfig has one config section each)
   distill     passive-to-active dense latent distillation of CanViT [003, Sec. 5]  distill.py
   foveal_sup  the foveal ViT's stage 1 with random gazes [002, A.3.4]             fovea.py
   vit_sup     the passive patch-16 ViT baseline of [000] Fig. 1                   canvit.py
+  dino        sequential-to-global self-supervised pretraining [000, Sec. 3.1]    dino.py
+  probe       a task head on a frozen dino backbone, random gazes [000, Sec. 5.1]  fovea.py
 
 The loop owns the data (the dataset of `cfg.data`, each process's share of every global batch,
 epochs, resuming mid-epoch), the device and processes, the optimizer (AdamW, its parameter
@@ -33,7 +35,8 @@ and optionally
   .label_classes() -> (key, K)  the config key and class count the data must match
   .extra_state() / .load_extra_state(d)   more to checkpoint (an EMA teacher, a random teacher)
   .export() -> {name: part.export()}      parts other runs reuse (`fovea.load_frozen`)
-`run` holds rank, world, device, steps_per_epoch, autocast() and optimizer_step(frozen=()):
+`run` holds rank, world, device, steps_per_epoch, schedule_steps (the schedules' horizon),
+autocast() and optimizer_step(frozen=()):
 average the gradients over processes, clip each clip group, skip the `frozen` parameters this
 update, step AdamW; whatever must follow an update (an EMA teacher) follows that call.
 
@@ -73,6 +76,7 @@ import torch.distributed as dist
 import canvit
 import config
 import data
+import dino
 import distill
 import fovea
 from config import ConfigError
@@ -91,6 +95,8 @@ class OptimConfig:
     min_lr: float = 0.0            # end of the cosine decay
     weight_decay: float = 1e-4     # [003] Table 2
     weight_decay_end: float = -1.0  # cosine from weight_decay to this over the run; < 0: constant
+    schedule_steps: int = 0        # the schedules' horizon; 0: max_steps ([000] App. E: 300 epochs
+                                   # of schedules for a 100-epoch run)
     betas: tuple[float, float] = (0.9, 0.999)  # [003] Table 2
     grad_clip: float = 1.0         # [003] Table 2: max norm, per clip group (0 = off)
 
@@ -113,9 +119,11 @@ class TrainConfig:
     distill: distill.DistillConfig = field(default_factory=distill.DistillConfig)
     foveal: fovea.FovealTrainConfig = field(default_factory=fovea.FovealTrainConfig)
     vit: canvit.PassiveViTConfig = field(default_factory=canvit.PassiveViTConfig)
+    dino: dino.DINOConfig = field(default_factory=dino.DINOConfig)
+    probe: fovea.ProbeConfig = field(default_factory=fovea.ProbeConfig)
 
 
-OBJECTIVES = ("distill", "foveal_sup", "vit_sup")
+OBJECTIVES = ("distill", "foveal_sup", "vit_sup", "dino", "probe")
 
 
 def build_objective(cfg: TrainConfig) -> torch.nn.Module:
@@ -125,6 +133,10 @@ def build_objective(cfg: TrainConfig) -> torch.nn.Module:
         return fovea.FovealSupervised(cfg.foveal, seed=cfg.seed)
     if cfg.objective == "vit_sup":
         return canvit.PassiveViTSupervised(cfg.vit, seed=cfg.seed)
+    if cfg.objective == "dino":
+        return dino.DINOSequentialToGlobal(cfg.dino, seed=cfg.seed)
+    if cfg.objective == "probe":
+        return fovea.FovealProbe(cfg.probe, seed=cfg.seed)
     raise ConfigError(f"objective: unknown {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
@@ -197,6 +209,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
 
 def learning_rate(step: int, o: OptimConfig, max_steps: int) -> float:
     """Linear warmup from init_lr to lr, then constant [003, Table 2] or cosine to min_lr [002, A.3.4]."""
+    max_steps = o.schedule_steps or max_steps
     if step < o.warmup_steps:
         return o.init_lr + (o.lr - o.init_lr) * step / o.warmup_steps
     if o.schedule == "constant":
@@ -209,6 +222,7 @@ def weight_decay(step: int, o: OptimConfig, max_steps: int) -> float:
     """Constant, or a cosine from weight_decay to weight_decay_end over the run (DINO: 0.04 -> 0.4)."""
     if o.weight_decay_end < 0:
         return o.weight_decay
+    max_steps = o.schedule_steps or max_steps
     return o.weight_decay_end + (o.weight_decay - o.weight_decay_end) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, step / max(1, max_steps))))
 
@@ -349,6 +363,7 @@ class Run:
                  steps_per_epoch: int):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.steps_per_epoch = steps_per_epoch
+        self.schedule_steps = cfg.optim.schedule_steps or cfg.max_steps   # for an objective's own
         model = objective.model
         groups = (objective.param_groups(cfg.optim.weight_decay) if hasattr(objective, "param_groups")
                   else param_groups(model, cfg.optim.weight_decay))

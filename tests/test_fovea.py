@@ -1,4 +1,5 @@
 """fovea.py: extraction against independent computations, and the top-down geometry."""
+import dataclasses
 import math
 
 import pytest
@@ -635,3 +636,60 @@ def test_a_short_training_run_lowers_the_loss():
         losses.append(obj.train_step(batch, 0, LocalRun(opt))["loss"].item())
     assert losses[-1] < 0.5 * losses[0]
     assert (obj.model.state_prompt - prompt).abs().max() > 1e-3           # the prompt moved
+
+
+# ---------------------------------------------------------------------------------------------
+# The probe stage [000, Sec. 5.1]: a head on a frozen dino backbone
+# ---------------------------------------------------------------------------------------------
+
+def dino_checkpoint(path, objective="dino"):
+    """A dino run's checkpoint (or another objective's) as train.py writes it."""
+    import config
+    import train
+    cfg = train.TrainConfig()
+    model = {**dataclasses.asdict(tiny_foveal(head="none", num_classes=0)), "z_max": 4.5}
+    sections = {"dino": {"dino": {"model": model, "global_grid": 4, "local_grid": 2, "out_dim": 16,
+                                  "hidden_dim": 24, "bottleneck_dim": 8}},
+                "foveal_sup": {"foveal": {"model": dataclasses.asdict(tiny_foveal())}}}
+    config.apply_overrides(cfg, {"objective": objective, **sections[objective]})
+    torch.manual_seed(0)
+    obj = train.build_objective(cfg)
+    if objective == "dino":                     # the teacher, which is exported, apart from the student
+        with torch.no_grad():
+            for p in obj.teacher.parameters():
+                p.add_(torch.randn_like(p))
+    torch.save(train.checkpoint(cfg, obj, step=1), path)
+    return obj
+
+
+def test_the_probe_learns_only_its_head_on_the_dino_teacher(tmp_path):
+    dino_obj = dino_checkpoint(tmp_path / "dino.pt")
+    probe = fovea.FovealProbe(fovea.ProbeConfig(backbone=str(tmp_path / "dino.pt"), num_classes=5, steps=2), seed=0)
+    teacher = dino_obj.teacher.backbone.state_dict()
+    for k, v in probe.model.state_dict().items():              # the EMA teacher's backbone, exactly
+        if not k.startswith("head."):
+            assert torch.equal(v, teacher[k]), k
+    trainable = [n for n, p in probe.model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("head.") for n in trainable)
+    before = {k: v.clone() for k, v in probe.model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in probe.model.parameters() if p.requires_grad], lr=1e-2)
+    batch = {"image": torch.randn(6, 3, 32, 32), "label": torch.arange(6) % 5}
+    for step in range(3):
+        probe.train_step(batch, step, LocalRun(opt))
+    after = probe.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith("head."))
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("head."))
+    again = fovea.FovealProbe(fovea.ProbeConfig(backbone=str(tmp_path / "dino.pt"), reinit=True, num_classes=5), seed=0)
+    assert not torch.equal(again.model.blocks[0].qk.weight, probe.model.blocks[0].qk.weight)   # random
+
+
+def test_a_probe_needs_a_dino_backbone_and_says_what_it_got(tmp_path):
+    dino_checkpoint(tmp_path / "sup.pt", objective="foveal_sup")
+    with pytest.raises(fovea.CheckpointError, match=r"is a 'foveal_sup' checkpoint; the probe stage takes .* 'dino'"):
+        fovea.FovealProbe(fovea.ProbeConfig(backbone=str(tmp_path / "sup.pt"), num_classes=5), seed=0)
+    with pytest.raises(fovea.CheckpointError, match="probe.backbone: set the checkpoint"):
+        fovea.FovealProbe(fovea.ProbeConfig(num_classes=5), seed=0)
+    dino_checkpoint(tmp_path / "dino.pt")
+    backbone = fovea.load_frozen(tmp_path / "dino.pt", "encoder", fovea.FovealViT)
+    with pytest.raises(ValueError, match="no task head .* train one with the objective `probe`"):
+        backbone.classify(torch.zeros(1, 3, 32))

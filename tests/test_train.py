@@ -5,6 +5,7 @@ The runs are real `python train.py` / `torchrun` subprocesses on tiny configs.
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,17 @@ TINY_VIT = {
     **{k: v for k, v in TINY_FOVEAL.items() if k != "foveal"}, "objective": "vit_sup",
     "vit": {"backbone": {"embed_dim": 32, "num_heads": 2, "n_blocks": 1, "patch_size": 8},
             "n_storage_tokens": 0, "num_classes": 10, "mixup_alpha": 0.8},
+}
+
+
+TINY_DINO = {
+    **{k: v for k, v in TINY_FOVEAL.items() if k != "foveal"}, "objective": "dino",
+    "data": {"dataset": "synthetic", "image_size": 32, "length": 64},
+    "dino": {"global_grid": 4, "local_grid": 2, "n_local": 2, "seq_steps": 2, "out_dim": 16, "hidden_dim": 24,
+             "bottleneck_dim": 8, "warmup_teacher_temp_epochs": 0,
+             "model": {"dim": 32, "depth": 1, "heads": 2, "num_state": 2, "patch_px": 8, "num_zoom": 3,
+                       "max_z": 2.0, "grid": 2, "grid_z": [2.0, 2.5], "z_max": 4.5, "head": "none",
+                       "num_classes": 0, "compile_extraction": False}},
 }
 
 
@@ -217,10 +229,27 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path):
     assert max_diff(a, params(three)) > 1e-4
 
 
-@pytest.mark.parametrize("name", ["foveal_sup", "vit_sup"])
-def test_supervised_objectives_do_not_depend_on_the_process_count(tmp_path, name):
-    """MixUp, random gazes and the ImageFolder training augmentation are drawn for the global
-    batch: 2 processes x 4 images give the weights of 1 process x 8."""
+@pytest.mark.parametrize("name", ["foveal_sup", "vit_sup", "dino"])
+def test_objectives_do_not_depend_on_the_process_count(tmp_path, name):
+    """MixUp, random gazes, the ImageFolder training augmentation, DINO's views and photometric
+    augmentation are drawn for the global batch, and Sinkhorn-Knopp and KoLeo run over it:
+    2 processes x 4 images give the weights of 1 process x 8."""
+    if name == "dino":
+        # Weights after one step (Adam's first updates amplify float noise: 3e-8 after one step,
+        # 2e-5 after three), and the logged loss, KoLeo and teacher entropy of two steps, which
+        # move when Sinkhorn-Knopp or KoLeo see only part of the batch.
+        runs = {n: tmp_path / f"p{n}" for n in (1, 2)}
+        for n, out in runs.items():
+            run(tmp_path, with_out(TINY_DINO, out, max_steps=2, log_every=1, ckpt_every=1), nproc=n)
+        first = {n: torch.load(out / "ckpt_prev.pt", weights_only=False) for n, out in runs.items()}
+        assert max_diff(first[1]["model"], first[2]["model"]) < 1e-6
+        assert max_diff(first[1]["extra"]["teacher"], first[2]["extra"]["teacher"]) < 1e-6
+        logs = {n: [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+                for n, out in runs.items()}
+        for a, b in zip(logs[1], logs[2]):
+            for key in ("loss", "dino_loss", "koleo", "teacher_entropy", "prototypes_used"):
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a[key], b[key])
+        return
     cfg = dict(TINY_FOVEAL if name == "foveal_sup" else TINY_VIT)
     root = image_folder(tmp_path / "folder")
     cfg["data"] = {"dataset": "imagefolder", "root": str(root), "image_size": 48, "num_classes": 2}
@@ -314,3 +343,157 @@ def test_training_on_exported_features_keeps_the_random_teacher(tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert max_diff(ckpt["extra"]["teacher"], torch.load(feats / "teacher.pt")) == 0
     assert all(math.isfinite(json.loads(l)["loss"]) for l in (out / "log.jsonl").read_text().splitlines())
+
+
+# ---------------------------------------------------------------------------------------------
+# Failing early and clearly, losing nothing, surviving preemption
+# ---------------------------------------------------------------------------------------------
+
+def cli(tmp: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          cwd=tmp, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_bad_values_are_refused_before_any_work_in_one_message(tmp_path):
+    out = tmp_path / "never"
+    res = cli(tmp_path, "--cfg", "foveal_tiny.yaml", f"--out_dir={out}", "--log_every=0", "--batch_size=0",
+              "--max_steps=-1", "--num_workers=-1", "--data.dataset=imagefolderr")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    for key in ("log_every = 0", "batch_size = 0", "max_steps = -1", "num_workers = -1",
+                "data.dataset = 'imagefolderr': one of synthetic, imagefolder, ade20k"):
+        assert key in res.stderr, (key, res.stderr)
+    assert not out.exists()                                           # nothing was made
+
+
+def test_a_yaml_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("objective: foveal_sup\noptim: {lr: 1e-3\nmax_steps: 3\n")
+    res = cli(tmp_path, "--cfg", str(bad))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert f"{bad}: not valid YAML (line 3" in res.stderr
+
+
+def test_no_config_says_what_to_run_and_help_lists_objectives_and_configs(tmp_path):
+    res = cli(tmp_path)
+    assert res.returncode != 0 and "no --cfg given" in res.stderr and "Traceback" not in res.stderr
+    for p in (ROOT / "configs").glob("*.yaml"):
+        assert p.name in res.stderr
+    helped = cli(tmp_path, "--help")
+    assert helped.returncode == 0 and "--print_config" in helped.stdout
+    assert "objectives: distill, foveal_sup, vit_sup" in helped.stdout and "foveal_tiny.yaml" in helped.stdout
+    shown = cli(tmp_path, "--cfg", "foveal_tiny.yaml", "--print_config", "--optim.lr=0.5")
+    assert shown.returncode == 0 and yaml.safe_load(shown.stdout)["optim"]["lr"] == 0.5
+
+
+def test_an_unwritable_out_dir_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    res = cli(tmp_path, "--cfg", "foveal_tiny.yaml", f"--out_dir={blocker / 'run'}", "--max_steps=1")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert f"out_dir = '{blocker / 'run'}' is not writable" in res.stderr
+
+
+def test_class_count_mismatch_and_a_single_class_are_refused(tmp_path):
+    root = image_folder(tmp_path / "folder", classes=2)
+    base = with_out(TINY_FOVEAL, tmp_path / "mismatch")
+    base["data"] = {"dataset": "imagefolder", "root": str(root), "image_size": 48, "num_classes": 0}
+    path = tmp_path / "mismatch.yaml"
+    path.write_text(yaml.safe_dump(base))
+    res = cli(tmp_path, "--cfg", str(path))                          # the model has 10 classes
+    assert res.returncode != 0 and "foveal.model.num_classes = 10, but the data" in res.stderr
+    assert "set foveal.model.num_classes=2" in res.stderr and not (tmp_path / "mismatch").exists()
+    one = image_folder(tmp_path / "one", classes=1)
+    res = cli(tmp_path, "--cfg", str(path), f"--data.root={one}", "--foveal.model.num_classes=1")
+    assert res.returncode != 0 and "a single class leaves nothing to learn" in res.stderr
+
+
+def test_a_non_finite_loss_stops_and_says_what_was_kept(tmp_path):
+    out = tmp_path / "nan"
+    res = cli(tmp_path, "--cfg", "foveal_tiny.yaml", f"--out_dir={out}", "--max_steps=6", "--log_every=1",
+              "--num_workers=0", "--optim.lr=1e30", "--optim.init_lr=1e30", "--optim.grad_clip=0",
+              "--batch_size=4", "--data.length=64")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "a non-finite loss occurred" in res.stderr and "no checkpoint was written yet" in res.stderr
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    cfg = with_out(TINY_DISTILL, out, max_steps=4, ckpt_every=2)
+    run(tmp_path, cfg)
+    assert torch.load(out / "ckpt_prev.pt", weights_only=False)["step"] == 2
+    (out / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes()[:1000])        # damaged
+    res = run(tmp_path, with_out(TINY_DISTILL, out, max_steps=6, ckpt_every=2))
+    assert f"{out / 'ckpt.pt'} cannot be read" in res.stdout
+    assert f"resumed from {out / 'ckpt_prev.pt'} at step 2" in res.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 6
+    for name in ("ckpt.pt", "ckpt_prev.pt"):                           # both damaged: a clear stop
+        (out / name).write_bytes(b"\x00" * 64)
+    path = tmp_path / "again.yaml"
+    path.write_text(yaml.safe_dump(with_out(TINY_DISTILL, out, max_steps=8)))
+    res = cli(tmp_path, "--cfg", str(path))
+    assert res.returncode != 0 and "no readable checkpoint" in res.stderr and "Traceback" not in res.stderr
+    assert "ckpt_prev.pt" in res.stderr and "start the run afresh" in res.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_at_the_next_step_and_the_resumed_run_is_uninterrupted(tmp_path, sig):
+    n = 8
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run(tmp_path, with_out(TINY_DISTILL, straight, max_steps=n))
+    cfg = with_out(TINY_DISTILL, stopped, max_steps=n, log_every=1, ckpt_every=100)
+    proc = run(tmp_path, cfg, wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (stopped / "log.jsonl").is_file():
+        time.sleep(0.05)
+    while time.time() < deadline and len((stopped / "log.jsonl").read_text().splitlines()) < 2:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, output
+    step = torch.load(stopped / "ckpt.pt", weights_only=False)["step"]
+    assert 2 <= step < n and f"checkpoint of step {step} saved" in output
+    assert "resume with the same command" in output and "Traceback" not in output
+    res = run(tmp_path, cfg)
+    assert f"resumed from {stopped / 'ckpt.pt'} at step {step}" in res.stdout
+    assert max_diff(params(straight), params(stopped)) < 1e-6
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+    out = tmp_path / "shared"
+    cfg = with_out(TINY_DISTILL, out, max_steps=200, log_every=1)
+    first = run(tmp_path, cfg, wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "log.jsonl").is_file():
+        time.sleep(0.05)
+    res = cli(tmp_path, "--cfg", str(tmp_path / "shared.yaml"))
+    assert res.returncode != 0 and "is in use by another run (pid" in res.stderr
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    again = run(tmp_path, with_out(TINY_DISTILL, out, max_steps=2, log_every=1))     # not stuck
+    assert again.returncode == 0
+
+
+def test_bad_images_are_counted_across_a_resume_and_reported_once(tmp_path):
+    root = image_folder(tmp_path / "folder", classes=2, per_class=6)
+    for c in ("class0", "class1"):
+        (root / "train" / c / "broken.jpg").write_bytes(b"not an image")
+    cfg = with_out(TINY_FOVEAL, tmp_path / "run", max_steps=6, batch_size=4, log_every=3, ckpt_every=3)
+    cfg["data"] = {"dataset": "imagefolder", "root": str(root), "image_size": 48, "num_classes": 2}
+    cfg["foveal"] = {**cfg["foveal"], "model": {**cfg["foveal"]["model"], "num_classes": 2}}
+    res = run(tmp_path, cfg)                                          # 14 images: 2 epochs of 3 steps
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["bad_images"] for r in log] == [2, 4]                   # both broken files each epoch
+    assert res.stdout.count("skipped a bad image") == 2               # each file named once
+    run(tmp_path, with_out(cfg, tmp_path / "run", max_steps=9))          # resumed at step 6
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["bad_images"] == 6                                 # not restarted from 0
+
+
+def test_the_log_shows_the_global_loss_and_the_run_is_alive_after_one_step(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    first = run(tmp_path, with_out(TINY_DISTILL, one, max_steps=2, log_every=2))
+    second = run(tmp_path, with_out(TINY_DISTILL, two, max_steps=2, log_every=2), nproc=2)
+    loss = lambda out: json.loads((out / "log.jsonl").read_text().splitlines()[-1])["loss"]
+    assert loss(one) == pytest.approx(loss(two), abs=1e-5)            # the mean over both processes
+    assert "step 1 done in" in first.stdout and re.search(r"ETA \d\d:\d\d:\d\d", first.stdout)
+    assert (second.stdout + second.stderr).count("RANDOMLY INITIALISED") == 1   # said once

@@ -1,0 +1,486 @@
+"""A Gaussian-mixture gaze policy trained with GRPO (papers 002, 000; also drives CanViT, 003).
+
+Papers
+  [002] Prisadnikov, Paudel, Fu, Van Gool, "Vision encoders should be image size agnostic and
+        task driven", arXiv 2508.16317.
+  [000] "Self-supervised pretraining for an iterative image size agnostic vision transformer",
+        arXiv 2604.20392.
+  [003] Berreby, Du, Durand, Krishna, "CanViT: Toward Active-Vision Foundation Models".
+
+A frozen iterative encoder (the foveal ViT of fovea.py, or CanViT) carries a state from glimpse
+to glimpse; the policy reads that state and says where to look next. It is a small DETR-like
+transformer: K + 1 learned queries cross-attend to the state, the first K give the means of a
+K-component Gaussian mixture over the gaze and the last one the mixture weights; the std is
+fixed, or follows a fixed schedule, and is not learned [002, A.3.3; 000, Sec. 3.3]. It is
+trained with GRPO [002, A.2]: for each image the old policy draws G traces of T glimpses; each
+action is scored by what it did to the task head's belief in the true class; the scores are
+normalised over the G traces of the image separately at each step; and the clipped ratio
+objective is maximised for several inner epochs. There is no critic.
+
+Conventions
+  * An action is a gaze (y, x) = (row, col) in [-1, 1]^2, (-1, -1) the top-left corner, as in
+    fovea.py; [002] writes (x, y) in [0, 1]. Lengths in [0, 1] units (a std from another code)
+    are doubled here. A third coordinate (A = 3) can carry a CanViT scale; the caller maps it.
+  * Actions are drawn from the unbounded mixture and stored raw; old and new log-probs are both
+    taken at the raw sample; only the glimpse extraction clamps (`to_gaze`).
+  * Log-probs, ratios, advantages and the mixture parameters are float32; the policy runs with
+    autocast off (see GazePolicy.forward).
+
+Shapes
+  B images, G traces per image (a group), T steps (actions per trace), N state tokens,
+  D width, K mixture components, A action dims (2: (y, x); 3: (y, x, scale)).
+
+Paper -> code
+  002 A.2, Eq. 2            end-of-trace reward, every action      raw_advantages("final")
+  002 A.2, Eq. 3            loss-improvement ratio per action      raw_advantages("improvement")
+  000 Sec. 3.3, Eq. 2       P(true class) per step, disc. returns  raw_advantages("prob"),
+                                                                   discounted_returns
+  002 A.2, Eq. 4            per-image, per-step normalisation      group_advantages
+  002 A.2, Eq. 1            clipped ratio objective (maximised)    clipped_objective, ratio_stats
+  002 A.3.3; 000 Sec. 3.3   K-Gaussian mixture, fixed std          mixture_log_prob, sample_mixture,
+                                                                   mixture_weight_entropy
+  002 A.3.3                 deterministic action at inference      mixture_mode
+  000 Sec. 3.3              "fixed diagonal variance schedule"     std_schedule
+  002 A.3.3; 000 Sec. 4     DETR-like policy, K + 1 queries        GazePolicyConfig, GazePolicy
+  (RAM, PR #30)             clamp only at extraction               to_gaze
+  (the rollouts and the training objective are mapped where they are defined, below)
+
+Run `python -m pytest tests/test_grpo.py` for the tests.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _float(x: Tensor) -> Tensor:
+    """float32 for everything but float64 (kept, so tests can check in double precision)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO: rewards, returns and group-normalised advantages [002, A.2; 000, Sec. 3.3]
+# ----------------------------------------------------------------------------------------------
+
+ADVANTAGE_KINDS = ("final", "improvement", "prob")
+
+
+def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
+    """Returns-to-go along the last dim: (..., T) -> (..., T), R_t = sum_{k >= t} gamma^(k-t) r_k.
+
+    gamma = 0 gives R = r, gamma = 1 the plain sum of the rewards still to come.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    r = _float(rewards)
+    R = torch.empty_like(r)
+    running = torch.zeros_like(r[..., 0])
+    for t in range(r.shape[-1] - 1, -1, -1):      # T is small (8): R_t = r_t + gamma R_{t+1}
+        running = r[..., t] + gamma * running
+        R[..., t] = running
+    return R
+
+
+def raw_advantages(logp_true: Tensor, kind: str, gamma: float = 1.0) -> Tensor:
+    """The un-normalised advantages alpha of the T actions of each trace: (B, G, T+1) -> (B, G, T).
+
+    logp_true[..., t] is log P(true class) from the task head on the state after t glimpses
+    (t = 0: the initial state, before any glimpse). Action t (0-based) takes the state from
+    index t to t + 1; [002]'s 1-based s_{i,t} is our index t - 1.
+      "final"        [002] Eq. 2: log P after the last glimpse, the same for every action.
+      "improvement"  [002] Eq. 3: (l_t - l_{t+1}) / (l_t + l_{t+1}) with l = -log P, in [-1, 1].
+      "prob"         [000] Eq. 2: reward r_t = P(true class) after action t, then the
+                     discounted returns with gamma ([000] Sec. 3.3 leaves gamma unstated).
+    gamma belongs to "prob" only: [002] defines its advantages without returns, so another
+    gamma with "final" or "improvement" is an error rather than silently ignored.
+    Any leading shape works; the result is float32 (float64 kept).
+    """
+    if logp_true.dim() < 1 or logp_true.shape[-1] < 2:
+        raise ValueError("logp_true needs T + 1 >= 2 entries on its last dim (states 0..T), "
+                         f"got shape {tuple(logp_true.shape)}")
+    if kind not in ADVANTAGE_KINDS:
+        raise ValueError(f"unknown advantage kind {kind!r}; choose one of "
+                         f"{', '.join(ADVANTAGE_KINDS)}")
+    if kind != "prob" and gamma != 1.0:
+        raise ValueError(f"gamma={gamma} applies to kind 'prob' only, not {kind!r}")
+    logp = _float(logp_true)
+    T = logp.shape[-1] - 1
+    if kind == "final":
+        # Eq. (2): alpha_{i,t} = log P(tau(s_{i,n+1}) = y), the last state's, for every t.
+        return logp[..., -1:].expand(*logp.shape[:-1], T).clone()
+    if kind == "improvement":
+        # Eq. (3), l = -log P >= 0; the clamp drops a log-prob a hair above 0 (a head that rounds
+        # log(softmax) rather than computing log_softmax), which would make l_t + l_{t+1} < 0.
+        l = (-logp).clamp_min(0.0)
+        num = l[..., :-1] - l[..., 1:]                                            # (..., T)
+        den = l[..., :-1] + l[..., 1:]                                            # (..., T)
+        # NOTE(paper): den = 0 only when P = 1 at both states (float32 log_softmax returns
+        # exactly 0 for a confident enough head, common on easy images). There is no loss
+        # left to reduce and num = 0 as well, so we define 0 / 0 = 0 by dividing by
+        # max(den, tiny). For l >= 0, |num| <= den holds in floating point too (rounding is
+        # monotone), so the result stays in [-1, 1] and is never inf or nan.
+        return num / den.clamp_min(torch.finfo(den.dtype).tiny)
+    # [000] Eq. (2): r_t = P(tau(s_{t+1}) = y), the true-class probability after action t.
+    # NOTE(paper): our copy of [000] lost the formula; "the predicted probability of the
+    # ground-truth class" is read as that of the state the action produced (index t + 1).
+    return discounted_returns(logp[..., 1:].exp(), gamma)
+
+
+def group_advantages(alpha: Tensor, eps: float = 1e-6, scale: str = "group") -> Tensor:
+    """[002] Eq. 4: normalise over the G traces of each image, separately at each step.
+
+    alpha: (B, G, T) -> A (B, G, T), A = (alpha - mean_G) / (std_G + eps) in every (image, step)
+    cell. A cell whose G values are all equal gives exactly 0: no trace did better than another.
+    scale="none" only centres (Dr. GRPO, arXiv 2503.20783): dividing by a tiny std turns
+    noise-level differences (late steps, saturated P) into unit-size advantages.
+    """
+    if alpha.dim() != 3:
+        raise ValueError(f"alpha must be (B, G, T), got shape {tuple(alpha.shape)}")
+    a = _float(alpha)
+    centred = a - a.mean(1, keepdim=True)                                         # (B, G, T)
+    if scale == "group":
+        # NOTE(paper): sigma-hat is "the standard deviation" [002]; we use the population std
+        # (divide by G). Bessel's (TRL, verl) is sqrt(G / (G - 1)) times larger: a constant
+        # factor, which in Eq. (1) only rescales the step size (min(rho cA, clip(rho) cA) =
+        # c min(rho A, clip(rho) A) for c > 0), and it is undefined for G = 1. With the
+        # population std every non-flat cell has exactly unit mean square, whatever G.
+        std = centred.square().mean(1, keepdim=True).sqrt()                       # (B, 1, T)
+        adv = centred / (std + eps)
+    elif scale == "none":
+        adv = centred
+    else:
+        raise ValueError(f"unknown scale {scale!r}; choose group or none")
+    # The mean of G equal floats can be an ulp off them: a flat cell is max == min, not std == 0.
+    flat = a.amax(1, keepdim=True) == a.amin(1, keepdim=True)                     # (B, 1, T)
+    return adv.masked_fill(flat, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO: the clipped ratio objective [002, A.2, Eq. 1]
+# ----------------------------------------------------------------------------------------------
+
+LOG_RATIO_CLAMP = 20.0   # verl's bound on log(pi / pi_old) before exp
+
+
+def _ratio(logp: Tensor, logp_old: Tensor) -> tuple[Tensor, Tensor]:
+    """(rho, log rho), rho = pi / pi_old from log-probs, the log-ratio clamped to +-20."""
+    if logp.shape != logp_old.shape:
+        raise ValueError(f"logp {tuple(logp.shape)} and logp_old {tuple(logp_old.shape)} differ")
+    # Clamped as verl does: exp(20) ~ 5e8 stays finite in float32 (exp overflows past ~88), so a
+    # sample far out in the tail of the new policy cannot turn into inf * A or inf - inf = nan.
+    # Beyond the clamp the gradient is 0. It guards the numerics, not the size of rho: a cell
+    # with A < 0 and a large rho still takes the unclipped branch of Eq. (1).
+    log_rho = (_float(logp) - _float(logp_old).detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return log_rho.exp(), log_rho
+
+
+def clipped_objective(logp: Tensor, logp_old: Tensor, advantages: Tensor, clip_eps: float,
+                      clip_eps_high: float | None = None) -> Tensor:
+    """[002] Eq. 1, to MAXIMISE: mean of min(rho A, clip(rho, 1 - eps, 1 + eps) A) over cells.
+
+    logp (the current policy, with gradient), logp_old (the rollout's), advantages: one shape,
+    (B, G, T) here; logp_old and A are constants. clip_eps_high, when given, replaces the upper
+    bound (DAPO's "clip-higher"; [002] uses one eps). Returns a 0-dim float32 tensor.
+    """
+    if advantages.shape != logp.shape:
+        raise ValueError(f"advantages {tuple(advantages.shape)} and logp {tuple(logp.shape)} "
+                         "differ")
+    rho, _ = _ratio(logp, logp_old)
+    adv = _float(advantages).detach()
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    # Eq. (1): the pessimistic (min) of the unclipped and the clipped surrogate. Every trace has
+    # T actions, so 002's (1/G) sum_i (1/|o_i|) sum_t, averaged over images, is the plain mean.
+    surrogate = torch.minimum(rho * adv, rho.clamp(1.0 - clip_eps, 1.0 + high) * adv)
+    return surrogate.mean()
+
+
+@torch.no_grad()
+def ratio_stats(logp: Tensor, logp_old: Tensor, advantages: Tensor, clip_eps: float,
+                clip_eps_high: float | None = None) -> dict[str, Tensor]:
+    """What a log line needs about the ratio, from the inputs of clipped_objective.
+
+    0-dim float32 tensors (stack them for one .item() sync):
+      clip_frac_low   fraction of cells with rho < 1 - eps and A < 0 (clipped: no gradient)
+      clip_frac_high  fraction of cells with rho > 1 + eps and A > 0 (clipped: no gradient)
+      clip_frac       their sum
+      approx_kl       k3 = mean((rho - 1) - log rho), Schulman's unbiased, non-negative
+                      estimate of KL(pi_old || pi) on samples of pi_old
+      ratio_mean      mean rho (1 exactly on the first inner epoch)
+    """
+    rho, log_rho = _ratio(logp, logp_old)
+    adv = _float(advantages)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    low_frac = ((rho < 1.0 - clip_eps) & (adv < 0)).float().mean()
+    high_frac = ((rho > 1.0 + high) & (adv > 0)).float().mean()
+    return {"clip_frac": low_frac + high_frac, "clip_frac_low": low_frac,
+            "clip_frac_high": high_frac, "approx_kl": ((rho - 1.0) - log_rho).mean(),
+            "ratio_mean": rho.mean()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The action distribution: K isotropic Gaussians, fixed std [002, A.3.3; 000, Sec. 3.3]
+# ----------------------------------------------------------------------------------------------
+
+def _std_tensor(std: float | Tensor, like: Tensor) -> Tensor:
+    """The std as a float32 tensor on like's device: 0-dim, or the batch shape (...)."""
+    if isinstance(std, Tensor):
+        return std.to(device=like.device, dtype=torch.float32)
+    if not std > 0:
+        raise ValueError(f"std must be > 0, got {std}")
+    return torch.tensor(float(std), device=like.device)
+
+
+def _check_mixture(means: Tensor, logits: Tensor) -> None:
+    if means.dim() < 2 or logits.shape != means.shape[:-1]:
+        raise ValueError(f"means must be (..., K, A) and logits (..., K), got {tuple(means.shape)} "
+                         f"and {tuple(logits.shape)}")
+
+
+def mixture_log_prob(means: Tensor, logits: Tensor, std: float | Tensor, action: Tensor) -> Tensor:
+    """log pi(a) of the K-Gaussian mixture, float32: (..., K, A), (..., K), std, (..., A) -> (...).
+
+    log pi(a) = logsumexp_k [log_softmax(logits)_k + sum_d log N(a_d; mu_kd, std)]. std is a
+    float or a tensor broadcastable to the batch shape (...) (one std per row), the same for
+    every component and coordinate (isotropic). Evaluate it at the raw, unclamped action.
+    """
+    _check_mixture(means, logits)
+    mu = means.float()
+    s = _std_tensor(std, mu)
+    A = mu.shape[-1]
+    z = (action.float()[..., None, :] - mu) / s[..., None, None]                 # (..., K, A)
+    log_normal = (-0.5 * z.square().sum(-1)
+                  - A * (s.log() + 0.5 * math.log(2 * math.pi))[..., None])       # (..., K)
+    return torch.logsumexp(F.log_softmax(logits.float(), -1) + log_normal, -1)   # (...)
+
+
+@torch.no_grad()
+def sample_mixture(means: Tensor, logits: Tensor, std: float | Tensor,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Draw k ~ Categorical(logits), then a = mu_k + std * N(0, I); no gradient.
+
+    (..., K, A), (..., K), std -> action (..., A) float32, component (...,) int64, both on the
+    device of means. With a generator, the random numbers are drawn on the generator's device
+    (a CPU generator with CUDA means: drawn on the CPU, then moved), so one seed gives the same
+    traces whichever device runs the policy, up to the rounding of the probabilities themselves.
+    Without one, the global RNG of means' device is used.
+
+    NOTE(paper): the sample is not clamped. [002] wants actions "between 0 and 1"; we store the
+    raw sample, take the old and the new log-probs at it, and clamp only the glimpse centre
+    (to_gaze), as RAM does since its PR #30. That is an unbiased policy gradient for an
+    environment that clips its input. Clamping first and evaluating the density at the clamped
+    point (GFNet, AdaptiveNN) uses a density of a point that was never sampled: every sample
+    past the border collapses onto it, with the density there rather than the tail's mass.
+    """
+    _check_mixture(means, logits)
+    *batch, K, A = means.shape
+    dev = generator.device if generator is not None else means.device
+    probs = F.softmax(logits.float(), -1).reshape(-1, K).to(dev)                  # (n, K)
+    k = torch.multinomial(probs, 1, generator=generator).view(batch)              # (...)
+    noise = torch.randn((*batch, A), generator=generator, device=dev)             # (..., A)
+    k, noise = k.to(means.device), noise.to(means.device)
+    mu = means.float().gather(-2, k[..., None, None].expand(*batch, 1, A)).squeeze(-2)  # (..., A)
+    s = _std_tensor(std, mu)
+    return mu + s[..., None] * noise, k
+
+
+def mixture_mode(means: Tensor, logits: Tensor) -> Tensor:
+    """The deterministic action at inference [002, A.3.3]: (..., K, A), (..., K) -> (..., A).
+
+    NOTE(paper): "deterministic actions during inference" is read as the mean of the heaviest
+    component, the standard cheap proxy for the mixture's mode. The exact mode needs a search
+    and differs only where components overlap within about a std.
+    """
+    _check_mixture(means, logits)
+    k = logits.argmax(-1)                                                         # (...)
+    idx = k[..., None, None].expand(*k.shape, 1, means.shape[-1])                 # (..., 1, A)
+    return means.float().gather(-2, idx).squeeze(-2)
+
+
+def mixture_weight_entropy(logits: Tensor) -> Tensor:
+    """Entropy (nats) of the mixture weights, (..., K) -> (...), for logging: log K = uniform,
+    0 = one component. (With a fixed std the components' own entropy is a constant.)"""
+    return torch.special.entr(F.softmax(logits.float(), -1)).sum(-1)
+
+
+def std_schedule(step: int, total: int, start: float, end: float, kind: str = "cosine") -> float:
+    """The policy std at a training step: start at step 0, end at step >= total.
+
+    [000] Sec. 3.3: "a fixed diagonal variance schedule"; [002] A.3.3: "a fixed parameter"
+    (kind="constant", which returns start).
+    NOTE(paper): neither gives values. AdaptiveNN schedules 0.25 -> 0.10 (cosine or linear) in
+    [0, 1] units; our coordinates span [-1, 1], twice the length, so that is 0.5 -> 0.2 here
+    (GazePolicyConfig's defaults). Keep the std of a rollout for all its inner epochs: the old
+    and the new log-probs must use the same std, or the first epoch's ratio is not 1.
+    """
+    if total <= 0:
+        raise ValueError(f"total must be > 0, got {total}")
+    frac = min(max(step / total, 0.0), 1.0)
+    if kind == "constant":
+        return float(start)
+    if kind == "linear":
+        return start + (end - start) * frac
+    if kind == "cosine":
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise ValueError(f"unknown std schedule {kind!r}; choose cosine, linear or constant")
+
+
+def to_gaze(action: Tensor) -> Tensor:
+    """The glimpse centre of a raw sampled action: (..., A) -> (..., A), clamped to [-1, 1].
+
+    (y, x) lands inside the image (a third scale coordinate inside the range the caller maps
+    to scales). NOTE: clamp only here, for the extraction; the log-probs of GRPO must be taken
+    at the stored raw action (see sample_mixture).
+    """
+    return action.clamp(-1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy network: a DETR-like decoder with K + 1 queries [002, A.3.3; 000, Sec. 3.3, 4]
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class GazePolicyConfig:
+    """The gaze policy. Defaults: [002]'s one-decoder reading, small next to the encoder."""
+    dim: int = 256                 # NOTE(paper): unstated ([000] Sec. 3.3: "lightweight")
+    depth: int = 1                 # NOTE(paper): [002] A.3.3 "DETR-like", depth unstated: 1;
+                                   # [000] Sec. 4: a 6-block transformer (depth=6)
+    heads: int = 8                 # NOTE(paper): unstated
+    mlp_ratio: float = 4.0         # NOTE(paper): unstated; the ViT / DETR ratio
+    num_components: int = 4        # K. NOTE(paper): unstated; 4 anchors = the quadrant centres,
+                                   # and G = 16 traces still draw each component ~4 times a step
+    action_dim: int = 2            # [002] A.3.3: a gaze, (y, x) here; 3 adds a CanViT scale
+    head_init_std: float = 1e-3    # NOTE(paper): ours; output layers start near the anchors
+    std_start: float = 0.5         # NOTE(paper): unstated; AdaptiveNN's 0.25 in [0, 1] units
+    std_end: float = 0.2           # NOTE(paper): unstated; AdaptiveNN's 0.10 in [0, 1] units
+    std_kind: str = "cosine"       # [000] Sec. 3.3 "variance schedule"; "constant": [002] A.3.3
+
+
+def anchor_grid(num_components: int, action_dim: int) -> Tensor:
+    """K anchor points spread over the image: (K, A) float32 in (-1, 1).
+
+    The first K cell centres, row-major, of the smallest r x c grid (r = ceil(sqrt(K))) holding
+    K cells; cell centres are (i + 0.5) / n * 2 - 1 as everywhere in the project. Coordinates
+    beyond (y, x) start at 0, the middle of their range. K = 4: (+-0.5, +-0.5).
+    """
+    rows = math.ceil(math.sqrt(num_components))
+    cols = math.ceil(num_components / rows)
+    cy = (torch.arange(rows, dtype=torch.float32) + 0.5) / rows * 2 - 1
+    cx = (torch.arange(cols, dtype=torch.float32) + 0.5) / cols * 2 - 1
+    gy, gx = torch.meshgrid(cy, cx, indexing="ij")                                # (r, c)
+    yx = torch.stack([gy.reshape(-1), gx.reshape(-1)], -1)[:num_components]       # (K, 2)
+    return F.pad(yx, (0, action_dim - 2))                                         # (K, A)
+
+
+class Attention(nn.Module):
+    """Multi-head attention from queries (B, n, D) to keys and values (B, m, D). No dropout."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, q_in: Tensor, k_in: Tensor, v_in: Tensor) -> Tensor:
+        B, n, D = q_in.shape
+        m, h = k_in.shape[1], self.heads
+        q = self.q(q_in).view(B, n, h, D // h).transpose(1, 2)                    # (B, h, n, D/h)
+        k = self.k(k_in).view(B, m, h, D // h).transpose(1, 2)                    # (B, h, m, D/h)
+        v = self.v(v_in).view(B, m, h, D // h).transpose(1, 2)                    # (B, h, m, D/h)
+        a = F.scaled_dot_product_attention(q, k, v)                               # (B, h, n, D/h)
+        return self.proj(a.transpose(1, 2).reshape(B, n, D))                      # (B, n, D)
+
+
+class DecoderLayer(nn.Module):
+    """A pre-norm DETR decoder layer: self-attention among the queries, cross-attention from the
+    queries to the memory, MLP. `pos` (1, n, D), the learned queries, is added to the query and
+    key inputs of the self-attention and to the queries of the cross-attention in every layer,
+    as DETR adds its object queries, so the K + 1 queries stay distinct at any depth."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads)
+        self.cross_attn = Attention(dim, heads)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, memory: Tensor, pos: Tensor) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.self_attn(h + pos, h + pos, h)
+        x = x + self.cross_attn(self.norm2(x) + pos, memory, memory)
+        return x + self.mlp(self.norm3(x))
+
+
+class GazePolicy(nn.Module):
+    """[002] A.3.3: K + 1 learned queries cross-attend to the encoder's state; the first K
+    outputs give the component means, the last one the K mixture logits.
+
+    memory_dims: the width of each memory stream. The foveal ViT gives one stream, its state
+    tokens (B, N, D); CanViT gives two of different widths, its recurrent CLS (B, 1, D) and its
+    canvas (B, h*w, D_canvas). Each stream gets its own LayerNorm + Linear to `dim` (its bias
+    also tells the streams apart) and the streams are concatenated along the tokens.
+    No dropout anywhere: the rollout's log-probs and the update's must come from one function.
+    """
+
+    def __init__(self, cfg: GazePolicyConfig, memory_dims: tuple[int, ...]):
+        super().__init__()
+        K, A, D = cfg.num_components, cfg.action_dim, cfg.dim
+        if not memory_dims:
+            raise ValueError("memory_dims must name at least one memory stream")
+        if K < 1 or A < 2 or D % cfg.heads:
+            raise ValueError(f"need num_components >= 1, action_dim >= 2 and dim divisible by "
+                             f"heads, got K={K}, A={A}, dim={D}, heads={cfg.heads}")
+        std_schedule(0, 1, cfg.std_start, cfg.std_end, cfg.std_kind)   # reject a bad kind now
+        self.cfg = cfg
+        self.memory_dims = tuple(memory_dims)
+        self.memory_proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, D))
+                                         for d in self.memory_dims)
+        self.queries = nn.Parameter(torch.randn(1, K + 1, D) * 0.02)   # K means + 1 weights
+        self.layers = nn.ModuleList(DecoderLayer(D, cfg.heads, cfg.mlp_ratio)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D)
+        self.mean_head = nn.Linear(D, A)      # shared by the K mean queries (DETR's box head)
+        self.logit_head = nn.Linear(D, K)     # on the last query
+        # Component k's mean is tanh(atanh(anchor_k) + mean_head(q_k)). NOTE(paper): the
+        # initialisation is ours. Small output weights (std head_init_std, zero bias) put the
+        # means within ~1e-2 of K anchors spread over the image and make the weights ~uniform:
+        # a policy whose components all sat at one point (small outputs alone put every mean
+        # at tanh(0), the centre) would explore one spot, and large random outputs would start
+        # means in tanh's flat tails and the weights peaked on one component. Not zero: a zero
+        # layer would pass no gradient to the layers before it on the first step. The anchors
+        # are a fixed buffer: a learned copy would duplicate the head's bias.
+        self.register_buffer("mean_offsets", torch.atanh(anchor_grid(K, A)))   # (K, A)
+        for head in (self.mean_head, self.logit_head):
+            nn.init.normal_(head.weight, std=cfg.head_init_std)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, memories: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """memories: one (B, N_i, memory_dims[i]) tensor per stream -> means (B, K, A) in
+        (-1, 1) and logits (B, K), float32."""
+        if len(memories) != len(self.memory_dims):
+            raise ValueError(f"expected {len(self.memory_dims)} memory streams, "
+                             f"got {len(memories)}")
+        for i, (m, d) in enumerate(zip(memories, self.memory_dims)):
+            if m.dim() != 3 or m.shape[-1] != d or m.shape[0] != memories[0].shape[0]:
+                raise ValueError(f"memory stream {i} must be (B, N, {d}) with a common B, "
+                                 f"got {tuple(m.shape)}")
+        K = self.cfg.num_components
+        # NOTE(paper): the policy runs in float32 even under autocast. Its means enter the
+        # log-ratio as (a - mu) dmu / std^2: a bf16 rounding of the means (~4e-3 at 1) moves
+        # log rho by ~0.08 at std 0.05, 40% of a 0.2 clip range, and the rollout (B*G rows a step)
+        # and the update (other batch shapes) need not round alike. The policy is small.
+        with torch.autocast(memories[0].device.type, enabled=False):
+            mem = torch.cat([proj(m.float()) for proj, m in zip(self.memory_proj, memories)],
+                            1)                                                    # (B, sum N_i, D)
+            x = self.queries.expand(mem.shape[0], -1, -1)                         # (B, K + 1, D)
+            for layer in self.layers:
+                x = layer(x, mem, self.queries)
+            x = self.norm(x)
+            # tanh bounds every coordinate to (-1, 1): a mean is always inside the image.
+            means = torch.tanh(self.mean_offsets + self.mean_head(x[:, :K]))     # (B, K, A)
+            logits = self.logit_head(x[:, K])                                     # (B, K)
+        return means, logits

@@ -1,0 +1,618 @@
+"""dino.py's DINO pieces: the official DINO / DINOv2 / DINOv3 numbers (`reference/dino`), the
+losses assembled from the public pieces, and independent checks (brute force, invariants,
+2 processes == 1)."""
+import datetime
+import math
+import weakref
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import torch.nn.functional as F
+
+import dino
+import fovea
+from conftest import LocalRun, load_reference
+
+ATOL = 1e-5          # tensors against the official code
+LOSS_ATOL = 2e-5     # loss values against the official code
+
+
+@pytest.fixture(scope="module")
+def head_ref(reference_dir):
+    return load_reference(reference_dir, "dino/dino_head_ref.pt")
+
+
+@pytest.fixture(scope="module")
+def head_bn_ref(reference_dir):
+    return load_reference(reference_dir, "dino/dino_head_bn_ref.pt")
+
+
+@pytest.fixture(scope="module")
+def v1_ref(reference_dir):
+    return load_reference(reference_dir, "dino/dino_loss_v1_ref.pt")
+
+
+@pytest.fixture(scope="module")
+def v2_ref(reference_dir):
+    return load_reference(reference_dir, "dino/dinov2_refs.pt")
+
+
+def _close(a, b, atol=ATOL):
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a.double() - b.double()).abs().max().item()
+    assert err <= atol, f"max abs error {err:.3g} > {atol:g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# DINOHead
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ref_name", ["head_ref", "head_bn_ref"])
+def test_head_matches_official(ref_name, request):
+    """Strict loading of the official v1 head; eval mode (plain) and train mode (BatchNorm)."""
+    ref = request.getfixturevalue(ref_name)
+    head = dino.DINOHead(**ref["config"])
+    head.load_state_dict(ref["state_dict"], strict=True)
+    assert list(head.state_dict()) == list(ref["state_dict"])
+    assert {n: p.requires_grad for n, p in head.named_parameters()} == ref["requires_grad"]
+    head.train(ref["config"]["use_bn"])                   # the BN reference ran in train mode
+    with torch.no_grad():
+        _close(head(ref["input"]), ref["output"])
+        if "bottleneck_normalized" in ref:
+            _close(head.normalized_bottleneck(ref["input"]), ref["bottleneck_normalized"])
+
+
+def test_seeded_head_init_is_the_official_one(head_ref, head_bn_ref):
+    """Same seed, same construction order, same draws: the official init, bit for bit."""
+    for ref in (head_ref, head_bn_ref):
+        torch.manual_seed(0)
+        sd = dino.DINOHead(**ref["config"]).state_dict()
+        for k, v in ref["state_dict"].items():
+            assert torch.equal(sd[k], v), k
+
+
+def test_head_init_statistics():
+    """trunc-normal(0.02) / zero bias for the MLP only; default Linear init for v; g = 1."""
+    torch.manual_seed(0)
+    head = dino.DINOHead(64, 512, hidden_dim=256, bottleneck_dim=128)
+    for name, p in head.mlp.named_parameters():
+        if name.endswith("bias"):
+            assert torch.all(p == 0), name
+        else:
+            assert abs(p.std().item() - 0.02) < 0.002, name
+    v = head.last_layer.weight_v
+    bound = 1 / math.sqrt(128)                  # kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), .)
+    assert v.abs().max().item() <= bound and abs(v.std().item() - bound / math.sqrt(3)) < 0.005
+    assert torch.all(head.last_layer.weight_g == 1)
+
+
+def test_head_logits_are_cosines_at_init():
+    torch.manual_seed(1)
+    head = dino.DINOHead(16, 64, hidden_dim=32, bottleneck_dim=8)
+    x = torch.randn(256, 16) * 10
+    with torch.no_grad():
+        logits, z = head(x), head.normalized_bottleneck(x)
+    v = head.last_layer.weight_v.detach()
+    assert torch.allclose(z.norm(dim=-1), torch.ones(256), atol=1e-6)
+    cos = torch.nn.functional.cosine_similarity(z[:, None, :], v[None, :, :], dim=-1)  # (B, K)
+    _close(logits, cos, atol=1e-6)
+    assert logits.abs().max().item() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_norm_last_layer_freezes_g(norm_last_layer):
+    head = dino.DINOHead(8, 16, hidden_dim=16, bottleneck_dim=4, norm_last_layer=norm_last_layer)
+    g, v = head.last_layer.weight_g, head.last_layer.weight_v
+    assert g.requires_grad is (not norm_last_layer)
+    head(torch.randn(6, 8)).pow(2).sum().backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+    if norm_last_layer:
+        assert g.grad is None
+    else:
+        assert g.grad is not None and g.grad.abs().sum() > 0
+    # What a training loop drops in epoch 0: the official rule is every name with "last_layer".
+    official = [p for n, p in head.named_parameters() if "last_layer" in n]
+    assert [id(p) for p in head.last_layer_parameters()] == [id(p) for p in official]
+
+
+def test_weight_norm_equals_explicit_g_v_over_norm_v():
+    torch.manual_seed(2)
+    head = dino.DINOHead(8, 5, hidden_dim=16, bottleneck_dim=3, norm_last_layer=False)
+    with torch.no_grad():
+        head.last_layer.weight_g.copy_(torch.tensor([[2.0], [-0.5], [1.0], [3.0], [0.1]]))
+        head.last_layer.weight_v.copy_(torch.randn(5, 3) * 4)
+    g, v = head.last_layer.weight_g.detach(), head.last_layer.weight_v.detach()
+    z = torch.randn(4, 3)
+    expected = torch.zeros(4, 5)
+    for k in range(5):
+        norm_k = math.sqrt(sum(v[k, j].item() ** 2 for j in range(3)))
+        for b in range(4):
+            expected[b, k] = g[k, 0] * sum(v[k, j] * z[b, j] for j in range(3)) / norm_k
+    with torch.no_grad():
+        _close(head.last_layer(z), expected, atol=1e-5)
+
+
+def test_head_layer_rule_and_keys():
+    one = dino.DINOHead(8, 10, bottleneck_dim=4, nlayers=1)
+    assert list(one.state_dict()) == ["mlp.weight", "mlp.bias",
+                                      "last_layer.weight_g", "last_layer.weight_v"]
+    four = dino.DINOHead(8, 10, hidden_dim=6, bottleneck_dim=4, nlayers=4, use_bn=True)
+    shapes = {k: tuple(v.shape) for k, v in four.state_dict().items()
+              if k.endswith("weight") or k.startswith("last_layer")}
+    assert shapes == {"mlp.0.weight": (6, 8), "mlp.1.weight": (6,), "mlp.3.weight": (6, 6),
+                      "mlp.4.weight": (6,), "mlp.6.weight": (6, 6), "mlp.7.weight": (6,),
+                      "mlp.9.weight": (4, 6), "last_layer.weight_g": (10, 1),
+                      "last_layer.weight_v": (10, 4)}
+    assert isinstance(four.mlp[2], torch.nn.GELU) and four.mlp[2].approximate == "none"
+
+
+def test_head_normalisation_is_safe_in_half_precision():
+    """A zero bottleneck row: fp16's 1e-12 eps would underflow to 0 and give 0/0."""
+    torch.manual_seed(3)
+    head = dino.DINOHead(8, 16, hidden_dim=16, bottleneck_dim=4)
+    x = torch.randn(5, 8)
+    x[0] = 0                                            # zero biases at init: zero bottleneck
+    with torch.no_grad():
+        ref = head(x)
+        half = head.half()(x.half())
+        assert half.dtype == torch.float16 and torch.isfinite(half).all()
+        _close(half.float(), ref, atol=2e-2)
+        head.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf = head(x)
+        assert torch.isfinite(bf).all()
+        _close(bf.float(), ref, atol=3e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# cross_entropy, centring
+# ----------------------------------------------------------------------------------------------
+
+def test_cross_entropy_equals_a_double_loop():
+    torch.manual_seed(4)
+    s, q = torch.randn(3, 5), torch.softmax(torch.randn(3, 5), -1)
+    tau = 0.1
+    total = 0.0
+    for b in range(3):
+        log_z = math.log(sum(math.exp(s[b, j].item() / tau) for j in range(5)))
+        for k in range(5):
+            total -= q[b, k].item() * (s[b, k].item() / tau - log_z)
+    _close(dino.cross_entropy(s, q, tau), torch.tensor(total / 3), atol=1e-5)
+    s16, q16 = s.bfloat16(), q.bfloat16()
+    out = dino.cross_entropy(s16, q16, tau)
+    assert out.dtype == torch.float32
+    _close(out, dino.cross_entropy(s16.float(), q16.float(), tau), atol=1e-6)
+
+
+def test_centring_functions_are_pure_and_gradient_free():
+    t = torch.randn(6, 4, requires_grad=True)
+    c = torch.randn(1, 4)
+    c_copy, t_copy = c.clone(), t.detach().clone()
+    probs = dino.centered_probs(t, c, 0.05)
+    new_c = dino.update_center(c, t, 0.9)
+    assert not probs.requires_grad and not new_c.requires_grad
+    assert torch.equal(c, c_copy) and torch.equal(t.detach(), t_copy)
+    _close(probs, torch.softmax((t_copy - c) / 0.05, -1), atol=1e-6)
+    _close(new_c, 0.9 * c + 0.1 * t_copy.mean(0, keepdim=True), atol=1e-6)
+    assert dino.update_center(c.view(4), t, 0.9).shape == (4,)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp
+# ----------------------------------------------------------------------------------------------
+
+def _naive_sinkhorn(logits, temp, n_iterations, dtype):
+    """The official recipe without the shift, in a chosen dtype (independent of dino.py)."""
+    Q = torch.exp(logits.to(dtype) / temp).t()                                  # (K, B)
+    K, B = Q.shape
+    Q = Q / Q.sum()
+    for _ in range(n_iterations):
+        Q = Q / Q.sum(dim=1, keepdim=True) / K
+        Q = Q / Q.sum(dim=0, keepdim=True) / B
+    return (Q * B).t()
+
+
+def test_sinkhorn_matches_official(v2_ref):
+    ref = v2_ref["sinkhorn"]
+    assert ref["n_iterations"] == 3
+    _close(dino.sinkhorn_knopp(ref["input"], 0.07), ref["output"])
+    _close(dino.sinkhorn_knopp(ref["input"], 0.04), ref["output_temp0.04"])
+    _close(dino.sinkhorn_knopp(ref["input_big"], 0.07), ref["output_big"])
+
+
+def test_sinkhorn_marginals():
+    torch.manual_seed(5)
+    B, K = 12, 20
+    logits = torch.randn(B, K, requires_grad=True)
+    Q = dino.sinkhorn_knopp(logits, 0.1)
+    assert Q.shape == (B, K) and Q.dtype == torch.float32 and not Q.requires_grad
+    _close(Q.sum(dim=1), torch.ones(B), atol=1e-6)
+    # Many iterations: every prototype gets the same share B / K of the mass.
+    Q = dino.sinkhorn_knopp(logits, 0.1, n_iterations=1000)
+    _close(Q.sum(dim=1), torch.ones(B), atol=1e-6)
+    _close(Q.sum(dim=0), torch.full((K,), B / K), atol=1e-4)
+
+
+def test_sinkhorn_survives_what_overflows_a_naive_exp():
+    torch.manual_seed(6)
+    logits = torch.randn(8, 16)
+    # Moderate scores: the shift changes nothing.
+    _close(dino.sinkhorn_knopp(logits, 0.07), _naive_sinkhorn(logits, 0.07, 3, torch.float32),
+           atol=1e-6)
+    # Scores around 125 +- 40 (logits 5 +- 0.5 at tau 0.04): a float32 exp overflows (NaN),
+    # float64 does not.
+    big = 5 + 0.5 * logits
+    assert torch.isnan(_naive_sinkhorn(big, 0.04, 3, torch.float32)).any()
+    out = dino.sinkhorn_knopp(big, 0.04)
+    assert torch.isfinite(out).all()
+    _close(out, _naive_sinkhorn(big, 0.04, 3, torch.float64))   # fp32 rounding of scores ~125
+
+
+# ----------------------------------------------------------------------------------------------
+# KoLeo
+# ----------------------------------------------------------------------------------------------
+
+def test_koleo_matches_official(v2_ref):
+    ref = v2_ref["koleo"]
+    x = ref["input"].clone().requires_grad_(True)
+    loss = dino.koleo_loss(x)
+    loss.backward()
+    _close(loss, ref["loss"], atol=LOSS_ATOL)
+    _close(loss, ref["dinov3_KoLeoLoss_same_input"], atol=LOSS_ATOL)
+    _close(x.grad, ref["grad_wrt_input"])
+    _close(dino.koleo_loss(ref["input_with_duplicate_rows_0_1"]), ref["loss_with_duplicate"],
+           atol=LOSS_ATOL)
+
+
+def _koleo_brute_force(x):
+    """Float64 loops with DINOv2's three eps (normalize, PairwiseDistance, log)."""
+    eps, n, d = 1e-8, x.shape[0], x.shape[1]
+    z = [[x[i, j].item() / max(math.sqrt(sum(x[i, k].item() ** 2 for k in range(d))), eps)
+          for j in range(d)] for i in range(n)]
+    total = 0.0
+    for i in range(n):
+        dots = [sum(a * b for a, b in zip(z[i], z[j])) if j != i else -math.inf
+                for j in range(n)]
+        nn_i = max(range(n), key=lambda j: dots[j])
+        dist_i = math.sqrt(sum((z[i][k] - z[nn_i][k] + eps) ** 2 for k in range(d)))
+        total -= math.log(dist_i + eps)
+    return torch.tensor(total / n)
+
+
+def test_koleo_equals_brute_force_with_every_eps():
+    """A tiny row (norm 1e-10 < eps) and a duplicate pair exercise the eps."""
+    torch.manual_seed(7)
+    x = torch.randn(6, 5)
+    x[1] = x[0]
+    x[4] = x[4] / x[4].norm() * 1e-10
+    _close(dino.koleo_loss(x), _koleo_brute_force(x), atol=LOSS_ATOL)
+
+
+def test_koleo_runs_in_float32_under_autocast():
+    """Two near neighbours of row 0 whose cosines (0.999, 0.9995) tie in bf16."""
+    x = torch.zeros(8, 16)
+    x[0, 0] = 1
+    x[1, 0], x[1, 1] = 0.999, math.sqrt(1 - 0.999 ** 2)      # farther
+    x[2, 0], x[2, 2] = 0.9995, math.sqrt(1 - 0.9995 ** 2)    # nearer
+    for i in range(3, 8):
+        x[i, i + 3] = 1
+    expected = _koleo_brute_force(x)                    # row 0's neighbour is row 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = dino.koleo_loss(x)
+    assert under.dtype == torch.float32
+    _close(under, expected, atol=1e-5)
+    xb = torch.randn(8, 16).bfloat16()
+    out = dino.koleo_loss(xb)
+    assert out.dtype == torch.float32
+    _close(out, dino.koleo_loss(xb.float()), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembled losses (built here from the public pieces)
+# ----------------------------------------------------------------------------------------------
+
+def _crops(step, n_crops=4, n_global=2):
+    return step["student_output"].chunk(n_crops), step["teacher_output"], n_global
+
+
+def test_dino_v1_loss_two_consecutive_steps(v1_ref):
+    """v1: skip same-view pairs (2 * ncrops - 2 terms); the centre is updated after the loss."""
+    cfg = v1_ref["config"]
+    temps = dino.cosine_schedule(cfg["teacher_temp"], cfg["teacher_temp"], cfg["nepochs"], 1,
+                                 cfg["warmup_teacher_temp_epochs"], cfg["warmup_teacher_temp"])
+    _close(temps, v1_ref["teacher_temp_schedule"], atol=1e-12)
+    center = torch.zeros(1, cfg["out_dim"])
+    for step in v1_ref["steps"]:
+        tau_t = dino.schedule_value(temps, step["epoch"], cfg["teacher_temp"])
+        assert abs(tau_t - step["teacher_temp"]) < 1e-12
+        _close(center, step["center_before"], atol=1e-7)
+        student, teacher, n_global = _crops(step, cfg["ncrops"], cfg["n_global"])
+        q = dino.centered_probs(teacher, center, tau_t).chunk(n_global)
+        terms = [dino.cross_entropy(student[v], q[i], cfg["student_temp"])
+                 for i in range(n_global) for v in range(cfg["ncrops"]) if v != i]
+        assert len(terms) == 2 * cfg["ncrops"] - 2
+        _close(sum(terms) / len(terms), step["loss"], atol=LOSS_ATOL)
+        center = dino.update_center(center, teacher, cfg["center_momentum"])
+        _close(center, step["center_after"], atol=1e-7)
+
+
+def _dinov2_assembly(student, probs, student_temp=0.1):
+    """DINOv2's meta-arch: local loss (every local crop vs both teachers) + global loss (one
+    call on the 2B global rows against the swapped teacher, times 2), over the term count."""
+    n_global, B = probs.shape[0], probs.shape[1]
+    n_local = len(student) - n_global
+    n_terms = n_global * (n_global - 1) + n_global * n_local
+    local = sum(dino.cross_entropy(s, q, student_temp)
+                for s in student[n_global:] for q in probs) / n_terms
+    swapped = probs.flip(0).reshape(n_global * B, -1)          # teacher crop B, then crop A
+    glob = dino.cross_entropy(torch.cat(student[:n_global]), swapped, student_temp) * 2 / n_terms
+    return local, glob
+
+
+@pytest.mark.parametrize("teacher", ["centering", "sinkhorn"])
+def test_dinov2_assembled_loss(teacher, v1_ref, v2_ref):
+    ref = v2_ref[f"dinov2_dino_loss_{teacher}"]
+    student, t, n_global = _crops(v1_ref["steps"][0])
+    if teacher == "centering":
+        probs = dino.centered_probs(t, torch.zeros(1, t.shape[1]), 0.04)
+    else:
+        probs = dino.sinkhorn_knopp(t, 0.04)            # both global crops together
+    probs = probs.view(n_global, -1, t.shape[1])                                # (2, B, K)
+    _close(probs, ref["teacher_probs"])
+    local, glob = _dinov2_assembly(student, probs)
+    _close(local, ref["local_loss"], atol=LOSS_ATOL)
+    _close(glob, ref["global_loss"], atol=LOSS_ATOL)
+    _close(local + glob, ref["total"], atol=LOSS_ATOL)
+
+
+def test_dinov3_weighted_total(v1_ref, v2_ref):
+    ref = v2_ref["dinov3_dino_loss"]
+    student, t, n_global = _crops(v1_ref["steps"][0])
+    q = dino.centered_probs(t, torch.zeros(1, t.shape[1]), 0.04).chunk(n_global)
+    local_pairs = [dino.cross_entropy(s, qi, 0.1) for s in student[n_global:] for qi in q]
+    global_pairs = [dino.cross_entropy(student[v], q[i], 0.1)
+                    for i in range(n_global) for v in range(n_global) if v != i]
+    local_mean = sum(local_pairs) / len(local_pairs)
+    global_mean = sum(global_pairs) / len(global_pairs)
+    g, l = len(global_pairs), len(local_pairs)
+    _close(local_mean, ref["local_mean"], atol=LOSS_ATOL)
+    _close(global_mean, ref["global_mean_ignore_diag"], atol=LOSS_ATOL)
+    _close((g * global_mean + l * local_mean) / (g + l), ref["total_weighted"], atol=LOSS_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------
+
+def test_schedules_match_official(v2_ref):
+    ref = v2_ref["schedules"]
+    _close(dino.cosine_schedule(5e-4, 1e-6, 5, 3, warmup_epochs=1), ref["dino_v1_cosine_lr"])
+    _close(dino.cosine_schedule(0.04, 0.4, 5, 3), ref["dino_v1_cosine_wd"])
+    _close(dino.cosine_schedule(0.996, 1.0, 5, 3), ref["dino_v1_cosine_momentum"])
+    # DINOv2's CosineScheduler(base, final, total_iters=15, warmup_iters=3): iterations.
+    lr = dino.cosine_schedule(5e-4, 1e-6, 15, 1, warmup_epochs=3)
+    _close(lr, ref["dinov2_CosineScheduler_lr"])
+    temp = dino.cosine_schedule(0.07, 0.07, 6, 1, warmup_epochs=6, start_warmup_value=0.04)
+    _close(temp, ref["dinov2_teacher_temp"])
+    for sched in (lr, temp):
+        assert isinstance(sched, np.ndarray) and sched.dtype == np.float64
+    # Past the end DINOv2 returns `final`, which a cosine never reaches.
+    assert lr[-1] > 1e-6 + 1e-7 and dino.schedule_value(lr, 15, 1e-6) == 1e-6
+    assert dino.schedule_value(lr, 14, 1e-6) == lr[-1]
+    assert dino.schedule_value(temp, 6, 0.07) == dino.schedule_value(temp, 10 ** 6, 0.07) == 0.07
+
+
+def test_cosine_schedule_shape():
+    s = dino.cosine_schedule(1.0, 0.0, epochs=4, niter_per_ep=5, warmup_epochs=2,
+                             start_warmup_value=0.5)
+    assert len(s) == 20
+    np.testing.assert_allclose(s[:10], np.linspace(0.5, 1.0, 10))     # endpoints included
+    n = 10
+    np.testing.assert_allclose(s[10:], 0.5 * (1 + np.cos(np.pi * np.arange(n) / n)))
+    assert s[10] == 1.0 and s[15] == pytest.approx(0.5) and s[-1] > 0
+    with pytest.raises(ValueError):
+        dino.cosine_schedule(1.0, 0.0, epochs=2, niter_per_ep=5, warmup_epochs=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2 processes == 1
+# ----------------------------------------------------------------------------------------------
+
+def _two_process_data():
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(12, 24, generator=g)
+    logits[5:] = logits[5:] * 1.5 + 0.5    # the two ranks differ in scale, max and mean
+    center = torch.randn(1, 24, generator=g)
+    return logits, center
+
+
+def _two_process_worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        logits, center = _two_process_data()
+        mine = logits[:5] if rank == 0 else logits[5:]     # unequal local batches: 5 and 7
+        torch.save({"sk": dino.sinkhorn_knopp(mine, 0.1),
+                    "center": dino.update_center(center, mine, 0.9)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sinkhorn_and_center_two_processes_equal_one(tmp_path):
+    """Two gloo ranks holding 5 and 7 rows of one batch give the 1-process result on all 12."""
+    # fork: the children need not import torch again (seconds each on a busy machine).
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_two_process_worker, args=(str(tmp_path / "pg_init"), str(tmp_path)),
+                       nprocs=2, join=True, start_method=method)
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert not dist.is_initialized()
+    logits, center = _two_process_data()
+    _close(torch.cat([p["sk"] for p in parts]), dino.sinkhorn_knopp(logits, 0.1), atol=1e-6)
+    whole = dino.update_center(center, logits, 0.9)
+    for p in parts:
+        _close(p["center"], whole, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sequential-to-global objective [000, Sec. 3.1]
+# ---------------------------------------------------------------------------------------------
+
+def tiny_dino(**kw) -> dino.DINOConfig:
+    model = fovea.FovealConfig(dim=32, depth=1, heads=2, num_state=3, patch_px=8, num_zoom=3, max_z=2.0,
+                               grid=2, grid_z=(2.0, 2.5), z_max=4.5, head="none", num_classes=0,
+                               layerscale=0.0, compile_extraction=False)
+    base = dict(model=model, global_grid=4, local_grid=2, n_local=3, seq_steps=3, out_dim=16,
+                hidden_dim=24, bottleneck_dim=8, warmup_teacher_temp_epochs=0)
+    return dino.DINOConfig(**{**base, **kw})
+
+
+def scenes(B=4, S=32, seed=0):
+    return {"image": torch.randn(B, 3, S, S, generator=torch.Generator().manual_seed(seed))}
+
+
+def test_every_student_output_meets_every_teacher_output():
+    """The loss equals DINO's cross-entropy summed over all 2 x (1 + L + T) pairs, recomputed
+    from the views: the teacher's global and last sequential outputs (Sinkhorn-Knopp over the
+    batch) against the student's global, local and every sequential output."""
+    torch.manual_seed(0)
+    cfg = tiny_dino(augment=False)
+    obj = dino.DINOSequentialToGlobal(cfg, seed=3)
+    with torch.no_grad():                                  # a teacher different from the student
+        for p in obj.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = scenes()
+    teacher_before = {k: v.clone() for k, v in obj.teacher.state_dict().items()}
+    out = obj.train_step(batch, step=5, run=LocalRun())
+    obj.teacher.load_state_dict(teacher_before)                # as it was for the step's targets
+    views = obj.draw_views(torch.Generator().manual_seed(3 * 1_000_003 + 5), 4, (32, 32), "cpu")["patches"]
+    table = fovea.integral_image(batch["image"])
+    t, s = obj.teacher, obj.model
+    with torch.no_grad():
+        tokens_t = [t.backbone(table, None, views["global_t"])[:, 0]]
+        state = None
+        for p in views["seq_t"]:
+            state = t.backbone(table, state, p)
+        tokens_t.append(state[:, 0])
+        q = dino.sinkhorn_knopp(torch.cat([t.head(x) for x in tokens_t]), 0.07).view(2, 4, -1)
+        outs = [s.head(s.backbone(table, None, views["global_s"])[:, 0])]
+        local = s.backbone(table.select(torch.arange(4).repeat_interleave(3)), None, views["local"])[:, 0]
+        outs += [s.head(local.view(4, 3, -1)[:, v]) for v in range(3)]
+        state = None
+        for p in views["seq_s"]:
+            state = s.backbone(table, state, p)
+            outs.append(s.head(state[:, 0]))
+    terms = [dino.cross_entropy(o, q[i], 0.1) for o in outs for i in range(2)]
+    assert len(terms) == 2 * (1 + 3 + 3)
+    torch.testing.assert_close(out["dino_loss"], torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
+
+
+class _Held:
+    """A saved tensor, counted while autograd keeps it (for a backward not yet run)."""
+    live = peak = 0
+
+    def __init__(self, t):
+        self.t = t
+        _Held.live += 1
+        _Held.peak = max(_Held.peak, _Held.live)
+        weakref.finalize(self, _Held._gone)
+
+    @staticmethod
+    def _gone():
+        _Held.live -= 1
+
+
+def test_no_gradient_crosses_glimpses_and_memory_does_not_grow_with_them():
+    """Each glimpse's loss is backpropagated on its own: the tensors held for backward at any
+    moment do not grow with the length of the sequential view (full BPTT would hold them all)."""
+    peaks = {}
+    for T in (2, 6):
+        torch.manual_seed(0)
+        obj = dino.DINOSequentialToGlobal(tiny_dino(seq_steps=T, n_local=1), seed=0)
+        _Held.live = _Held.peak = 0
+        with torch.autograd.graph.saved_tensors_hooks(_Held, lambda h: h.t):
+            obj.train_step(scenes(), step=0, run=LocalRun())
+        peaks[T] = _Held.peak
+    assert peaks[2] > 0 and peaks[6] == peaks[2]
+
+
+def test_ema_teacher_after_the_update_and_the_frozen_prototypes():
+    torch.manual_seed(0)
+    cfg = tiny_dino(momentum_teacher=0.9, freeze_last_layer_epochs=1)
+    obj = dino.DINOSequentialToGlobal(cfg, seed=0)
+    opt = torch.optim.AdamW([p for p in obj.model.parameters() if p.requires_grad], lr=1e-2)
+    run = LocalRun(opt)
+    run.steps_per_epoch, run.schedule_steps = 10, 100
+    teacher_before = {k: v.clone() for k, v in obj.teacher.state_dict().items()}
+    last_before = [p.clone() for p in obj.model.head.last_layer_parameters()]
+    obj.train_step(scenes(), step=0, run=run)                 # epoch 0: prototypes frozen
+    assert all(torch.equal(a, b) for a, b in zip(last_before, obj.model.head.last_layer_parameters()))
+    m = dino.teacher_momentum(cfg, 0, 100)
+    student = obj.model.state_dict()
+    for k, v in obj.teacher.state_dict().items():              # teacher <- m teacher + (1 - m) student
+        torch.testing.assert_close(v, m * teacher_before[k] + (1 - m) * student[k], rtol=1e-5, atol=1e-6)
+    obj.train_step(scenes(), step=10, run=run)                 # epoch 1: they learn
+    assert any(not torch.equal(a, b) for a, b in zip(last_before, obj.model.head.last_layer_parameters()))
+
+
+def test_schedules_of_the_objective():
+    cfg = dino.DINOConfig()
+    assert dino.teacher_temperature(cfg, 0, 1251) == pytest.approx(0.04)
+    assert dino.teacher_temperature(cfg, 30 * 1251 - 1, 1251) == pytest.approx(0.07)
+    assert dino.teacher_temperature(cfg, 15 * 1251, 1251) == pytest.approx(0.055, abs=1e-4)
+    assert dino.teacher_temperature(cfg, 40 * 1251, 1251) == pytest.approx(0.07)
+    assert dino.teacher_momentum(cfg, 0, 1000) == pytest.approx(0.996)
+    assert dino.teacher_momentum(cfg, 500, 1000) == pytest.approx(0.998)
+    assert dino.teacher_momentum(cfg, 1000, 1000) == pytest.approx(1.0)
+
+
+def test_a_flipped_view_is_the_view_of_the_flipped_image():
+    gen = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, 40, 40, generator=gen)
+    view = fovea.random_grid_crops(2, (40, 40), 4, (0.3, 0.6), torch.Generator().manual_seed(1))
+    aug = dino.ViewAugment.draw(gen, 2, dino.Augment(flip=1.0, jitter=0, grey=0, blur=0, solarize=0))
+    got = aug(fovea.box_patches(fovea.integral_image(img), aug.geometry(view, 40).boxes, 8, compiled=False))
+    want = fovea.box_patches(fovea.integral_image(img.flip(-1)), view.boxes, 8, compiled=False)
+    # the augmentation works in [0, 1] RGB of ImageNet-normalised pixels: compare in that space
+    torch.testing.assert_close(got, ((want * torch.tensor(dino.IMAGENET_STD).view(3, 1, 1)
+                                      + torch.tensor(dino.IMAGENET_MEAN).view(3, 1, 1)).clamp(0, 1)
+                                     - torch.tensor(dino.IMAGENET_MEAN).view(3, 1, 1))
+                               / torch.tensor(dino.IMAGENET_STD).view(3, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_hue_shift_matches_colorsys_and_blur_a_direct_convolution():
+    import colorsys
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, 3, 4, 4, generator=gen)
+    shifted = dino._shift_hue(x, torch.tensor(0.3).view(1, 1, 1, 1, 1))
+    for i in range(4):
+        for j in range(4):
+            h, s, v = colorsys.rgb_to_hsv(*x[0, 0, :, i, j].tolist())
+            want = colorsys.hsv_to_rgb((h + 0.3) % 1, s, v)
+            torch.testing.assert_close(shifted[0, 0, :, i, j], torch.tensor(want), rtol=1e-4, atol=1e-5)
+    patch = torch.rand(1, 1, 3, 8, 8, generator=gen)
+    sigma = 1.3
+    got = dino._blur(patch, torch.tensor([sigma]))[0, 0]
+    t = torch.arange(9.0) - 4
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k2 = torch.outer(k, k) / k.sum() ** 2                     # the 2-D kernel, independently
+    padded = F.pad(patch[0, 0][None], (4, 4, 4, 4), mode="reflect")[0]
+    want = torch.stack([torch.stack([torch.stack([(padded[c, i:i + 9, j:j + 9] * k2).sum() for j in range(8)])
+                                     for i in range(8)]) for c in range(3)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(dino._blur(patch, torch.tensor([0.0])), patch)     # sigma 0: untouched
+
+
+def test_collapse_statistics():
+    K = 8
+    uniform = torch.full((6, K), 1 / K)
+    stats = dino.collapse_stats(torch.randn(6, K), uniform)
+    assert stats["teacher_entropy"].item() == pytest.approx(math.log(K))
+    one_hot = F.one_hot(torch.tensor([2, 2, 2, 2, 2, 2]), K).float()
+    stats = dino.collapse_stats(one_hot * 10, one_hot)
+    assert stats["teacher_entropy"].item() == pytest.approx(0, abs=1e-6) and stats["prototypes_used"] == 1
