@@ -7,6 +7,7 @@
 The checkpoint's objective chooses the protocol:
   distill (CanViT; or an official Hugging Face folder)  eval_canvit.py  [003] Sec. 6, App. A, E, F
   foveal_sup, probe, dino (the foveal iterative ViT)     eval_foveal.py  [002] Sec. 6; [000] Sec. 5
+  grpo (a learned gaze policy)                           its encoder's, with the policy beside the others
 Both write results.json, tables.md and PNG pictures into --out_dir, and check that the frozen
 models are bit-identical after evaluation.
 
@@ -238,6 +239,9 @@ def main(argv: list[str]) -> dict:
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     objective, source = read_checkpoint(cfg.ckpt)
     # The protocols import this module for its shared pieces, so they are imported here.
+    if objective == "grpo":                                     # a policy: its encoder's protocol
+        encoder = fovea.read_checkpoint(source["config"]["grpo"]["encoder"])["config"]["objective"]
+        objective = "distill" if encoder == "distill" else "foveal_sup"
     if objective == "distill":                                  # CanViT [003]
         protocol = importlib.import_module("eval_canvit")
     elif objective in ("foveal_sup", "probe", "dino"):         # the foveal iterative ViT [002, 000]

@@ -59,10 +59,11 @@ import data
 import distill
 import eval as ev
 import fovea
+import grpo
 from eval import EvalConfig, EvalError
 
 POLICIES = {"c2f": "C2F", "entropy": "Entropy C2F", "fiid": "F-IID", "riid": "R-IID",
-            "f2c": "F2C", "full": "Rep. full"}                       # Table 6's rows, in its order
+            "f2c": "F2C", "full": "Rep. full", "learned": "Learned (GRPO)"}                       # Table 6's rows, in its order
 IGNORE = data.ADE20K_IGNORE                                          # mask value left out of mIoU
 
 
@@ -200,12 +201,14 @@ def load_teacher(path: str) -> canvit.DINOv3ViT:
 # ----------------------------------------------------------------------------------------------
 
 def rollout(model: canvit.CanViT, scenes: Tensor, policy: str, T: int, G: int, glimpse_px: int,
-            gen: torch.Generator, method: str = "bilinear", seg_probe: nn.Module | None = None):
+            gen: torch.Generator, method: str = "bilinear", seg_probe: nn.Module | None = None,
+            learned: tuple | None = None):
     """Yield (t, Viewpoint (B, 2), (B,), State) after each of T glimpses of scenes (B, 3, S, S).
 
     Static policies come from canvit.policy_viewpoints (drawn from `gen`); 'entropy' asks
     EntropyGuidedC2F for the next tile given the seg probe's per-cell entropy on the canvas
-    before the glimpse (as the official evaluation)."""
+    before the glimpse (as the official evaluation); 'learned' the deterministic action of a
+    GRPO policy (`learned` = (policy, min_scale)) on the state before the glimpse."""
     B, device = scenes.shape[0], scenes.device
     state = model.init_state(B, G)
     source = fovea.integral_image(scenes) if method == "integral" else scenes
@@ -213,12 +216,17 @@ def rollout(model: canvit.CanViT, scenes: Tensor, policy: str, T: int, G: int, g
         if seg_probe is None:
             raise EvalError("the entropy-guided C2F policy needs the segmentation probe (masks)")
         guide = canvit.EntropyGuidedC2F(T, G)
-    else:
+    elif policy != "learned":
         vps = canvit.policy_viewpoints(policy, T, B, gen)
     for t in range(T):
         if policy == "entropy":
             logits = seg_probe(canvas_cells(model, state.canvas).float())
             vp = guide.step(canvit.predictive_entropy(logits))
+        elif policy == "learned":
+            net, min_scale = learned
+            cells = state.canvas[:, model.cfg.n_canvas_registers:]
+            means, weights = net([state.recurrent_cls, cells], [None, canvit.grid_centers(G, G, device).view(-1, 2)])
+            vp = grpo.canvit_viewpoint(grpo.mixture_mode(means, weights), min_scale)
         else:
             vp = canvit.Viewpoint(vps.center_yx[t].to(device), vps.scale[t].to(device))
         glimpse = fovea.viewpoint_glimpse(source, vp.center_yx, vp.scale, glimpse_px)
@@ -393,7 +401,7 @@ MEANS = {"patch_cos": "patch_cos", "cls_cos": "cls_cos", "patch_cos_z": "patch_c
 
 @torch.inference_mode()
 def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg: EvalConfig, info: dict,
-                      S: int, G: int) -> tuple[dict, dict]:
+                      S: int, G: int, learned: tuple | None = None) -> tuple[dict, dict]:
     """Every policy for T glimpses on the n_val held-out scenes. -> (results: per policy, each
     metric per timestep, plus the passive teacher's and the floors; pictures: rollouts of the
     first scenes)."""
@@ -430,7 +438,7 @@ def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg: EvalConfig, i
                         teacher=truth["t_patches"][:k].cpu() if teacher is not None else None)
         for p in policies:
             for t, vp, state in rollout(model, images, p, T, G, info["glimpse_px"], gens[p],
-                                        info["glimpse_method"], probes.get("seg")):
+                                        info["glimpse_method"], probes.get("seg"), learned):
                 sums, pred = step_metrics(model, probes, stds, state, truth, S)
                 for name, value in sums.items():
                     tally.add((p, name, t), value)
@@ -591,6 +599,8 @@ def tables(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def check_options(cfg: EvalConfig) -> None:
+    if "learned" in cfg.policies:
+        raise EvalError("--policies: 'learned' comes from a grpo checkpoint (--ckpt runs/<grpo run>/ckpt.pt)")
     bad = [p for p in (*cfg.policies, cfg.probe_policy) if p not in POLICIES]
     if bad or cfg.probe_policy == "entropy":
         raise EvalError(f"unknown policy {bad or ['entropy']} (the probes' policy cannot be "
@@ -601,6 +611,13 @@ def evaluate(source: dict | Path, cfg: EvalConfig) -> tuple[dict, str]:
     """[003] Sec. 6: every metric at every resolution -> (results, markdown tables); the PNGs
     go into out_dir."""
     check_options(cfg)
+    learned = None
+    if isinstance(source, dict) and source["config"]["objective"] == "grpo":   # a learned policy
+        g = source["config"]["grpo"]
+        learned = (fovea.load_frozen(source, "policy", grpo.GazePolicy).to(ev.device_of(cfg)), g["min_scale"])
+        source = fovea.read_checkpoint(g["encoder"])
+        # the policy's glimpse count by default; its rows beside the others at equal counts
+        cfg = dataclasses.replace(cfg, T=cfg.T or g["steps"], policies=(*cfg.policies, "learned"))
     # CanViT's defaults: T = 21 glimpses ([003] F.2) at 1x and 2x the scene and grid (Table 6).
     cfg = dataclasses.replace(cfg, T=cfg.T or 21, res_factors=cfg.res_factors or (1, 2))
     device = ev.device_of(cfg)
@@ -633,7 +650,7 @@ def evaluate(source: dict | Path, cfg: EvalConfig) -> tuple[dict, str]:
         probes, logs = train_probes(model, feats, train_ds, cfg, device)
         stds, std_source = (fit_standardizers(model, feats, G) if teacher is not None
                             else (None, None))
-        res, pics = evaluate_policies(model, teacher, probes, stds, val_ds, cfg, info, S, G)
+        res, pics = evaluate_policies(model, teacher, probes, stds, val_ds, cfg, info, S, G, learned)
         losses = {name: {"first": l[0], "last_10pct": float(np.mean(l[-max(1, len(l) // 10):]))}
                   for name, l in logs.items()}
         res.update(scene_px=S, canvas_grid=G, standardizers=std_source, n_train=len(feats["cells"]),

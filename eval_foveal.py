@@ -38,6 +38,7 @@ import canvit
 import data
 import eval as ev
 import fovea
+import grpo
 from eval import EvalConfig, EvalError
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +139,53 @@ def per_step(model: fovea.FovealViT, images: Tensor, glimpses: list[fovea.Patche
     return out
 
 
+@torch.inference_mode()
+def policy_episode(model: fovea.FovealViT, policy: grpo.GazePolicy, images: Tensor, T: int,
+                   first_gaze: str, std: float, gen: torch.Generator | None) -> tuple[list, list]:
+    """An episode whose gazes the learned policy chooses from the state: -> (Patches, logits)
+    per step. gen None: the deterministic action (the mean of the heaviest component
+    [002, A.3.3]); else actions sampled with the given std."""
+    B, hw = images.shape[0], tuple(images.shape[-2:])
+    table = fovea.integral_image(images)
+    lo, hi = model.cfg.grid_z
+    state, glimpses, logits = None, [], []
+    for t in range(T):
+        if t == 0 and first_gaze == "centre":
+            action = torch.zeros(B, 2, device=images.device)
+        else:
+            means, weights = policy([state if state is not None else model.init_state(B)])
+            action = (grpo.mixture_mode(means, weights) if gen is None
+                      else grpo.sample_mixture(means, weights, std, gen)[0].to(images.device))
+        patches = model.glimpse(grpo.to_gaze(action), hw, (lo + hi) / 2)
+        state = model(table, state, patches)
+        glimpses.append(patches)
+        logits.append(model.classify(state))
+    return glimpses, logits
+
+
+def on_badge(glimpses: list[fovea.Patches], target: Tensor) -> Tensor:
+    """(T,) how many gazes of each step fell on the badge (synthetic scenes: its centre and
+    radius in scene units are known)."""
+    gaze = torch.stack([p.yxz[:, 0, :2] for p in glimpses]).cpu()                  # (T, B, 2)
+    return ((gaze - target[None, :, :2]).norm(dim=-1) <= target[None, :, 2]).float().sum(1)
+
+
+def save_heatmap(gazes: list[Tensor], path: Path, tile: int = 128) -> str:
+    """Where the policy looks over many scenes: one 2-D histogram of the gazes per step, side by
+    side (white: often)."""
+    bins = 32
+    canvas = Image.new("RGB", (len(gazes) * (tile + 4), tile + 16), "white")
+    draw = ImageDraw.Draw(canvas)
+    for t, g in enumerate(gazes):                                                  # (n, 2) (y, x)
+        idx = ((g.clamp(-1, 1 - 1e-6) + 1) / 2 * bins).long()
+        hist = torch.zeros(bins, bins).index_put_((idx[:, 0], idx[:, 1]), torch.ones(len(g)), accumulate=True)
+        img = (hist / hist.max().clamp_min(1) * 255).byte().numpy()
+        canvas.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST).convert("RGB"), (t * (tile + 4), 16))
+        draw.text((t * (tile + 4) + 4, 2), f"step {t + 1}", fill="black")
+    canvas.save(path)
+    return str(path)
+
+
 class Trace:
     """The gazes of the first scenes of an episode, for the pictures: per step the gaze (y, x),
     the extent of what it saw sharply (the foveal grid, else the finest multi-zoom patch) and
@@ -187,12 +235,18 @@ def save_gaze_picture(images: Tensor, traces: dict[str, Trace], path: Path, tile
 def evaluate(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
     """[002] Table 2's layout (top-1 / top-5 after each step, random gazes), a fixed gaze
     sequence, [000] Sec. 5.3's ViT mode, and [000] Fig. 1's resolution robustness: the same
-    frozen model on scenes 2x, 4x, 8x larger than in training, beside a passive ViT baseline.
-    -> (results, markdown tables); a picture of the gazes goes into out_dir."""
+    frozen model on scenes 2x, 4x, 8x larger than in training, beside a passive ViT baseline;
+    for a grpo checkpoint, its learned policy beside them (deterministic and sampled actions).
+    -> (results, markdown tables); pictures of the gazes go into out_dir."""
     device = ev.device_of(cfg)
+    policy, grpo_cfg = None, None
+    if ckpt["config"]["objective"] == "grpo":                   # the policy, and its encoder's run
+        policy = fovea.load_frozen(ckpt, "policy", grpo.GazePolicy).to(device)
+        grpo_cfg = ckpt["config"]["grpo"]
+        ckpt = fovea.read_checkpoint(grpo_cfg["encoder"])
     model = load_foveal(ckpt).to(device)
     baseline, base_S = load_baseline(cfg.baseline) if cfg.baseline else (None, None)
-    frozen = [m.to(device) for m in (model, baseline) if m is not None]
+    frozen = [m.to(device) for m in (model, baseline, policy) if m is not None]
     snaps = ev.snapshot(*frozen)
     mcfg, dcfg = model.cfg, data.DataConfig(**ckpt["config"]["data"])
     objective = ckpt["config"]["objective"]
@@ -202,6 +256,9 @@ def evaluate(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
     grid = cfg.vit_grid or S // mcfg.patch_px                   # ViT mode: native patches at S
     results: dict = {"objective": objective, "step": ckpt.get("step"), "scene_px": S, "steps": T,
                      "vit_grid": grid, "repeats": cfg.repeats, "resolution": {}}
+    if policy is not None:
+        results["policy"] = {"first_gaze": grpo_cfg["first_gaze"], "std_sampled": grpo_cfg["policy"]["std_end"]}
+    names = ("random", "fixed") + (("policy", "policy_sampled") if policy is not None else ())
     if objective in ("probe", "dino"):                          # [000]: k-NN on the backbone
         results["knn"] = knn(model, ckpt, cfg, T, grid)
         print(f"k-NN top-1 (first state token): ViT mode {results['knn']['vit']}, after {T} random "
@@ -214,8 +271,11 @@ def evaluate(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
     for k in cfg.res_factors or (1, 2, 4, 8):
         ds = data.build_dataset(dataclasses.replace(dcfg, image_size=S * k, val_length=cfg.n_val), "val")
         gen = torch.Generator().manual_seed(cfg.seed)           # the same glimpses at every resolution
-        top = {name: torch.zeros(2, T) for name in ("random", "fixed")}   # hits: top-1, top-5
+        top = {name: torch.zeros(2, T) for name in names}       # hits: top-1, top-5
+        badge = {name: torch.zeros(T) for name in names}        # gazes on the badge
+        gazes = [[] for _ in range(T)]                          # the policy's, for the heat map
         vit_top, base_top, n = torch.zeros(2), torch.zeros(2), 0
+        policy_gen = torch.Generator().manual_seed(cfg.seed + 1)
         progress = ev.Progress(f"[{S * k} px] held-out scenes", min(cfg.n_val, len(ds)))
         for batch in ev.batches(ds, min(cfg.n_val, len(ds)), cfg.batch_size):
             images, labels = batch["image"].to(device), batch["label"].to(device)
@@ -229,13 +289,28 @@ def evaluate(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
                 logits = per_step(model, images, glimpses)
                 for t, lt in enumerate(logits):
                     top["random"][:, t] += score(lt) / cfg.repeats
+                if "target" in batch:
+                    badge["random"] += on_badge(glimpses, batch["target"]) / cfg.repeats
                 if r == 0:
                     traces["random gazes"] = Trace(model, glimpses, logits, labels, cfg.pictures)
-            fixed = fovea.episode_patches(model, train_cfg, None, B, hw, device)
-            logits = per_step(model, images, fixed)
-            for t, lt in enumerate(logits):
-                top["fixed"][:, t] += score(lt)
-            traces["fixed gazes"] = Trace(model, fixed, logits, labels, cfg.pictures)
+            episodes = {"fixed": (fovea.episode_patches(model, train_cfg, None, B, hw, device), None)}
+            if policy is not None:
+                for name, gen_p in (("policy", None), ("policy_sampled", policy_gen)):
+                    glimpses, logits = policy_episode(model, policy, images, T, grpo_cfg["first_gaze"],
+                                                      grpo_cfg["policy"]["std_end"], gen_p)
+                    episodes[name] = (glimpses, logits)
+            for name, (glimpses, logits) in episodes.items():
+                logits = logits or per_step(model, images, glimpses)
+                for t, lt in enumerate(logits):
+                    top[name][:, t] += score(lt)
+                if "target" in batch:
+                    badge[name] += on_badge(glimpses, batch["target"])
+                label = {"fixed": "fixed gazes", "policy": "learned policy"}.get(name)
+                if label:
+                    traces[label] = Trace(model, glimpses, logits, labels, cfg.pictures)
+                if name == "policy":
+                    for t, p in enumerate(glimpses):
+                        gazes[t].append(p.yxz[:, 0, :2].cpu())
             with torch.inference_mode():
                 vit_top += score(model.classify(model.vit_mode(fovea.integral_image(images), grid)))
                 if baseline is not None:
@@ -248,6 +323,11 @@ def evaluate(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
         pct = lambda x: [round(100 * v / n, 2) for v in x.tolist()]
         res = {"scene_px": S * k, "n": n, "vit_mode": dict(zip(("top1", "top5"), pct(vit_top))),
                **{name: {"top1": pct(h[0]), "top5": pct(h[1])} for name, h in top.items()}}
+        if "target" in ds[0]:
+            res["on_badge"] = {name: pct(b) for name, b in badge.items()}
+        if policy is not None and k == 1 and cfg.pictures:
+            results.setdefault("pictures", []).append(
+                save_heatmap([torch.cat(g) for g in gazes], Path(cfg.out_dir) / "policy_gazes.png"))
         if baseline is not None:
             res["baseline"] = dict(zip(("top1", "top5"), pct(base_top)))
         results["resolution"][f"{k}x"] = res
@@ -260,8 +340,8 @@ def evaluate(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
 
 
 def tables(results: dict) -> str:
-    """Markdown: [002] Table 2's layout per step, ViT mode, the resolution sweep; [000] Table 1's
-    (ViT | Rand) and k-NN for a probed backbone."""
+    """Markdown: [002] Table 2's layout per step (and [000] Table 3's, with a policy), ViT mode,
+    the resolution sweep; [000] Table 1's (ViT | Rand | Policy) and k-NN for a probed backbone."""
     out = ""
     if "knn" in results:
         kn = results["knn"]
@@ -278,12 +358,18 @@ def tables(results: dict) -> str:
     out += (f"Per-step accuracy (%) at the training resolution ({results['scene_px']} px, "
             f"{r1['n']} held-out scenes, {rnd} averaged over {results['repeats']} draws):\n\n"
             + head + row(f"{rnd}, top-1", r1["random"]["top1"]) + row(f"{rnd}, top-5", r1["random"]["top5"])
-            + row(f"{fix}, top-1", r1["fixed"]["top1"]) + row(f"{fix}, top-5", r1["fixed"]["top5"])
-            + f"\nViT mode ({results['vit_grid']} x {results['vit_grid']} grid, one step): top-1 "
+            + row(f"{fix}, top-1", r1["fixed"]["top1"]) + row(f"{fix}, top-5", r1["fixed"]["top5"]))
+    if "policy" in r1:                                           # [002] Table 2, [000] Table 3
+        out += (row("learned policy, top-1", r1["policy"]["top1"]) + row("learned policy, top-5", r1["policy"]["top5"])
+                + row("learned policy (sampled), top-1", r1["policy_sampled"]["top1"]))
+    if "on_badge" in r1:
+        out += "".join(row(f"gazes on the badge, {name}", r1["on_badge"][name]) for name in r1["on_badge"])
+    out += (f"\nViT mode ({results['vit_grid']} x {results['vit_grid']} grid, one step): top-1 "
             f"{r1['vit_mode']['top1']:.1f}, top-5 {r1['vit_mode']['top5']:.1f}\n\n")
-    if results["objective"] == "probe":                          # [000] Table 1's layout
-        out += ("| top-1 (%) | ViT | Rand |\n|---|---:|---:|\n"
-                f"| this probe | {r1['vit_mode']['top1']:.1f} | {r1['random']['top1'][-1]:.1f} |\n\n")
+    if results["objective"] == "probe" or "policy" in r1:       # [000] Table 1's layout
+        pol = f" {r1['policy']['top1'][-1]:.1f} |" if "policy" in r1 else " - |"
+        out += ("| top-1 (%) | ViT | Rand | Policy |\n|---|---:|---:|---:|\n"
+                f"| this model | {r1['vit_mode']['top1']:.1f} | {r1['random']['top1'][-1]:.1f} |{pol}\n\n")
     keys = list(results["resolution"])
     out += ("Top-1 (%) when testing on larger scenes than in training:\n\n| model | "
             + " | ".join(f"{k} ({results['resolution'][k]['scene_px']} px)" for k in keys)

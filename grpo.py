@@ -50,11 +50,14 @@ Run `python -m pytest tests/test_grpo.py` for the tests.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import canvit
+import fovea
 
 
 def _float(x: Tensor) -> Tensor:
@@ -426,7 +429,8 @@ class GazePolicy(nn.Module):
     No dropout anywhere: the rollout's log-probs and the update's must come from one function.
     """
 
-    def __init__(self, cfg: GazePolicyConfig, memory_dims: tuple[int, ...]):
+    def __init__(self, cfg: GazePolicyConfig, memory_dims: tuple[int, ...],
+                 positional: tuple[bool, ...] | None = None):
         super().__init__()
         K, A, D = cfg.num_components, cfg.action_dim, cfg.dim
         if not memory_dims:
@@ -439,6 +443,11 @@ class GazePolicy(nn.Module):
         self.memory_dims = tuple(memory_dims)
         self.memory_proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, D))
                                          for d in self.memory_dims)
+        # positional[i]: stream i comes with a (y, x) per token (CanViT's canvas cells, which
+        # cross-attention would otherwise see as an unordered bag), embedded by a small MLP.
+        self.positional = tuple(positional or (False,) * len(self.memory_dims))
+        self.pos_mlp = (nn.Sequential(nn.Linear(2, D), nn.GELU(), nn.Linear(D, D))
+                        if any(self.positional) else None)
         self.queries = nn.Parameter(torch.randn(1, K + 1, D) * 0.02)   # K means + 1 weights
         self.layers = nn.ModuleList(DecoderLayer(D, cfg.heads, cfg.mlp_ratio)
                                     for _ in range(cfg.depth))
@@ -458,9 +467,23 @@ class GazePolicy(nn.Module):
             nn.init.normal_(head.weight, std=cfg.head_init_std)
             nn.init.zeros_(head.bias)
 
-    def forward(self, memories: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """memories: one (B, N_i, memory_dims[i]) tensor per stream -> means (B, K, A) in
-        (-1, 1) and logits (B, K), float32."""
+    def export(self) -> dict:
+        return {"class": type(self).__name__, "state_dict": self.state_dict(),
+                "args": {"cfg": asdict(self.cfg), "memory_dims": list(self.memory_dims),
+                         "positional": list(self.positional)}}
+
+    @classmethod
+    def from_export(cls, entry: dict) -> GazePolicy:
+        a = entry["args"]
+        model = cls(GazePolicyConfig(**a["cfg"]), tuple(a["memory_dims"]), tuple(a["positional"]))
+        model.load_state_dict(entry["state_dict"], strict=True)
+        return model
+
+    def forward(self, memories: list[Tensor], positions: list[Tensor | None] | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """memories: one (B, N_i, memory_dims[i]) tensor per stream (and, for a positional
+        stream, positions[i] (N_i, 2) (y, x) in [-1, 1]) -> means (B, K, A) in (-1, 1) and
+        logits (B, K), float32."""
         if len(memories) != len(self.memory_dims):
             raise ValueError(f"expected {len(self.memory_dims)} memory streams, "
                              f"got {len(memories)}")
@@ -474,8 +497,11 @@ class GazePolicy(nn.Module):
         # log rho by ~0.08 at std 0.05, 40% of a 0.2 clip range, and the rollout (B*G rows a step)
         # and the update (other batch shapes) need not round alike. The policy is small.
         with torch.autocast(memories[0].device.type, enabled=False):
-            mem = torch.cat([proj(m.float()) for proj, m in zip(self.memory_proj, memories)],
-                            1)                                                    # (B, sum N_i, D)
+            streams = [proj(m.float()) for proj, m in zip(self.memory_proj, memories)]
+            for i, pos in enumerate(positions or []):
+                if self.positional[i]:
+                    streams[i] = streams[i] + self.pos_mlp(pos.float())[None]
+            mem = torch.cat(streams, 1)                                           # (B, sum N_i, D)
             x = self.queries.expand(mem.shape[0], -1, -1)                         # (B, K + 1, D)
             for layer in self.layers:
                 x = layer(x, mem, self.queries)
@@ -484,3 +510,292 @@ class GazePolicy(nn.Module):
             means = torch.tanh(self.mean_offsets + self.mean_head(x[:, :K]))     # (B, K, A)
             logits = self.logit_head(x[:, K])                                     # (B, K)
         return means, logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen encoders the policy steers: the foveal ViT [002, 000] and CanViT [003]
+# ----------------------------------------------------------------------------------------------
+
+class FovealEncoder(nn.Module):
+    """A frozen foveal ViT with its task head (a foveal_sup or probe run): the policy reads its
+    N state tokens; an action (y, x) is a gaze, whose foveal grid takes the middle of the
+    model's zoom range (NOTE(paper): the policy gives the centre only [002 A.3.3, 000 Sec. 3.3];
+    the grid zoom was random in training)."""
+    action_dim = 2
+
+    def __init__(self, model: fovea.FovealViT):
+        super().__init__()
+        if model.head is None:
+            raise ValueError("the encoder has no task head (a dino backbone): probe it first")
+        self.model = model.eval().requires_grad_(False)
+        self.memory_dims, self.positional = (model.cfg.dim,), (False,)
+
+    def start(self, scenes: Tensor, rows: Tensor):
+        """The frozen source of B scenes for R rows (rows[r]: its scene) and the initial state."""
+        return fovea.integral_image(scenes).select(rows), None
+
+    def observe(self, state) -> tuple[list[Tensor], list]:
+        return [state], [None]
+
+    def initial(self, n: int) -> Tensor:
+        return self.model.init_state(n)
+
+    def step(self, source, state, action: Tensor):
+        lo, hi = self.model.cfg.grid_z
+        patches = self.model.glimpse(to_gaze(action), source.image_hw, (lo + hi) / 2)
+        return self.model(source, state, patches)
+
+    def classify(self, state) -> Tensor:
+        return self.model.classify(state)
+
+
+class CanViTEncoder(nn.Module):
+    """A frozen distilled CanViT and a frozen classifier on its state (beyond the papers, [003]
+    Sec. 7's future work). The policy reads the recurrent CLS and the canvas cells (with their
+    (y, x)); an action (y, x, u) is a viewpoint: centre (y, x) and scale s = s_min + (1 - s_min)
+    (u + 1) / 2, the crop kept inside the scene (|centre| <= 1 - s), as CanViT's random
+    viewpoints. NOTE: the scale is a third coordinate rather than a schedule, so that the policy
+    can choose between a coarse and a fine look at every step (C2F's lesson is that the order
+    of scales matters). The classifier is [003] F.2.2's zero-shot route: W_global's prediction
+    of the teacher's CLS, destandardized, through a linear probe trained on the teacher's CLS."""
+    action_dim = 3
+
+    def __init__(self, model: canvit.CanViT, classifier: nn.Linear, canvas_grid: int,
+                 glimpse_px: int, min_scale: float):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.G, self.glimpse_px, self.min_scale = canvas_grid, glimpse_px, min_scale
+        self.memory_dims = (model.cfg.backbone.embed_dim, model.cfg.canvas_dim)
+        self.positional = (False, True)
+        self.register_buffer("cells_yx", canvit.grid_centers(canvas_grid, canvas_grid), persistent=False)
+
+    def start(self, scenes: Tensor, rows: Tensor):
+        return scenes[rows], self.model.init_state(len(rows), self.G)
+
+    def initial(self, n: int):
+        return self.model.init_state(n, self.G)
+
+    def observe(self, state) -> tuple[list[Tensor], list]:
+        cells = state.canvas[:, self.model.cfg.n_canvas_registers:]
+        return [state.recurrent_cls, cells], [None, self.cells_yx.view(-1, 2)]
+
+    def viewpoint(self, action: Tensor) -> canvit.Viewpoint:
+        return canvit_viewpoint(action, self.min_scale)
+
+    def step(self, source, state, action: Tensor):
+        vp = self.viewpoint(action)
+        glimpse = fovea.bilinear_glimpse(source, vp.center_yx, vp.scale, self.glimpse_px)
+        return self.model(glimpse, state, vp.center_yx, vp.scale).state
+
+    def classify(self, state) -> Tensor:
+        predicted = self.model.predict(state, destandardize=True).cls                # (B, Dt)
+        return self.classifier(predicted.float())
+
+
+def canvit_viewpoint(action: Tensor, min_scale: float) -> canvit.Viewpoint:
+    """A raw action (R, 3) -> CanViT's viewpoint: scale s = s_min + (1 - s_min) (u + 1) / 2 and
+    the centre kept where the crop stays inside the scene (|centre| <= 1 - s)."""
+    a = to_gaze(action)
+    scale = min_scale + (1 - min_scale) * (a[:, 2] + 1) / 2
+    return canvit.Viewpoint(a[:, :2] * (1 - scale)[:, None], scale)
+
+
+def load_encoder(path: str, glimpse_px: int = 0) -> tuple[nn.Module, dict]:
+    """The frozen encoder of grpo.encoder: a foveal_sup or probe run (its "encoder" with the task
+    head), or a distill run (CanViT; its classifier is trained by the objective's setup)."""
+    ckpt = fovea.read_checkpoint(path)
+    objective = ckpt["config"].get("objective")
+    if objective in ("foveal_sup", "probe"):
+        model = fovea.load_frozen(ckpt, "encoder", fovea.FovealViT, what=f"grpo.encoder = {path}")
+        model.cfg.compile_extraction = False
+        return FovealEncoder(model), ckpt
+    if objective == "distill":
+        return fovea.load_frozen(ckpt, "encoder", canvit.CanViT, what=f"grpo.encoder = {path}"), ckpt
+    kind = "an SSL backbone without a task head: probe it first" if objective == "dino" else "not an encoder"
+    raise fovea.CheckpointError(f"grpo.encoder = {path} is a {objective!r} checkpoint ({kind}); a gaze "
+                                "policy needs a frozen encoder with a task head: a foveal_sup or probe "
+                                "run, or a distill run (CanViT)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training the policy: rollouts of G traces, then inner epochs [002, A.2, A.3.4; 000, Sec. 3.3]
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class GRPOConfig:
+    encoder: str = ""              # the frozen encoder's checkpoint (a foveal_sup, probe or distill run)
+    policy: GazePolicyConfig = field(default_factory=GazePolicyConfig)
+    group: int = 16                # [002] A.3.4: G = 16 traces an image
+    steps: int = 8                 # [002] A.3.4: traces of T = 8
+    inner_epochs: int = 8          # [002] A.3.4: 8 inner epochs a batch
+    reward: str = "prob"           # "prob" [000] Sec. 3.3 | "final" | "improvement" [002] A.2
+    gamma: float = 0.7             # "prob" only. NOTE(paper): unstated; GFNet's and AdaptiveNN's 0.7
+    clip_eps: float = 0.2          # NOTE(paper): unstated; PPO's 0.2
+    adv_scale: str = "group"       # [002] Eq. 4 | "none" (only centred)
+    first_gaze: str = "policy"     # [000] Sec. 2.1: the first gaze from s_1 | "centre": a fixed one
+    # CanViT (a distill encoder)
+    glimpse_px: int = 0            # 0: the distillation's
+    min_scale: float = 0.05        # [003] Table 2: s_min
+    classifier_scenes: int = 512   # scenes for the zero-shot classifier (a linear probe on the teacher's CLS)
+    classifier_steps: int = 500
+
+
+def _sample(means: Tensor, logits: Tensor, std: float, u: Tensor, noise: Tensor) -> Tensor:
+    """sample_mixture with its random numbers given: u (R,) picks the component by the
+    inverse CDF of the weights, noise (R, A) ~ N(0, I). Drawn for the global batch by the
+    caller, so the traces do not depend on the number of processes."""
+    cdf = F.softmax(logits.float(), -1).cumsum(-1)                                # (R, K)
+    k = (u[:, None] > cdf).sum(-1).clamp(max=logits.shape[-1] - 1)                # (R,)
+    mu = means.float().gather(1, k[:, None, None].expand(-1, 1, means.shape[-1]))[:, 0]
+    return mu + std * noise
+
+
+class GazeGRPO(nn.Module):
+    """train.py's objective `grpo`: a Gaussian-mixture gaze policy on a frozen encoder.
+
+    Each step: for the batch's B images, G traces of T glimpses each, all B * G traces one
+    batch through the frozen encoder (each image's summed-area table shared by its G traces),
+    actions sampled from the policy without gradient; the task head's log P(true class) after
+    every glimpse gives the rewards; advantages normalised per image and step [002 Eq. 4];
+    then `inner_epochs` optimizer steps of the clipped objective [002 Eq. 1] on the stored
+    states and log-probabilities (the first epoch's ratio is exactly 1).
+    """
+    augment = True                 # the task head's training view
+    updates_per_step: int
+
+    def __init__(self, cfg: GRPOConfig, seed: int):
+        super().__init__()
+        if not cfg.encoder:
+            raise fovea.CheckpointError("grpo.encoder: set the checkpoint of a foveal_sup, probe or distill run")
+        if cfg.first_gaze not in ("policy", "centre"):
+            raise ValueError(f"grpo.first_gaze: {cfg.first_gaze!r}; choose policy or centre")
+        self.cfg, self.seed = cfg, seed
+        encoder, ckpt = load_encoder(cfg.encoder)
+        if isinstance(encoder, canvit.CanViT):     # the classifier comes in setup()
+            d = ckpt["config"]["distill"]
+            self.teacher = fovea.load_frozen(ckpt, "teacher", canvit.DINOv3ViT) if "teacher" in ckpt["export"] else None
+            G = ckpt["config"]["data"]["image_size"] // encoder.cfg.backbone.patch_size
+            classifier = nn.Linear(encoder.cfg.teacher_dim, ckpt["config"]["data"]["num_classes"])
+            encoder = CanViTEncoder(encoder, classifier, G, cfg.glimpse_px or d["glimpse_px"], cfg.min_scale)
+        self.encoder = encoder
+        self.num_classes = ckpt["config"]["data"]["num_classes"]
+        policy = GazePolicyConfig(**{**asdict(cfg.policy), "action_dim": encoder.action_dim})
+        self.model = GazePolicy(policy, encoder.memory_dims, encoder.positional)
+        self.updates_per_step = cfg.inner_epochs
+        self.actions = cfg.steps - (cfg.first_gaze == "centre")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()                                      # frozen, always
+        return self
+
+    def label_classes(self) -> tuple[str, int]:
+        return "data.num_classes (the encoder's)", self.num_classes
+
+    def extra_state(self) -> dict:
+        return {"classifier": self.encoder.classifier.state_dict()} if hasattr(self.encoder, "classifier") else {}
+
+    def load_extra_state(self, extra: dict) -> None:
+        if "classifier" in extra:
+            self.encoder.classifier.load_state_dict(extra["classifier"], strict=True)
+
+    def export(self) -> dict:
+        return {"policy": self.model.export(), **({"classifier": {"state_dict": self.encoder.classifier.state_dict()}}
+                                                  if hasattr(self.encoder, "classifier") else {})}
+
+    @torch.no_grad()
+    def setup(self, dataset) -> None:
+        """CanViT: fit the zero-shot classifier, a linear probe on the teacher's CLS of
+        classifier_scenes scenes ([003] F.2.2), before the policy learns; then frozen."""
+        if not isinstance(self.encoder, CanViTEncoder):
+            return
+        if self.teacher is None:
+            raise fovea.CheckpointError("grpo.encoder: this distill run keeps no teacher (DINOv3 weights "
+                                        "from a path): the zero-shot classifier needs it")
+        device = self.encoder.cells_yx.device
+        n = min(self.cfg.classifier_scenes, len(dataset))
+        items = [dataset[i] for i in range(n)]
+        images = torch.stack([it["image"] for it in items]).to(device)
+        labels = torch.stack([it["label"] for it in items]).to(device)
+        feats = torch.cat([self.teacher.to(device)(x)["cls"].float() for x in images.split(64)])
+        probe = self.encoder.classifier
+        with torch.enable_grad():
+            opt = torch.optim.AdamW(probe.parameters(), lr=1e-2, weight_decay=1e-3)
+            probe.requires_grad_(True)
+            for _ in range(self.cfg.classifier_steps):
+                loss = F.cross_entropy(probe(feats), labels)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            probe.requires_grad_(False)
+
+    @torch.no_grad()
+    def rollout(self, scenes: Tensor, labels: Tensor, step: int, rank: int, world: int,
+                std: float) -> dict:
+        """G traces of the B scenes: observations, raw actions and their log-probs, log P(true)."""
+        cfg, enc = self.cfg, self.encoder
+        B, G, T, A = scenes.shape[0], cfg.group, self.actions, enc.action_dim
+        R = B * G
+        rows = torch.arange(B, device=scenes.device).repeat_interleave(G)          # image of each trace
+        source, state = enc.start(scenes, rows)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        u = torch.rand(T, R * world, generator=gen)[:, rank * R:(rank + 1) * R].to(scenes.device)
+        noise = torch.randn(T, R * world, A, generator=gen)[:, rank * R:(rank + 1) * R].to(scenes.device)
+        truth = labels[rows]
+        logp_true, right, obs, actions, logp_old = [], [], [], [], []
+
+        def look(s) -> None:                                     # the task head on a state
+            logp = F.log_softmax(enc.classify(s).float(), -1)
+            logp_true.append(logp.gather(1, truth[:, None])[:, 0])
+            right.append((logp.argmax(-1) == truth).float())
+        if cfg.first_gaze == "centre":                           # a fixed first glimpse
+            state = enc.step(source, state, torch.zeros(R, A, device=scenes.device))
+        look(state if state is not None else enc.initial(R))
+        for t in range(T):
+            observed = state if state is not None else enc.initial(R)
+            memories, positions = enc.observe(observed)
+            means, logits = self.model(memories, positions)
+            action = _sample(means, logits, std, u[t], noise[t])
+            obs.append(observed)
+            actions.append(action)
+            logp_old.append(mixture_log_prob(means, logits, std, action))
+            state = enc.step(source, state, action)
+            look(state)
+        return {"obs": obs, "actions": torch.stack(actions, 1), "logp_old": torch.stack(logp_old, 1),
+                "logp_true": torch.stack(logp_true, 1).view(B, G, T + 1),
+                "right": torch.stack(right, 1).view(B, G, T + 1)}
+
+    def train_step(self, batch: dict, step: int, run) -> dict:
+        cfg = self.cfg
+        scenes, labels = batch["image"], batch["label"]
+        B, G, T = scenes.shape[0], cfg.group, self.actions
+        p = self.model.cfg
+        std = std_schedule(step, run.schedule_steps, p.std_start, p.std_end, p.std_kind)
+        self.model.eval()                                        # no dropout anyway; old == new
+        with run.autocast():
+            roll = self.rollout(scenes, labels, step, run.rank, run.world, std)
+        alpha = raw_advantages(roll["logp_true"], cfg.reward, cfg.gamma if cfg.reward == "prob" else 1.0)
+        adv = group_advantages(alpha, scale=cfg.adv_scale)                         # (B, G, T)
+        # The stored observations of every step, as one batch of B * G * T rows for the policy.
+        obs = roll["obs"]
+        memories = [torch.cat([self.encoder.observe(o)[0][i] for o in obs]) for i in range(len(self.encoder.memory_dims))]
+        positions = self.encoder.observe(obs[0])[1]
+        actions = roll["actions"].transpose(0, 1).reshape(T * B * G, -1)            # (T*R, A) step-major
+        logp_old = roll["logp_old"].transpose(0, 1).reshape(-1)
+        advantages = adv.view(B * G, T).transpose(0, 1).reshape(-1)
+        stats = []
+        for epoch in range(cfg.inner_epochs):
+            means, logits = self.model(memories, positions)
+            logp = mixture_log_prob(means, logits, std, actions)
+            objective = clipped_objective(logp, logp_old, advantages, cfg.clip_eps)
+            (-objective).backward()
+            stats.append(ratio_stats(logp, logp_old, advantages, cfg.clip_eps))
+            run.optimizer_step()
+        first = 1 + (cfg.first_gaze == "centre")                 # the glimpse count at index 1
+        acc = {f"acc_{t + first - 1}": roll["right"][..., t].mean() for t in range(1, T + 1)}
+        return {"loss": -objective.detach(), "reward": alpha.mean(), "adv_std": adv.std(),
+                "clip_frac": torch.stack([s["clip_frac"] for s in stats[1:] or stats]).mean(),
+                "approx_kl": stats[-1]["approx_kl"], "first_ratio": stats[0]["ratio_mean"],
+                "weight_entropy": mixture_weight_entropy(logits).mean().detach(),
+                "std": torch.tensor(std), **acc, "glimpses": B * G * cfg.steps}

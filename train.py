@@ -13,6 +13,7 @@ names them, and TrainConfig has one config section each)
   vit_sup     the passive patch-16 ViT baseline of [000] Fig. 1                   canvit.py
   dino        sequential-to-global self-supervised pretraining [000, Sec. 3.1]    dino.py
   probe       a task head on a frozen dino backbone, random gazes [000, Sec. 5.1]  fovea.py
+  grpo        a gaze policy on a frozen encoder, by GRPO [002, A.2; 000, Sec. 3.3]  grpo.py
 
 The loop owns the data (the dataset of `cfg.data`, each process's share of every global batch,
 epochs, resuming mid-epoch), the device and processes, the optimizer (AdamW, its parameter
@@ -79,6 +80,7 @@ import data
 import dino
 import distill
 import fovea
+import grpo
 from config import ConfigError
 
 
@@ -121,9 +123,10 @@ class TrainConfig:
     vit: canvit.PassiveViTConfig = field(default_factory=canvit.PassiveViTConfig)
     dino: dino.DINOConfig = field(default_factory=dino.DINOConfig)
     probe: fovea.ProbeConfig = field(default_factory=fovea.ProbeConfig)
+    grpo: grpo.GRPOConfig = field(default_factory=grpo.GRPOConfig)
 
 
-OBJECTIVES = ("distill", "foveal_sup", "vit_sup", "dino", "probe")
+OBJECTIVES = ("distill", "foveal_sup", "vit_sup", "dino", "probe", "grpo")
 
 
 def build_objective(cfg: TrainConfig) -> torch.nn.Module:
@@ -137,6 +140,8 @@ def build_objective(cfg: TrainConfig) -> torch.nn.Module:
         return dino.DINOSequentialToGlobal(cfg.dino, seed=cfg.seed)
     if cfg.objective == "probe":
         return fovea.FovealProbe(cfg.probe, seed=cfg.seed)
+    if cfg.objective == "grpo":
+        return grpo.GazeGRPO(cfg.grpo, seed=cfg.seed)
     raise ConfigError(f"objective: unknown {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
 
 

@@ -277,13 +277,13 @@ def test_cli_end_to_end(ckpt, tmp_path):
     low, high = results["resolutions"]
     assert low["standardizers"] == "checkpoint" and high["standardizers"].startswith("fitted")
     for r in results["resolutions"]:
-        for policy in ec.POLICIES:
+        for policy in ev.EvalConfig().policies:                   # the defaults: every static one
             for key in ("patch_cos", "cls_cos", "patch_cos_z", "cls_cos_z", "miou", "top1_cls_probe",
                         "top1_zero_shot"):
                 assert len(r[policy][key]) == 6 and all(np.isfinite(r[policy][key])), (policy, key)
         for path in r["pictures"]:
             assert Image.open(path).size[0] > 0
-        assert len(r["pictures"]) == len(ec.POLICIES)
+        assert len(r["pictures"]) == len(ev.EvalConfig().policies)
     tables = (out / "tables.md").read_text()
     assert "mIoU" in tables and "| C2F | 128/8² |" in tables and tables in res.stdout
     row = next(line for line in tables.splitlines() if line.startswith("| C2F | 64/4² |"))
@@ -399,3 +399,19 @@ def test_same_seed_same_results_json(ckpt, tmp_path):
     assert strip(ev.main([*args, "--out_dir", str(tmp_path / "b")])) == first
     other = strip(ev.main([*args, "--out_dir", str(tmp_path / "c"), "--seed", "1"]))
     assert other["resolutions"][0]["riid"] != first["resolutions"][0]["riid"]
+
+
+def test_a_learned_canvit_policy_joins_the_policy_tables(ckpt, tmp_path):
+    cfg = train.TrainConfig()
+    config.apply_overrides(cfg, {"objective": "grpo", "data": TINY["data"],
+                                 "grpo": {"encoder": str(ckpt), "group": 2, "steps": 3, "classifier_steps": 5,
+                                          "policy": {"dim": 16, "heads": 2}}})
+    torch.manual_seed(0)
+    torch.save(train.checkpoint(cfg, train.build_objective(cfg), step=1), tmp_path / "grpo.pt")
+    res = ev.main(["--ckpt", str(tmp_path / "grpo.pt"), "--out_dir", str(tmp_path / "o"), *FAST,
+                   "--T", "0", "--res_factors", "1", "--policies", "c2f,riid", "--pictures", "0"])
+    r = res["resolutions"][0]
+    assert set(r) >= {"c2f", "riid", "learned"} and len(r["learned"]["top1_zero_shot"]) == 3
+    assert "| Learned (GRPO) | 64/4² |" in (tmp_path / "o" / "tables.md").read_text()
+    with pytest.raises(ev.EvalError, match="'learned' comes from a grpo checkpoint"):
+        ev.main(["--ckpt", str(ckpt), "--out_dir", str(tmp_path / "x"), "--policies", "learned"])

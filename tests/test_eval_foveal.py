@@ -127,4 +127,39 @@ def test_dino_and_probe_checkpoints(tmp_path):
     torch.save(train.checkpoint(cfg, train.build_objective(cfg), step=2), tmp_path / "probe.pt")
     res = ev.main(["--ckpt", str(tmp_path / "probe.pt"), "--out_dir", str(tmp_path / "p"), *args])
     assert len(res["resolution"]["1x"]["random"]["top1"]) == 2 and "knn" in res
-    assert "| this probe |" in (tmp_path / "p" / "tables.md").read_text()
+    assert "| this model |" in (tmp_path / "p" / "tables.md").read_text()
+
+
+def test_a_grpo_checkpoint_is_evaluated_beside_random_gazes(foveal_ckpts, tmp_path):
+    """The policy's episodes (deterministic and sampled) beside random and fixed gazes, with the
+    gazes that fell on the badge, a picture of learned traces and a heat map."""
+    cfg = train.TrainConfig()
+    config.apply_overrides(cfg, {"objective": "grpo", "data": FOVEAL["data"],
+                                 "grpo": {"encoder": str(foveal_ckpts[0]), "group": 2, "steps": 3,
+                                          "policy": {"dim": 16, "heads": 2}}})
+    torch.manual_seed(0)
+    torch.save(train.checkpoint(cfg, train.build_objective(cfg), step=1), tmp_path / "grpo.pt")
+    res = ev.main(["--ckpt", str(tmp_path / "grpo.pt"), "--out_dir", str(tmp_path / "o"), "--n_val", "6",
+                   "--batch_size", "3", "--repeats", "1", "--res_factors", "1"])
+    r1 = res["resolution"]["1x"]
+    assert len(r1["policy"]["top1"]) == len(r1["policy_sampled"]["top1"]) == 3
+    assert set(r1["on_badge"]) == {"random", "fixed", "policy", "policy_sampled"}
+    assert all(0 <= v <= 100 for v in r1["on_badge"]["policy"])
+    assert [Path(p).name for p in res["pictures"]] == ["gazes.png", "policy_gazes.png"]
+    md = (tmp_path / "o" / "tables.md").read_text()
+    assert "learned policy, top-1" in md and "| ViT | Rand | Policy |" in md
+    # The deterministic episode, recomputed: the policy's heaviest mean at every step.
+    model, policy = ef.load_foveal(torch.load(foveal_ckpts[0], weights_only=False)), None
+    import grpo
+    policy = fovea.load_frozen(tmp_path / "grpo.pt", "policy", grpo.GazePolicy)
+    ds = data.SyntheticScenes(12, 32, split="val")
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0)).tolist()[:6]
+    batch = data.collate([ds[j] for j in order])
+    hits = 0.0
+    with torch.no_grad():
+        state, table = None, fovea.integral_image(batch["image"])
+        means, weights = policy([model.init_state(6)])
+        gaze = grpo.mixture_mode(means, weights).clamp(-1, 1)
+        state = model(table, None, model.glimpse(gaze, (32, 32), sum(model.cfg.grid_z) / 2))
+        hits = (model.classify(state).argmax(-1) == batch["label"]).float().sum().item()
+    assert r1["policy"]["top1"][0] == pytest.approx(100 * hits / 6, abs=0.01)

@@ -403,3 +403,147 @@ def test_policy_starts_spread_over_the_image_with_even_weights():
     assert (means - anchors).abs().max() < 0.05
     assert torch.cdist(means, means)[:, [0, 0, 0, 1, 1, 2], [1, 2, 3, 2, 3, 3]].min() > 0.9
     assert (grpo.mixture_weight_entropy(logits) > math.log(4) - 1e-3).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective: rollouts, inner epochs, encoders [002, A.2, A.3.4]
+# ---------------------------------------------------------------------------------------------
+
+class ToyEncoder(torch.nn.Module):
+    """An encoder whose task head believes in the true class the more, the nearer the gaze of
+    step t was to TARGETS[t]: log-odds -4 ||gaze - target_t||^2. The state tells the step; what
+    GRPO must learn at each step is known, and only per-step advantages matched to their own
+    actions teach both."""
+    action_dim = 2
+    TARGETS = torch.tensor([[0.5, -0.25], [-0.5, 0.5]])
+
+    def __init__(self):
+        super().__init__()
+        self.memory_dims, self.positional = (4,), (False,)
+
+    def start(self, scenes, rows):
+        return None, None
+
+    def initial(self, n):
+        return torch.zeros(n, 2, 4)
+
+    def observe(self, state):
+        return [state], [None]
+
+    def step(self, source, state, action):
+        t = 0 if state is None else int(state[0, 1, 1].item())               # glimpses so far
+        d = (grpo.to_gaze(action) - self.TARGETS[t]).square().sum(-1)
+        out = torch.zeros(len(action), 2, 4)
+        out[:, 0, 0], out[:, 1, 1] = -4 * d, t + 1
+        return out
+
+    def classify(self, state):
+        return torch.stack([state[:, 0, 0], torch.zeros(len(state))], 1)       # class 0 = true
+
+
+def toy_grpo(**kw):
+    cfg = grpo.GRPOConfig(encoder="toy", policy=grpo.GazePolicyConfig(dim=16, heads=2, std_start=0.3,
+                                                                      std_end=0.3), group=8, steps=2,
+                          inner_epochs=4, reward="prob", gamma=0.0, **kw)
+    obj = grpo.GazeGRPO.__new__(grpo.GazeGRPO)
+    torch.nn.Module.__init__(obj)
+    obj.cfg, obj.seed, obj.encoder, obj.num_classes = cfg, 0, ToyEncoder(), 2
+    obj.model = grpo.GazePolicy(cfg.policy, (4,))
+    obj.updates_per_step, obj.actions = cfg.inner_epochs, cfg.steps - (cfg.first_gaze == "centre")
+    return obj
+
+
+def test_the_first_inner_epoch_has_ratio_one_and_grpo_learns_where_to_look():
+    from conftest import LocalRun
+    torch.manual_seed(0)
+    obj = toy_grpo()
+    opt = torch.optim.AdamW(obj.model.parameters(), lr=1e-2)
+    batch = {"image": torch.zeros(6, 3, 8, 8), "label": torch.zeros(6, dtype=torch.long)}
+    run = LocalRun(opt)
+    first = obj.train_step(batch, 0, run)
+    assert first["first_ratio"].item() == 1.0 and run.updates == 4           # one update an epoch
+
+    def distances():                                  # the deterministic action at each step
+        out, state = [], torch.zeros(1, 2, 4)
+        for t in range(2):
+            means, logits = obj.model([state])
+            gaze = grpo.mixture_mode(means, logits)
+            out.append((gaze[0] - ToyEncoder.TARGETS[t]).norm().item())
+            state = obj.encoder.step(None, None if t == 0 else state, gaze)
+        return out
+    before = distances()
+    for step in range(1, 80):
+        obj.train_step(batch, step, run)
+    after = distances()
+    assert all(a < 0.2 and a < 0.5 * b for a, b in zip(after, before)), (before, after)
+
+
+def test_rollouts_share_tables_and_store_what_they_sampled(tmp_path):
+    """A real foveal encoder: B tables for B * G traces; the stored log-probs are the policy's
+    at the stored raw actions; nothing of the encoder learns."""
+    import dataclasses
+    import train
+    from conftest import LocalRun
+    from test_fovea import tiny_foveal
+    cfg = train.TrainConfig()
+    config_mod = __import__("config")
+    config_mod.apply_overrides(cfg, {"objective": "foveal_sup", "data": {"image_size": 32},
+                                     "foveal": {"model": dataclasses.asdict(tiny_foveal(num_classes=10))}})
+    torch.manual_seed(0)
+    torch.save(train.checkpoint(cfg, train.build_objective(cfg), step=1), tmp_path / "sup.pt")
+    obj = grpo.GazeGRPO(grpo.GRPOConfig(encoder=str(tmp_path / "sup.pt"), group=4, steps=3, inner_epochs=2,
+                                        policy=grpo.GazePolicyConfig(dim=16, heads=2)), seed=0)
+    images, labels = torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 3])
+    source, _ = obj.encoder.start(images, torch.arange(3).repeat_interleave(4))
+    assert len(source) == 12 and source.sums.shape[0] == 3
+    roll = obj.rollout(images, labels, step=0, rank=0, world=1, std=0.4)
+    assert roll["actions"].shape == (12, 3, 2) and roll["logp_true"].shape == (3, 4, 4)
+    for t in range(3):
+        means, logits = obj.model(obj.encoder.observe(roll["obs"][t])[0])
+        torch.testing.assert_close(grpo.mixture_log_prob(means, logits, 0.4, roll["actions"][:, t]),
+                                   roll["logp_old"][:, t])
+    opt = torch.optim.AdamW(obj.model.parameters(), lr=1e-3)
+    out = obj.train_step({"image": images, "label": labels}, 0, LocalRun(opt))
+    assert out["first_ratio"].item() == 1.0
+    assert all(p.grad is None and not p.requires_grad for p in obj.encoder.parameters())
+    with pytest.raises(__import__("fovea").CheckpointError,
+                       match=r"is a 'dino' checkpoint \(an SSL backbone without a task head.*foveal_sup or probe"):
+        cfg_dino = train.TrainConfig()
+        config_mod.apply_overrides(cfg_dino, {"objective": "dino", "dino": {
+            "model": {**dataclasses.asdict(tiny_foveal(head="none", num_classes=0)), "z_max": 4.5},
+            "global_grid": 4, "local_grid": 2, "out_dim": 16, "hidden_dim": 24, "bottleneck_dim": 8}})
+        torch.save(train.checkpoint(cfg_dino, train.build_objective(cfg_dino), step=1), tmp_path / "dino.pt")
+        grpo.GazeGRPO(grpo.GRPOConfig(encoder=str(tmp_path / "dino.pt")), seed=0)
+
+
+def test_a_policy_for_canvit(tmp_path):
+    """CanViT (a distill run): viewpoints (centre, scale) inside the scene, the zero-shot
+    classifier fitted before the policy learns, the canvas read with its cell positions."""
+    import train
+    import config
+    import data
+    from conftest import LocalRun, TINY_DISTILL_SECTION
+    cfg = train.TrainConfig()
+    config.apply_overrides(cfg, {"objective": "distill", "data": {"image_size": 64, "length": 32},
+                                 "distill": TINY_DISTILL_SECTION})
+    torch.manual_seed(0)
+    distiller = train.build_objective(cfg)
+    distiller.setup(data.build_dataset(cfg.data))
+    torch.save(train.checkpoint(cfg, distiller, step=1), tmp_path / "canvit.pt")
+    obj = grpo.GazeGRPO(grpo.GRPOConfig(encoder=str(tmp_path / "canvit.pt"), group=3, steps=2, inner_epochs=2,
+                                        classifier_steps=20, policy=grpo.GazePolicyConfig(dim=16, heads=2)), seed=0)
+    assert isinstance(obj.encoder, grpo.CanViTEncoder) and obj.model.cfg.action_dim == 3
+    before = obj.encoder.classifier.weight.clone()
+    obj.setup(data.build_dataset(cfg.data))
+    assert not torch.equal(before, obj.encoder.classifier.weight)           # fitted, then frozen
+    assert not obj.encoder.classifier.weight.requires_grad
+    vp = obj.encoder.viewpoint(torch.tensor([[5.0, -5.0, -9.0], [0.3, 0.2, 9.0], [0.9, 0.9, 0.0]]))
+    assert torch.allclose(vp.scale, torch.tensor([0.05, 1.0, 0.525]))
+    assert (vp.center_yx.abs() <= (1 - vp.scale)[:, None] + 1e-6).all()     # inside the scene
+    batch = data.collate([data.build_dataset(cfg.data)[i] for i in range(4)])
+    opt = torch.optim.AdamW(obj.model.parameters(), lr=1e-3)
+    pos_before = obj.model.pos_mlp[0].weight.clone()
+    out = obj.train_step(batch, 0, LocalRun(opt))
+    assert out["first_ratio"].item() == 1.0
+    assert not torch.equal(pos_before, obj.model.pos_mlp[0].weight)        # the cell positions are read
+    assert all(p.grad is None and not p.requires_grad for p in obj.encoder.model.parameters())
