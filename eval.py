@@ -223,6 +223,60 @@ def train_probe(probe: nn.Module, loss_fn, inputs: tuple[Tensor, ...], cfg: Eval
 
 
 # ----------------------------------------------------------------------------------------------
+# Several runs in one table: mean (min-max)
+# ----------------------------------------------------------------------------------------------
+
+class Stat(float):
+    """A number measured in several runs: its mean, printed with the range, "mean (min-max)"."""
+
+    def __new__(cls, values):
+        values = [float(v) for v in values]
+        stat = super().__new__(cls, sum(values) / len(values))
+        stat.lo, stat.hi, stat.n = min(values), max(values), len(values)
+        return stat
+
+    def __mul__(self, k):
+        return _scaled(self, lambda v: v * k)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, k):
+        return _scaled(self, lambda v: v / k)
+
+    def __format__(self, spec: str) -> str:
+        return f"{float(self):{spec}} ({self.lo:{spec}}-{self.hi:{spec}})"
+
+
+def _scaled(s: Stat, f) -> Stat:
+    out = float.__new__(Stat, f(float(s)))
+    out.lo, out.hi, out.n = f(s.lo), f(s.hi), s.n
+    return out
+
+
+def merge(runs: list):
+    """The results of several runs (identical structure) -> one, each number a Stat."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: merge([r[k] for r in runs]) for k in first if all(k in r for r in runs)}
+    if isinstance(first, list):
+        return [merge([r[i] for r in runs]) for i in range(len(first))] if all(
+            len(r) == len(first) for r in runs) else first
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and len(set(runs)) > 1:
+        return Stat(runs)
+    return first                                # the same in every run (a setting, a count)
+
+
+def summarize(dirs: list[str]) -> str:
+    """`python eval.py --summarize DIR ...`: the tables of several evaluations (e.g. seeds) as
+    mean (min-max) over them, from their results.json."""
+    runs = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+    merged = merge(runs)
+    module = "eval_canvit" if runs[0].get("objective") == "distill" else "eval_foveal"
+    head = f"mean (min-max) over {len(runs)} evaluations: {', '.join(dirs)}\n\n"
+    return head + importlib.import_module(module).tables(merged)
+
+
+# ----------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------
 
@@ -235,6 +289,9 @@ def write(out_dir: str, results: dict, tables: str) -> None:
 
 
 def main(argv: list[str]) -> dict:
+    if argv[:1] == ["--summarize"]:
+        print(summarize(argv[1:]), end="")
+        return {}
     cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     objective, source = read_checkpoint(cfg.ckpt)

@@ -157,6 +157,20 @@ def test_paper_recipes_hold_the_papers_values(tmp_path):
     s = cfg("foveal_shuffled.yaml")                                  # [002] Sec. 6.1
     assert (s.foveal.glimpse, s.foveal.steps, s.foveal.vit_grid, s.foveal.model.num_state, s.data.image_size) \
         == ("shuffled_vit", 4, 16, 32, 256)
+    d = cfg("dino.yaml")                                             # [000] Sec. 4, 5.2, App. B
+    assert (d.batch_size, d.optim.lr, d.optim.weight_decay, d.optim.weight_decay_end) == (1024, 2e-3, 0.04, 0.4)
+    assert d.optim.warmup_steps == 10 * (1_281_167 // 1024) and d.max_steps == 300 * (1_281_167 // 1024)
+    m, k = d.dino.model, d.dino
+    assert (m.dim, m.depth, m.heads, m.num_state, m.patch_px, m.grid) == (384, 12, 6, 8, 16, 5)
+    assert (k.out_dim, k.student_temp, k.warmup_teacher_temp, k.teacher_temp, k.warmup_teacher_temp_epochs) \
+        == (65536, 0.1, 0.04, 0.07, 30)
+    assert (k.global_grid, k.global_area, k.local_area, k.n_local, k.seq_steps, k.centering) == \
+        (16, (0.32, 1.0), (0.05, 0.32), 8, 8, "sinkhorn_knopp")
+    light = cfg("dino_light.yaml")                                   # [000] App. E
+    assert light.max_steps * 3 == light.optim.schedule_steps == d.max_steps
+    g = cfg("grpo.yaml")                                             # [002] A.3.4
+    assert (g.batch_size, g.grpo.group, g.grpo.steps, g.grpo.inner_epochs) == (4096, 16, 8, 8)
+    assert g.max_steps == 4 * (1_281_167 // 4096)
     # Every shipped config builds its objective (model sizes, geometry and zoom range agree).
     for p in sorted((ROOT / "configs").glob("*.yaml")):
         built = cfg(p.name)
