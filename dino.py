@@ -14,8 +14,8 @@ Sinkhorn-Knopp online clustering instead of DINO v1's centring [000, Sec. 5.2], 
 spreads the student's features [000, App. C]. The projection head reads only the first state
 token [000, Sec. 3.1]. This module first holds those DINO pieces as small pure functions and one
 head module, each reproducing what the official DINO / DINOv2 code computes (pinned by
-`reference/dino`, see tests/test_dino.py); the sequential-to-global objective of [000, Sec. 3.1]
-is assembled from them further down.
+`tests/reference/dino`, see tests/test_dino.py); the sequential-to-global objective of
+[000, Sec. 3.1] is assembled from them further down (train.py's objective `dino`).
 
 Shapes
   B batch (rows of logits; the *global* batch where a function says so), K prototypes
@@ -30,9 +30,21 @@ Paper -> code
   000 Sec. 3.1, 5.2; v2 Sec. 4      Sinkhorn-Knopp teacher                      sinkhorn_knopp
   000 App. C; v2 Sec. 4             KoLeo regulariser                           koleo_loss
   000 Sec. 5.2 (as DINO)            lr / wd / momentum / tau_t schedules
-                                                            cosine_schedule, schedule_value
+                                                            cosine_schedule, schedule_value,
+                                                            teacher_temperature, teacher_momentum
+  000 Sec. 3.1, App. B              global / local views (top-down implicit crops),
+                                    the sequential view      DINOSequentialToGlobal.draw_views
+  DINO (multi-crop augmentation)    flip, colour jitter, grey, blur, solarise
+                                    on extracted patches     Augment, ViewAugment
+  000 Sec. 3.1, 4; App. C           every student output against every teacher
+                                    output, head on the first state token, KoLeo,
+                                    EMA teacher, no gradient across glimpses
+                                                            DINOModel, DINOSequentialToGlobal
+  (collapse)                        teacher entropy, prototypes in use      collapse_stats
 
-Run `python -m pytest tests/test_dino.py` for the tests.
+Run `python train.py --cfg dino_tiny.yaml` (then dino_probe_tiny.yaml and eval.py) on the built-in
+scenes, `python bench.py dino` for the training throughput, `python -m pytest tests/test_dino.py`
+for the tests.
 """
 from __future__ import annotations
 

@@ -42,8 +42,11 @@ Paper -> code
   000 App. D             (x, y, z) MLP position         FovealViT.embed
   000 Sec. 5.3           ViT mode                       FovealViT.vit_mode
   002 A.3.2; 000 Sec. 4  task heads                     CombineMLPHead; LinearHead, TransformerHead
-  002 A.3.4              random gazes, MixUp, stage 1   FovealSupervised, mixup
-  002 Sec. 6.1           shuffled ViT-patch groups      FovealSupervised.episode_patches
+  002 A.3.4              random gazes, MixUp, stage 1   FovealSupervised, episode_patches, mixup
+  002 Sec. 6.1           shuffled ViT-patch groups      episode_patches (glimpse "shuffled_vit")
+  000 Sec. 5.1           stage 2: a probe on a frozen
+                         dino backbone                  FovealProbe
+  (train.py checkpoints) checkpoint -> frozen model     read_checkpoint, load_frozen
 
 Run `python fovea.py` for a picture of the patches, `python bench.py extraction` for the
 extraction benchmark (`python bench.py foveal` times a training step),

@@ -43,9 +43,15 @@ Paper -> code
   000 Sec. 3.3              "fixed diagonal variance schedule"     std_schedule
   002 A.3.3; 000 Sec. 4     DETR-like policy, K + 1 queries        GazePolicyConfig, GazePolicy
   (RAM, PR #30)             clamp only at extraction               to_gaze
-  (the rollouts and the training objective are mapped where they are defined, below)
+  002 A.3.4                 the frozen encoder and its task head   FovealEncoder, load_encoder
+  (beyond the papers)       CanViT's viewpoint as an action,
+                            its zero-shot classifier as the head   CanViTEncoder, canvit_viewpoint
+  002 A.2, A.3.4            G traces of T steps, B * G as a batch,
+                            inner epochs on the stored states      GazeGRPO (rollout, train_step)
 
-Run `python -m pytest tests/test_grpo.py` for the tests.
+Run `python train.py --cfg grpo_tiny.yaml` (after foveal_tiny.yaml) and `python eval.py --ckpt
+runs/grpo_tiny/ckpt.pt --out_dir DIR`, `python bench.py grpo` for the rollout throughput,
+`python -m pytest tests/test_grpo.py` for the tests.
 """
 from __future__ import annotations
 
