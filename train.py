@@ -464,13 +464,15 @@ def load_latest(out: Path, say) -> tuple[dict | None, Path | None]:
     return None, None
 
 
-def check_resumable(saved: dict, now: dict, prefix: str = "") -> None:
-    """Raise if the checkpoint's config differs from this run's beyond RESUMABLE_CHANGES."""
+def check_resumable(saved: dict, now: dict, default: dict, prefix: str = "") -> None:
+    """Raise if the checkpoint's config differs from this run's beyond RESUMABLE_CHANGES. A key
+    the checkpoint lacks (a field added by a later version of the code) counts as its default."""
     for key in sorted(set(saved) | set(now)):
         name = prefix + key
-        a, b = saved.get(key, "<missing>"), now.get(key, "<missing>")
+        a = saved.get(key, default.get(key, "<missing>"))
+        b = now.get(key, "<missing>")
         if isinstance(a, dict) and isinstance(b, dict):
-            check_resumable(a, b, name + ".")
+            check_resumable(a, b, default.get(key, {}), name + ".")
         elif name not in RESUMABLE_CHANGES and a != b:
             raise ConfigError(f"the checkpoint in this out_dir was made with {name}={a!r}, this run "
                               f"has {name}={b!r}; use another out_dir for a different experiment")
@@ -599,7 +601,7 @@ def resume(out: Path, cfg: TrainConfig, objective, run: Run, dataset, say) -> di
             objective.setup(dataset)                         # e.g. target statistics; shared below
         torch.manual_seed(cfg.seed + run.rank)               # per-rank stream from here on
         return state
-    check_resumable(ckpt["config"], config.as_dict(cfg))
+    check_resumable(ckpt["config"], config.as_dict(cfg), config.as_dict(TrainConfig()))
     if len(ckpt["rng"]) != run.world:     # the data order follows the global batch; RNG streams do not
         say(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, this run has "
             f"{run.world}: it continues on the same data, but per-process random streams restart differently")

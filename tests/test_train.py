@@ -339,6 +339,20 @@ def test_resume_refuses_a_different_experiment(tmp_path):
     assert (out / "config.yaml").read_text() == config_before          # nothing saved is lost
 
 
+def test_a_checkpoint_from_before_a_config_section_existed_resumes():
+    """A key the checkpoint lacks counts as its default: a later version that adds a config
+    section still resumes older runs, but not with a changed value of the new key."""
+    now = train.config.as_dict(train.TrainConfig())
+    older = {k: v for k, v in now.items() if k != "grpo"}
+    train.check_resumable(older, now, now)
+    changed = train.config.as_dict(train.TrainConfig())
+    changed["grpo"]["group"] = 4
+    with pytest.raises(train.ConfigError, match="grpo.group=16.*grpo.group=4"):
+        train.check_resumable(older, changed, now)
+    with pytest.raises(train.ConfigError, match="seed=0.*seed=1"):
+        train.check_resumable(now, {**now, "seed": 1}, now)
+
+
 def test_a_folder_with_broken_images_trains(tmp_path):
     from PIL import Image
     gen = torch.Generator().manual_seed(0)
