@@ -18,22 +18,38 @@ line (device, torch version, CPU threads) and a markdown table ready to paste.
               (random weights) on 512 px scenes, 128 px glimpses, 1 F-IID + 1 R-IID rollout of
               a fixed length T: s/step, glimpses/s, the bytes saved for backward at a chunk's
               backward (see SavedTensorMeter: the truncated-BPTT claim is that this does not
-              grow with T) and peak memory. README: "Pretraining CanViT".
+              grow with T) and peak memory. --precomputed feeds random float16 teacher features
+              instead of running the teacher (the paper's setting, App. D.2). README:
+              "Pretraining CanViT".
   foveal      [002, A.3.4] one training step of the foveal iterative ViT-S of paper 000
               (dim 384, depth 12, 6 heads, 8 state tokens, 16 multi-zoom + 5 x 5 grid patches
               of 16 px) on 224 px images: an episode of 8 random glimpses, one backward a step,
               an AdamW update; batch 8 in float32 on CPU, 256 in bf16 autocast on CUDA.
               s/step, glimpses/s, peak memory. No README table yet.
+  dino        [000, Sec. 3.1] one step of sequential-to-global DINO (dino.DINOConfig: ViT-S,
+              16 x 16 global grid, 8 local 7 x 7 views, 65,536 prototypes, EMA teacher) on 224 px
+              images for each number of sequential glimpses: images/s, glimpses/s (every view's
+              glimpses, teacher's too), peak memory; batch 2 float32 on CPU, 64 bf16 on CUDA.
+  grpo        [002, A.2; 000, Sec. 3.3] GazeGRPO on a random, frozen foveal ViT-S: a rollout of
+              G = 16 traces of T = 8 glimpses for each of B images (traces/s, glimpses/s), and
+              one inner epoch (policy forward + backward + AdamW on the B*G*T stored states);
+              B = 2 float32 on CPU, 64 bf16 on CUDA.
   data        SyntheticScenes rendering, ms per item at 128-1024 px in one thread, and the
               scenes/s a DataLoader with 2 workers delivers. No README table yet.
 
-Peak memory: CUDA max_memory_allocated over the timed steps; on CPU the process's peak RSS
-(ru_maxrss, never reset: the peak so far in this process).
+The prepared GPU check (the CUDA tests, then one table of the papers' headline figures,
+measured by the functions here) is gpu_check.py.
+
+Peak memory: CUDA max_memory_allocated, reset before each row's timed steps; on CPU the
+process's peak RSS (ru_maxrss, never reset: the peak so far in this process).
 
   python bench.py extraction [--sizes 256 512 ...] [--repeats 20] [--device cuda]
   python bench.py canvit [--batch 1 64] [--repeats 20] [--threads 2]
   python bench.py distill [--lengths 4 20] [--batch 64] [--dtype bfloat16] [--compile]
+                          [--precomputed] [--size 512]
   python bench.py foveal [--batch 256] [--dtype bfloat16] [--compile] [--repeats 5]
+  python bench.py dino [--seq_steps 4 8] [--batch 64] [--dtype bfloat16] [--compile]
+  python bench.py grpo [--batch 64] [--group 16] [--steps 8] [--inner_epochs 8]
   python bench.py data [--sizes 128 256 512 1024] [--n 100] [--workers 2]
 Every subcommand takes --device (default cuda when present; data always runs on the CPU) and
 --threads (CPU threads; torch's default, data's 1).
@@ -42,11 +58,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import resource
 import statistics
+import tempfile
 import time
 import warnings
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +73,12 @@ from torch import Tensor
 
 import canvit
 import data
+import dino
 import distill
 import fovea
+import grpo
+
+ROOT = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,8 +135,9 @@ def peak_memory_mb(dev: torch.device) -> float:
 class BenchRun:
     """What train.py's loop lends an objective's train_step (train.Run), for one process:
     autocast to `amp_dtype` (None: float32) and an optimizer step that clips the gradient norm
-    at 1.0 ([003] Table 2) and steps AdamW over the trainable parameters."""
-    rank, world, steps_per_epoch = 0, 1, 1000
+    at 1.0 ([003] Table 2) and steps AdamW over the trainable parameters; schedule_steps, the
+    horizon of an objective's own schedules (DINO's teacher momentum, GRPO's std)."""
+    rank, world, steps_per_epoch, schedule_steps = 0, 1, 1000, 10_000
 
     def __init__(self, params, device: torch.device, amp_dtype: torch.dtype | None):
         self.device, self.amp_dtype = device, amp_dtype
@@ -206,6 +230,16 @@ def _amp(dtype: str | None, dev: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if dtype == "bfloat16" else None
 
 
+def _dtype_name(amp: torch.dtype | None) -> str:
+    return "bfloat16" if amp == torch.bfloat16 else "float32"
+
+
+def _compile_note(backend: str | None) -> str:
+    if backend is None:
+        return ""
+    return ", compiled" + ("" if backend == "inductor" else f" ({backend} backend)")
+
+
 # ----------------------------------------------------------------------------------------------
 # extraction: [000, App. A] glimpse extraction cost vs image size
 # ----------------------------------------------------------------------------------------------
@@ -238,27 +272,36 @@ def bilinear_boxes(images: Tensor, boxes: Tensor, p: int) -> Tensor:
     return out.view(B, C, P, p, p).transpose(1, 2)
 
 
-def bench_extraction(args) -> None:
-    dev = _device(args.device)
+def extraction_row(dev: torch.device, S: int, repeats: int) -> dict:
+    """Median ms of one glimpse set (8 gazes x 41 patches of 16 px) from one S x S image, by
+    each method. The gazes are the same at every size (seeded)."""
     gen = torch.Generator().manual_seed(0)
     gazes = (torch.rand(8, 2, generator=gen) * 1.6 - 0.8).to(dev)                 # 8 gazes
+    img = torch.rand(1, 3, S, S, device=dev)
+    ctx = fovea.foveal_context(gazes, (S, S), num_zoom=16, max_z=4.0, grid=5, grid_z=4.0)
+    boxes = ctx.boxes.reshape(1, -1, 4)                                           # (1, 328, 4)
+    table = fovea.integral_image(img)
+    ms = lambda fn: statistics.median(timed(fn, dev, repeats)) * 1e3
+    with_table = lambda: fovea.box_patches(fovea.integral_image(img), boxes, 16)
+    return {"side": S,
+            "integral_ms": ms(lambda: fovea.box_patches(table, boxes, 16)),
+            "integral_table_ms": ms(with_table),
+            "bilinear_ms": ms(lambda: bilinear_boxes(img, boxes, 16)),
+            "naive_ms": ms(lambda: crop_resize(img, boxes, 16))}
+
+
+def bench_extraction(args) -> None:
+    dev = _device(args.device)
     header(dev, f"extraction: one glimpse set, 8 gazes x (16 multi-zoom + 25 grid) patches of "
                 f"16x16 px from one image; median ms of {args.repeats}")
     print("| image side | integral (table ready) | integral + table build | bilinear | "
           "crop + interpolate (antialias) | naive / integral |")
     print("|---:|---:|---:|---:|---:|---:|")
     for S in args.sizes:
-        img = torch.rand(1, 3, S, S, generator=gen).to(dev)
-        ctx = fovea.foveal_context(gazes, (S, S), num_zoom=16, max_z=4.0, grid=5, grid_z=4.0)
-        boxes = ctx.boxes.reshape(1, -1, 4)                                       # (1, 328, 4)
-        table = fovea.integral_image(img)
-        ms = lambda fn: statistics.median(timed(fn, dev, args.repeats)) * 1e3
-        t_int = ms(lambda: fovea.box_patches(table, boxes, 16))
-        t_tab = ms(lambda: fovea.box_patches(fovea.integral_image(img), boxes, 16))
-        t_bil = ms(lambda: bilinear_boxes(img, boxes, 16))
-        t_naive = ms(lambda: crop_resize(img, boxes, 16))
-        print(f"| {S} | {t_int:.2f} | {t_tab:.1f} | {t_bil:.2f} | {t_naive:.1f} | "
-              f"{t_naive / t_int:.0f}x |", flush=True)
+        r = extraction_row(dev, S, args.repeats)
+        print(f"| {S} | {r['integral_ms']:.2f} | {r['integral_table_ms']:.1f} | "
+              f"{r['bilinear_ms']:.2f} | {r['naive_ms']:.1f} | "
+              f"{r['naive_ms'] / r['integral_ms']:.0f}x |", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,6 +315,25 @@ def canvit_config(dev: torch.device) -> tuple[canvit.CanViTConfig, int, int]:
     small = canvit.BackboneConfig(embed_dim=192, num_heads=3, n_blocks=12)
     return canvit.CanViTConfig(backbone=small, canvas_num_heads=4, canvas_head_dim=64,
                                teacher_dim=384), 128, 16
+
+
+def canvit_row(model: canvit.CanViT, step, dev: torch.device, glimpse_px: int, G: int,
+               dtype: torch.dtype, batch: int, repeats: int) -> dict:
+    """Seconds of one recurrent step (`step`: the model or its compiled twin; the state carried
+    over) at `batch`, in inference mode, after 3 warm-up steps."""
+    glimpse = torch.randn(batch, 3, glimpse_px, glimpse_px, device=dev)
+    vp = canvit.random_viewpoints(batch, torch.Generator().manual_seed(0))
+    center, scale = vp.center_yx.to(dev), vp.scale.to(dev)
+    amp = torch.autocast(dev.type, dtype, enabled=dtype == torch.bfloat16)
+    with torch.inference_mode(), amp:
+        state = model.init_state(batch, G)
+
+        def one_step():
+            nonlocal state
+            state = step(glimpse, state, center, scale).state
+        times = timed(one_step, dev, repeats, warmup=3)
+    ms = statistics.median(times) * 1e3
+    return {"batch": batch, "ms": ms, "best_ms": min(times) * 1e3, "glimpses_s": batch / ms * 1e3}
 
 
 def bench_canvit(args) -> None:
@@ -291,109 +353,297 @@ def bench_canvit(args) -> None:
         step = torch.compile(model, dynamic=False) if compiled else model
         for dtype in (torch.float32, torch.bfloat16):
             for batch in args.batch:
-                glimpse = torch.randn(batch, 3, gp, gp, device=dev)
-                vp = canvit.random_viewpoints(batch, torch.Generator().manual_seed(0))
-                center, scale = vp.center_yx.to(dev), vp.scale.to(dev)
-                amp = torch.autocast(dev.type, dtype, enabled=dtype == torch.bfloat16)
-                with torch.inference_mode(), amp:
-                    state = model.init_state(batch, G)
-
-                    def one_step():
-                        nonlocal state
-                        state = step(glimpse, state, center, scale).state
-                    times = timed(one_step, dev, args.repeats, warmup=3)
-                ms = statistics.median(times) * 1e3
+                r = canvit_row(model, step, dev, gp, G, dtype, batch, args.repeats)
                 print(f"| {'compiled' if compiled else 'eager'} | {str(dtype)[6:]} | {batch} | "
-                      f"{ms:.2f} | {min(times) * 1e3:.2f} | {batch / ms * 1e3:.1f} |", flush=True)
+                      f"{r['ms']:.2f} | {r['best_ms']:.2f} | {r['glimpses_s']:.1f} |", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # distill: [003, Sec. 5] a distillation training step vs the rollout length
 # ----------------------------------------------------------------------------------------------
 
+class DistillBench:
+    """A Distillation objective [003, Sec. 5] (random teacher), its optimizer and a batch of
+    random scenes; `row(T)` measures training steps with rollouts of exactly T glimpses.
+
+    precomputed: the batch carries random float16 teacher features (what the shards give, the
+    paper's setting [003, App. D.2]); else the teacher runs on the scenes at every step.
+    model_cfg: the CanViT (default CanViT-B); its teacher is a DINOv3 ViT as wide as its
+    teacher_dim (ViT-B/16 for CanViT-B). compile_backend: torch.compile the CanViT (None: eager).
+    """
+
+    def __init__(self, dev: torch.device, batch: int, amp: torch.dtype | None, size: int = 512,
+                 compile_backend: str | None = None, precomputed: bool = False,
+                 model_cfg: canvit.CanViTConfig | None = None, glimpse_px: int = 128):
+        model_cfg = model_cfg or canvit.CanViTConfig()
+        teacher = distill.TeacherConfig()
+        if model_cfg.teacher_dim != teacher.backbone.embed_dim:
+            teacher.backbone = canvit.backbone_config("vits16")          # 384 wide
+        torch.manual_seed(0)
+        with warnings.catch_warnings():                # a random teacher: known, and said below
+            warnings.simplefilter("ignore", distill.RandomTeacherWarning)
+            cfg = distill.DistillConfig(model=model_cfg, teacher=teacher, glimpse_px=glimpse_px,
+                                        p_stop=1e-9)
+            self.obj = obj = distill.Distillation(cfg, seed=0).to(dev)
+        self.dev, self.batch, self.amp, self.size = dev, batch, amp, size
+        self.precomputed, self.compile_backend = precomputed, compile_backend
+        Dt, self.K = model_cfg.teacher_dim, cfg.chunk
+        self.G = G = size // model_cfg.backbone.patch_size
+        obj.model.set_standardizers(G, torch.zeros(1, Dt), torch.ones(1, Dt),
+                                    torch.zeros(G * G, Dt), torch.ones(G * G, Dt))
+        if compile_backend:
+            obj.model.compile(backend=compile_backend)
+        self.run = BenchRun(obj.model.parameters(), dev, amp)
+        self.data = {"image": torch.randn(batch, 3, size, size, device=dev)}
+        if precomputed:
+            self.data["teacher_cls"] = torch.randn(batch, Dt, device=dev).half()
+            self.data["teacher_patches"] = torch.randn(batch, G * G, Dt, device=dev).half()
+        self.step = 0
+
+    def describe(self) -> str:
+        m = self.obj.cfg.model
+        return (f"CanViT D={m.backbone.embed_dim} x {m.backbone.n_blocks} blocks, {self.batch} "
+                f"scenes x 2 rollouts, {self.size} px scenes, {self.obj.cfg.glimpse_px} px "
+                f"glimpses, canvas {self.G}x{self.G}, chunks of {self.K}, "
+                f"{self.teacher_note()}, {_dtype_name(self.amp)}"
+                f"{_compile_note(self.compile_backend)}")
+
+    def teacher_note(self) -> str:
+        if self.precomputed:
+            return "precomputed teacher features (random float16)"
+        t = self.obj.cfg.teacher.backbone
+        return f"a random DINOv3 teacher (D={t.embed_dim} x {t.n_blocks}) in the loop"
+
+    def train_step(self) -> dict:
+        self.step += 1
+        return self.obj.train_step(self.data, self.step, self.run)
+
+    def row(self, T: int, repeats: int) -> dict:
+        """A warm-up step (compilation), an untimed step under a SavedTensorMeter, then the
+        median of `repeats` timed steps; peak memory over the timed ones."""
+        if T % self.K:
+            raise ValueError(f"rollout length {T} is not a multiple of the chunk length {self.K}")
+        self.obj.cfg.max_chunks = T // self.K                    # p_stop ~ 0: exactly T glimpses
+        self.train_step()                                        # warm-up (and compilation)
+        meter = SavedTensorMeter(exclude=self.obj.parameters())
+        with meter:                                              # an untimed step, measured
+            glimpses = self.train_step()["glimpses"]
+        reset_peak_memory(self.dev)
+        s = statistics.median(timed(self.train_step, self.dev, repeats, warmup=0))
+        return {"T": T, "s_step": s, "glimpses": glimpses, "glimpses_s": glimpses / s,
+                "saved_mb": meter.peak / 2 ** 20, "peak_mb": peak_memory_mb(self.dev)}
+
+
 def bench_distill(args) -> None:
     dev = _device(args.device)
     amp = _amp(args.dtype, dev)
     batch = args.batch or (64 if dev.type == "cuda" else 1)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():                    # a random teacher: known, and said below
-        warnings.simplefilter("ignore", distill.RandomTeacherWarning)
-        obj = distill.Distillation(distill.DistillConfig(p_stop=1e-9), seed=0).to(dev)
-    S, K, Dt = 512, obj.cfg.chunk, obj.cfg.model.teacher_dim
-    G = S // obj.cfg.model.backbone.patch_size
-    obj.model.set_standardizers(G, torch.zeros(1, Dt), torch.ones(1, Dt), torch.zeros(G * G, Dt),
-                                torch.ones(G * G, Dt))
-    if args.compile:
-        obj.model.compile()
-    run = BenchRun(obj.model.parameters(), dev, amp)
-    images = torch.randn(batch, 3, S, S, device=dev)
-    header(dev, f"distill: CanViT-B step from a random ViT-B/16 teacher, {batch} scenes x 2 "
-                f"rollouts, {S} px scenes, {obj.cfg.glimpse_px} px glimpses, chunks of {K}, "
-                f"{'bfloat16' if amp else 'float32'}{', compiled' if args.compile else ''}; "
-                f"median of {args.repeats} steps")
+    bench = DistillBench(dev, batch, amp, args.size, "inductor" if args.compile else None,
+                         args.precomputed)
+    header(dev, f"distill: {bench.describe()}; median of {args.repeats} steps")
     print("| rollout length T | s/step | glimpses/s | saved for backward at a chunk's backward "
           "(MB) | peak memory (MB) |\n|---:|---:|---:|---:|---:|")
-    step = 0
     for T in args.lengths:
-        if T % K:
-            raise SystemExit(f"--lengths: {T} is not a multiple of the chunk length {K}")
-        obj.cfg.max_chunks = T // K                               # p_stop ~ 0: exactly T glimpses
-
-        def train_step():
-            nonlocal step
-            step += 1
-            return obj.train_step({"image": images}, step, run)
-        train_step()                                              # warm-up (and compilation)
-        meter = SavedTensorMeter(exclude=obj.parameters())
-        with meter:                                               # an untimed step, measured
-            glimpses = train_step()["glimpses"]
-        reset_peak_memory(dev)
-        s = statistics.median(timed(train_step, dev, args.repeats, warmup=0))
-        print(f"| {T} | {s:.2f} | {glimpses / s:.1f} | {meter.peak / 2 ** 20:.0f} | "
-              f"{peak_memory_mb(dev):.0f} |", flush=True)
+        if T % bench.K:
+            raise SystemExit(f"--lengths: {T} is not a multiple of the chunk length {bench.K}")
+        r = bench.row(T, args.repeats)
+        print(f"| {T} | {r['s_step']:.2f} | {r['glimpses_s']:.1f} | {r['saved_mb']:.0f} | "
+              f"{r['peak_mb']:.0f} |", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # foveal: [002, A.3.4] a training step of the foveal iterative ViT-S ([000] Sec. 4)
 # ----------------------------------------------------------------------------------------------
 
-def bench_foveal(args) -> None:
-    dev = _device(args.device)
-    amp = _amp(args.dtype, dev)
-    batch = args.batch or (256 if dev.type == "cuda" else 8)
-    vit_s = fovea.FovealConfig(dim=384, depth=12, heads=6, num_state=8, patch_px=16,
-                               num_zoom=16, grid=5, grid_z=(3.0, 4.0), z_max=4.0)
-    cfg = fovea.FovealTrainConfig(model=vit_s, steps=8)
+def vit_s() -> fovea.FovealConfig:
+    """[000] Sec. 4's foveal ViT-S: 384 wide, 12 blocks, 6 heads, N = 8 state tokens, 16
+    multi-zoom + 5 x 5 foveal grid patches of 16 px (as dino.DINOConfig's model, with a head)."""
+    return fovea.FovealConfig(dim=384, depth=12, heads=6, num_state=8, patch_px=16, num_zoom=16,
+                              grid=5, grid_z=(3.0, 4.0), z_max=4.0)
+
+
+def foveal_row(dev: torch.device, batch: int, amp: torch.dtype | None, size: int = 224,
+               compile_backend: str | None = None, repeats: int = 3,
+               warmup: int | None = None) -> dict:
+    """FovealSupervised training steps (8 random glimpses, one backward a glimpse, AdamW) of
+    the ViT-S on `batch` random images: the median of `repeats` after `warmup` (default 1, 2
+    compiled) untimed steps; peak memory over the timed ones."""
+    cfg = fovea.FovealTrainConfig(model=vit_s(), steps=8)
     torch.manual_seed(0)
     obj = fovea.FovealSupervised(cfg, seed=0).to(dev)
-    if args.compile:
-        obj.model.compile()
+    if compile_backend:
+        obj.model.compile(backend=compile_backend)
     run = BenchRun(obj.model.parameters(), dev, amp)
-    S, K = args.size, vit_s.num_classes
     gen = torch.Generator().manual_seed(0)
-    data_batch = {"image": torch.randn(batch, 3, S, S, generator=gen).to(dev),
-                  "label": torch.randint(K, (batch,), generator=gen).to(dev)}
-    P = vit_s.num_zoom + vit_s.grid ** 2
-    params = sum(p.numel() for p in obj.model.parameters()) / 1e6
-    header(dev, f"foveal: FovealViT-S (384 x 12, 6 heads, {vit_s.num_state} state tokens, "
-                f"{vit_s.num_zoom} + {vit_s.grid}x{vit_s.grid} patches of {vit_s.patch_px} px, "
-                f"{params:.1f}M params), {cfg.steps} glimpses an episode, {S} px images, "
-                f"{'bfloat16' if amp else 'float32'}{', compiled' if args.compile else ''}; "
-                f"median of {args.repeats} steps")
-    print("| batch | tokens a glimpse | s/step | images/s | glimpses/s | peak memory (MB) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    data_batch = {"image": torch.randn(batch, 3, size, size, generator=gen).to(dev),
+                  "label": torch.randint(cfg.model.num_classes, (batch,), generator=gen).to(dev)}
     step = 0
 
     def train_step():
         nonlocal step
         step += 1
         obj.train_step(data_batch, step, run)
-    for _ in range(2 if args.compile else 1):                    # warm-up (and compilation)
-        train_step()
+    for _ in range(warmup if warmup is not None else 2 if compile_backend else 1):
+        train_step()                                             # warm-up (and compilation)
     reset_peak_memory(dev)
-    s = statistics.median(timed(train_step, dev, args.repeats, warmup=0))
-    print(f"| {batch} | {vit_s.num_state + P} | {s:.3f} | {batch / s:.1f} | "
-          f"{batch * cfg.steps / s:.1f} | {peak_memory_mb(dev):.0f} |", flush=True)
+    s = statistics.median(timed(train_step, dev, repeats, warmup=0))
+    m = cfg.model
+    return {"batch": batch, "tokens": m.num_state + m.num_zoom + m.grid ** 2, "s_step": s,
+            "images_s": batch / s, "glimpses_s": batch * cfg.steps / s,
+            "peak_mb": peak_memory_mb(dev)}
+
+
+def bench_foveal(args) -> None:
+    dev = _device(args.device)
+    amp = _amp(args.dtype, dev)
+    batch = args.batch or (256 if dev.type == "cuda" else 8)
+    m = vit_s()
+    with torch.device("meta"):
+        params = sum(p.numel() for p in fovea.FovealViT(m).parameters()) / 1e6
+    header(dev, f"foveal: FovealViT-S (384 x 12, 6 heads, {m.num_state} state tokens, "
+                f"{m.num_zoom} + {m.grid}x{m.grid} patches of {m.patch_px} px, "
+                f"{params:.1f}M params), 8 glimpses an episode, {args.size} px images, "
+                f"{_dtype_name(amp)}{', compiled' if args.compile else ''}; "
+                f"median of {args.repeats} steps")
+    print("| batch | tokens a glimpse | s/step | images/s | glimpses/s | peak memory (MB) |")
+    print("|---:|---:|---:|---:|---:|---:|", flush=True)
+    r = foveal_row(dev, batch, amp, args.size, "inductor" if args.compile else None,
+                   args.repeats)
+    print(f"| {batch} | {r['tokens']} | {r['s_step']:.3f} | {r['images_s']:.1f} | "
+          f"{r['glimpses_s']:.1f} | {r['peak_mb']:.0f} |", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# dino: [000, Sec. 3.1] a sequential-to-global DINO training step
+# ----------------------------------------------------------------------------------------------
+
+def dino_row(dev: torch.device, batch: int, amp: torch.dtype | None, seq_steps: int,
+             size: int = 224, compile_backend: str | None = None, repeats: int = 2,
+             warmup: int | None = None) -> dict:
+    """DINOSequentialToGlobal training steps (dino.DINOConfig(), `seq_steps` sequential
+    glimpses) on `batch` random images: the median of `repeats` after `warmup` (default 1, 2
+    compiled) untimed steps; peak memory over the timed ones."""
+    cfg = dataclasses.replace(dino.DINOConfig(), seq_steps=seq_steps)
+    torch.manual_seed(0)
+    obj = dino.DINOSequentialToGlobal(cfg, seed=0).to(dev)
+    if compile_backend:
+        # The objective calls its models' .view (the backbone) and .head, never a DINOModel's
+        # forward: compile those (DINOModel.compile() would compile a forward nobody calls).
+        for part in (obj.model.backbone, obj.model.head, obj.teacher.backbone, obj.teacher.head):
+            part.compile(backend=compile_backend)
+    run = BenchRun(obj.model.parameters(), dev, amp)
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev)
+    step, glimpses = run.steps_per_epoch, 0        # after epoch 1: the prototypes train too
+
+    def train_step():
+        nonlocal step, glimpses
+        step += 1
+        glimpses = obj.train_step({"image": images}, step, run)["glimpses"]
+    for _ in range(warmup if warmup is not None else 2 if compile_backend else 1):
+        train_step()                                             # warm-up (and compilation)
+    reset_peak_memory(dev)
+    s = statistics.median(timed(train_step, dev, repeats, warmup=0))
+    return {"seq_steps": seq_steps, "batch": batch, "s_step": s, "images_s": batch / s,
+            "glimpses": glimpses, "glimpses_s": glimpses / s, "peak_mb": peak_memory_mb(dev)}
+
+
+def bench_dino(args) -> None:
+    dev = _device(args.device)
+    amp = _amp(args.dtype, dev)
+    batch = args.batch or (64 if dev.type == "cuda" else 2)
+    c = dino.DINOConfig()
+    header(dev, f"dino: sequential-to-global DINO step, FovealViT-S student + EMA teacher "
+                f"(384 x 12, {c.model.num_state} state tokens), {c.global_grid}x{c.global_grid} "
+                f"global grid, {c.n_local} local {c.local_grid}x{c.local_grid} views, "
+                f"{c.out_dim:,} prototypes, {batch} images of {args.size} px, "
+                f"{_dtype_name(amp)}{', compiled' if args.compile else ''}; "
+                f"median of {args.repeats} steps. glimpses: every view's, the teacher's too")
+    print("| sequential steps | s/step | images/s | glimpses a step | glimpses/s | "
+          "peak memory (MB) |\n|---:|---:|---:|---:|---:|---:|", flush=True)
+    for T in args.seq_steps:
+        r = dino_row(dev, batch, amp, T, args.size, "inductor" if args.compile else None,
+                     args.repeats)
+        print(f"| {T} | {r['s_step']:.2f} | {r['images_s']:.1f} | {r['glimpses']} | "
+              f"{r['glimpses_s']:.0f} | {r['peak_mb']:.0f} |", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# grpo: [002, A.2; 000, Sec. 3.3] GazeGRPO's rollout and inner epochs on a frozen ViT-S
+# ----------------------------------------------------------------------------------------------
+
+def grpo_objective(dev: torch.device, group: int, steps: int, inner_epochs: int,
+                   policy_depth: int) -> grpo.GazeGRPO:
+    """GazeGRPO through its own constructor, on a randomly initialised foveal ViT-S.
+
+    GazeGRPO loads its frozen encoder from a checkpoint path (GRPOConfig.encoder), so a
+    foveal_sup checkpoint is written to a temporary folder first, in train.py's layout (the
+    keys fovea.read_checkpoint / load_frozen and GazeGRPO read: "model", "config" with the
+    objective and data.num_classes, "export"); written here rather than by train.checkpoint,
+    since nothing imports train.py (DESIGN.md's import graph)."""
+    torch.manual_seed(0)
+    sup = fovea.FovealSupervised(fovea.FovealTrainConfig(model=vit_s()), seed=0)
+    ckpt = {"model": sup.model.state_dict(), "export": sup.export(),
+            "config": {"objective": "foveal_sup", "data": {"num_classes": vit_s().num_classes}}}
+    cfg = grpo.GRPOConfig(group=group, steps=steps, inner_epochs=inner_epochs,
+                          policy=grpo.GazePolicyConfig(depth=policy_depth))
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(ckpt, Path(folder) / "ckpt.pt")
+        cfg.encoder = str(Path(folder) / "ckpt.pt")
+        obj = grpo.GazeGRPO(cfg, seed=0)
+    return obj.to(dev)
+
+
+def grpo_row(dev: torch.device, batch: int, amp: torch.dtype | None, group: int = 16,
+             steps: int = 8, inner_epochs: int = 8, policy_depth: int = 6, size: int = 224,
+             repeats: int = 3, warmup: int = 1) -> dict:
+    """GazeGRPO on `batch` random images: the median time of a rollout (B*G traces of T
+    glimpses through the frozen encoder, actions sampled) and of a whole train_step (a rollout,
+    the advantages, `inner_epochs` updates). One inner epoch = (step - rollout) / inner_epochs:
+    derived from the objective's own step rather than a second copy of its inner loop here."""
+    obj = grpo_objective(dev, group, steps, inner_epochs, policy_depth)
+    run = BenchRun(obj.model.parameters(), dev, amp)
+    gen = torch.Generator().manual_seed(0)
+    data_batch = {"image": torch.randn(batch, 3, size, size, generator=gen).to(dev),
+                  "label": torch.randint(obj.num_classes, (batch,), generator=gen).to(dev)}
+    std = obj.model.cfg.std_start
+
+    def rollout():
+        with run.autocast():                                     # as GazeGRPO.train_step
+            obj.rollout(data_batch["image"], data_batch["label"], 0, 0, 1, std)
+    t_roll = statistics.median(timed(rollout, dev, repeats, warmup))
+    step = 0
+
+    def train_step():
+        nonlocal step
+        step += 1
+        obj.train_step(data_batch, step, run)
+    reset_peak_memory(dev)
+    t_step = statistics.median(timed(train_step, dev, repeats, warmup))
+    traces = batch * group
+    return {"batch": batch, "group": group, "steps": steps, "inner_epochs": inner_epochs,
+            "rollout_s": t_roll, "traces_s": traces / t_roll,
+            "glimpses_s": traces * steps / t_roll, "step_s": t_step,
+            "inner_epoch_ms": max(t_step - t_roll, 0.0) / inner_epochs * 1e3,
+            "states": traces * steps, "peak_mb": peak_memory_mb(dev)}
+
+
+def bench_grpo(args) -> None:
+    dev = _device(args.device)
+    amp = _amp(args.dtype, dev)
+    batch = args.batch or (64 if dev.type == "cuda" else 2)
+    header(dev, f"grpo: GazeGRPO on a random frozen FovealViT-S (384 x 12, 16 multi-zoom + 5x5 "
+                f"grid patches), policy of depth {args.policy_depth}, {batch} images of "
+                f"{args.size} px x G = {args.group} traces x T = {args.steps} glimpses, "
+                f"{args.inner_epochs} inner epochs, {_dtype_name(amp)}; median of "
+                f"{args.repeats}. inner epoch: (train step - rollout) / inner epochs")
+    print("| images | traces | rollout s | traces/s | glimpses/s | train step s | "
+          "one inner epoch (ms) on B*G*T states | peak memory (MB) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    r = grpo_row(dev, batch, amp, args.group, args.steps, args.inner_epochs, args.policy_depth,
+                 args.size, args.repeats)
+    print(f"| {batch} | {batch * args.group} | {r['rollout_s']:.3f} | {r['traces_s']:.0f} | "
+          f"{r['glimpses_s']:.0f} | {r['step_s']:.3f} | {r['inner_epoch_ms']:.1f} "
+          f"({r['states']} states) | {r['peak_mb']:.0f} |", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,6 +703,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the CanViT")
     p.add_argument("--repeats", type=int, default=1, help="timed steps per length (median)")
+    p.add_argument("--size", type=int, default=512, help="scene side (px)")
+    p.add_argument("--precomputed", action="store_true",
+                   help="teacher features in the batch, as shards give (no teacher forward)")
     p.set_defaults(fn=bench_distill)
 
     p = sub.add_parser("foveal", parents=[common], help="foveal ViT-S training step")
@@ -462,6 +715,28 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the FovealViT")
     p.add_argument("--repeats", type=int, default=3, help="timed steps (median)")
     p.set_defaults(fn=bench_foveal)
+
+    p = sub.add_parser("dino", parents=[common], help="sequential-to-global DINO step")
+    p.add_argument("--batch", type=int, default=None, help="images (default: 64 CUDA, 2 CPU)")
+    p.add_argument("--seq_steps", type=int, nargs="+", default=[4, 8],
+                   help="glimpses of the sequential views (the table's rows)")
+    p.add_argument("--size", type=int, default=224, help="image side (px)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile backbones and heads")
+    p.add_argument("--repeats", type=int, default=2, help="timed steps per row (median)")
+    p.set_defaults(fn=bench_dino)
+
+    p = sub.add_parser("grpo", parents=[common], help="GazeGRPO rollout and inner epoch")
+    p.add_argument("--batch", type=int, default=None, help="images (default: 64 CUDA, 2 CPU)")
+    p.add_argument("--group", type=int, default=16, help="G traces an image ([002] A.3.4)")
+    p.add_argument("--steps", type=int, default=8, help="T glimpses a trace ([002] A.3.4)")
+    p.add_argument("--inner_epochs", type=int, default=8, help="[002] A.3.4")
+    p.add_argument("--policy_depth", type=int, default=6,
+                   help="policy decoder layers ([000] Sec. 4: 6; grpo's default, [002]: 1)")
+    p.add_argument("--size", type=int, default=224, help="image side (px)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rollouts / steps (median)")
+    p.set_defaults(fn=bench_grpo)
 
     p = sub.add_parser("data", parents=[common], help="synthetic scene rendering speed")
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024])
