@@ -34,6 +34,8 @@ line (device, torch version, CPU threads) and a markdown table ready to paste.
               G = 16 traces of T = 8 glimpses for each of B images (traces/s, glimpses/s), and
               one inner epoch (policy forward + backward + AdamW on the B*G*T stored states);
               B = 2 float32 on CPU, 64 bf16 on CUDA.
+  flops       [003, App. G] the FLOP counts of Tables 5, 10 and 16 and Table 3's parameter
+              counts from the formulas (count_flops, count_params), beside the paper's figures.
   data        SyntheticScenes rendering, ms per item at 128-1024 px in one thread, and the
               scenes/s a DataLoader with 2 workers delivers. No README table yet.
 
@@ -50,6 +52,7 @@ process's peak RSS (ru_maxrss, never reset: the peak so far in this process).
   python bench.py foveal [--batch 256] [--dtype bfloat16] [--compile] [--repeats 5]
   python bench.py dino [--seq_steps 4 8] [--batch 64] [--dtype bfloat16] [--compile]
   python bench.py grpo [--batch 64] [--group 16] [--steps 8] [--inner_epochs 8]
+  python bench.py flops
   python bench.py data [--sizes 128 256 512 1024] [--n 100] [--workers 2]
 Every subcommand takes --device (default cuda when present; data always runs on the CPU) and
 --threads (CPU threads; torch's default, data's 1).
@@ -342,10 +345,10 @@ def bench_canvit(args) -> None:
     cfg, gp, G = canvit_config(dev)
     torch.manual_seed(0)
     model = canvit.CanViT(cfg).to(dev).eval()
-    flops = canvit.count_flops(cfg, glimpse_grid=gp // cfg.backbone.patch_size, canvas_grid=G)
+    flops = count_flops(cfg, glimpse_grid=gp // cfg.backbone.patch_size, canvas_grid=G)
     header(dev, f"canvit: one recurrent step per glimpse, D={cfg.backbone.embed_dim} x "
                 f"{cfg.backbone.n_blocks} blocks, Dc={cfg.canvas_dim}, glimpse {gp} px, canvas "
-                f"{G}x{G}; {canvit.count_params(model) / 1e6:.1f}M params, "
+                f"{G}x{G}; {count_params(model) / 1e6:.1f}M params, "
                 f"{flops['total'] / 1e9:.2f} GFLOPs/glimpse; median of {args.repeats} steps")
     print("| mode | dtype | batch | ms/step (median) | best ms | glimpses/s |")
     print("|---|---|---:|---:|---:|---:|")
@@ -647,6 +650,124 @@ def bench_grpo(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# flops: [003] App. G's FLOP counts (Tables 3, 5, 10, 16) and parameter counts (Table 3)
+# ----------------------------------------------------------------------------------------------
+# Table 9 primitives: a multiply-add is 2 FLOPs; Linear 2 d_in d_out per token, LN 5d,
+# RoPE_apply 4d per token, SDPA 4 n_q n_kv d. Softmax, GELU, biases and residuals are left out.
+# Which terms the paper's figures include (found by reproducing them): every ViT block counts
+# its two LayerNorms and RoPE on Q and K of all n tokens (Eq. 18 + 2n RoPE_apply); Canvas
+# Read / Write count LN on both sides and RoPE on both sides (Eqs. 21-22); the DINOv3 rows
+# (Tables 5, 16) have no segmentation head, the canvit.CanViT rows of Table 5 do (Eq. 20, C_seg);
+# Table 3's GFLOPs column has none. The VPE's (1, 3) @ (3, D/2) product (not in the paper,
+# 3D FLOPs) is counted. With matmul_only the LN / RoPE terms are dropped: what
+# torch.utils.flop_counter counts (matrix products, convolutions; SDPA as matmuls).
+
+def _linear(n: int, d_in: int, d_out: int) -> int:
+    return 2 * n * d_in * d_out
+
+
+def _vit_block(n: int, d: int, hidden: int, matmul_only: bool) -> int:
+    """Eq. (18) plus 2n RoPE_apply(d) (Q and K)."""
+    f = _linear(n, d, 3 * d) + 4 * n * n * d + _linear(n, d, d) \
+        + _linear(n, d, hidden) + _linear(n, hidden, d)
+    return f if matmul_only else f + 2 * n * 5 * d + 2 * n * 4 * d
+
+
+def _patch_embed(n_patches: int, p: int, d: int) -> int:
+    return 2 * n_patches * p * p * 3 * d                              # Table 9: PatchEmbed
+
+
+def count_flops(model, *, glimpse_grid: int = 8, canvas_grid: int = 32,
+                image_hw: tuple[int, int] = (512, 512), seg_classes: int = 0,
+                n_registers: int = 4, matmul_only: bool = False) -> dict[str, int]:
+    """Forward FLOPs (App. G) of one canvit.CanViT glimpse or one DINOv3 ViT image.
+
+    model: canvit.CanViT / canvit.CanViTConfig (Eqs. 19-22, with g x g glimpse patches and a G x G canvas;
+    seg_classes > 0 adds C_seg, a linear probe on the canvas patches) or canvit.DINOv3ViT /
+    canvit.BackboneConfig (Eq. 23, on image_hw pixels, n_registers storage tokens).
+    Returns the parts and their 'total'.
+    """
+    if isinstance(model, canvit.DINOv3ViT):
+        model, n_registers = model.cfg, model.n_storage_tokens
+    if isinstance(model, canvit.CanViT):
+        model = model.cfg
+    if isinstance(model, canvit.BackboneConfig):                             # Eq. (23)
+        b = model
+        n_p = (image_hw[0] // b.patch_size) * (image_hw[1] // b.patch_size)
+        parts = {"patch_embed": _patch_embed(n_p, b.patch_size, b.embed_dim),
+                 "blocks": b.n_blocks * _vit_block(1 + n_registers + n_p, b.embed_dim,
+                                                   int(b.embed_dim * b.ffn_ratio), matmul_only)}
+        return {**parts, "total": sum(parts.values())}
+    if not isinstance(model, canvit.CanViTConfig):
+        raise TypeError(f"count_flops takes a canvit.CanViT, canvit.CanViTConfig, canvit.DINOv3ViT or canvit.BackboneConfig, "
+                        f"got {type(model).__name__}")
+    cfg, b = model, model.backbone
+    d, dc = b.embed_dim, cfg.canvas_dim
+    n_l = int(cfg.enable_vpe) + 1 + cfg.n_backbone_registers + glimpse_grid ** 2   # 71 in G.3
+    n_c = cfg.n_canvas_registers + canvas_grid ** 2                                 # 1040 in G.3
+    ln_rope = 0 if matmul_only else 5 * n_l * d + 5 * n_c * dc + 4 * n_l * dc + 4 * n_c * dc
+    # Eq. (21): W_Q, W_O on the backbone side; canvas tokens are K and V after LN only
+    read = _linear(n_l, d, dc) + 4 * n_l * n_c * dc + _linear(n_l, dc, d) + ln_rope
+    # Eq. (22): W_K, W_V on the backbone side; canvas tokens are Q after LN, no W_O
+    write = 2 * _linear(n_l, d, dc) + 4 * n_c * n_l * dc + ln_rope
+    reads, writes = canvit.rw_schedule(b.n_blocks, cfg.rw_stride, cfg.enable_reads)
+    parts = {
+        "backbone": _patch_embed(glimpse_grid ** 2, b.patch_size, d)
+                    + b.n_blocks * _vit_block(n_l, d, int(d * b.ffn_ratio), matmul_only),
+        "vpe": _linear(1, 3, d // 2) if cfg.enable_vpe else 0,       # (1, 3) @ (3, D/2)
+        "reads": len(reads) * read,
+        "writes": len(writes) * write,
+        "seg": _linear(canvas_grid ** 2, dc, seg_classes),          # Eq. (20): C_seg
+    }
+    return {**parts, "total": sum(parts.values()), "read_each": read, "write_each": write}
+
+
+def count_params(module: torch.nn.Module, readout_heads: bool = True) -> int:
+    """Number of parameters. Table 3 counts canvit.CanViT without its pretraining heads W_spatial and
+    W_global (readout_heads=False): 95.2M for canvit.CanViT-B, 26.4M with a ViT-S backbone."""
+    skip = set()
+    if not readout_heads and isinstance(module, canvit.CanViT):
+        skip = {id(p) for head in (module.scene_patches_head, module.scene_cls_head)
+                for p in head.parameters()}
+    return sum(p.numel() for p in module.parameters() if id(p) not in skip)
+
+
+
+def bench_flops(args) -> None:
+    """App. G's tables from count_flops / count_params (no timing: the formulas)."""
+    g = 1e9
+    f = count_flops(canvit.CanViTConfig(), seg_classes=150)
+    print("[003] Table 10, CanViT-B (8 x 8 glimpse, 32 x 32 canvas), GFLOPs\n"
+          "| part | here | paper |\n|---|---:|---:|")
+    for part, paper in (("backbone", 12.3), ("reads", 1.6), ("writes", 1.6), ("seg", 0.3),
+                        ("total", 15.9)):
+        print(f"| {part} | {f[part] / g:.2f} | {paper} |")
+    print("\n[003] Table 5, CanViT-B by canvas grid (with C_seg), GFLOPs\n| canvas | here | paper |"
+          "\n|---:|---:|---:|")
+    for G, paper in ((8, 13.84), (16, 14.25), (32, 15.86), (64, 22.34)):
+        here = count_flops(canvit.CanViTConfig(), canvas_grid=G, seg_classes=150)["total"] / g
+        print(f"| {G} x {G} | {here:.2f} | {paper} |")
+    print("\n[003] Tables 5 and 16, DINOv3 teachers by image side, GFLOPs\n| model | side | here | "
+          "paper |\n|---|---:|---:|---:|")
+    vit_s = canvit.BackboneConfig(embed_dim=384, num_heads=6)
+    for name, b, sides in (("ViT-S", vit_s, ((128, 3.06), (192, 6.83), (256, 12.51), (512, 63.9))),
+                           ("ViT-B", canvit.BackboneConfig(), ((128, 11.98), (144, 14.99),
+                                                              (160, 18.38), (192, 26.32),
+                                                              (512, 215.2)))):
+        for side, paper in sides:
+            print(f"| {name} | {side} | {count_flops(b, image_hw=(side, side))['total'] / g:.2f} "
+                  f"| {paper} |")
+    with torch.device("meta"):
+        models = [("CanViT-B", canvit.CanViT(canvit.CanViTConfig()), 95.2),
+                  ("CanViT, ViT-S backbone", canvit.CanViT(canvit.CanViTConfig(backbone=vit_s)), 26.4)]
+    print("\n[003] Table 3, parameters without the pretraining readout heads (with them)\n"
+          "| model | here (M) | paper (M) |\n|---|---:|---:|")
+    for name, model, paper in models:
+        print(f"| {name} | {count_params(model, readout_heads=False) / 1e6:.1f} "
+              f"({count_params(model) / 1e6:.1f}) | {paper} |")
+
+
+# ----------------------------------------------------------------------------------------------
 # data: synthetic scene rendering and DataLoader throughput
 # ----------------------------------------------------------------------------------------------
 
@@ -737,6 +858,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed rollouts / steps (median)")
     p.set_defaults(fn=bench_grpo)
+
+    p = sub.add_parser("flops", parents=[common], help="[003] App. G FLOP and parameter counts")
+    p.set_defaults(fn=bench_flops)
 
     p = sub.add_parser("data", parents=[common], help="synthetic scene rendering speed")
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024])

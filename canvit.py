@@ -34,8 +34,8 @@ Paper -> code
   App. D.3               precision                           float32 coordinates/RoPE/VPE/canvas
   Sec. 5.2, App. F.1     R-IID, F-IID, C2F, F2C, full,       random_viewpoints, policy_viewpoints,
                          entropy-guided C2F                  EntropyGuidedC2F
-  App. G Eq. (18)-(23)   FLOPs (Tables 5, 10, 16)            count_flops
-  App. E, Table 3        parameter counts                    count_params
+  App. G Eq. (18)-(23)   FLOPs (Tables 5, 10, 16)            bench.count_flops (`bench.py flops`)
+  App. E, Table 3        parameter counts                    bench.count_params
   DINOv3 [28]            teacher ViT                         DINOv3ViT, load_dinov3
   official checkpoints   0.1 / 0.2 keys, Hugging Face dir    from_official, load_hf_folder
 
@@ -43,7 +43,8 @@ State-dict names are the official canvit-pytorch 0.1 ones (`canvas_read.0.q_proj
 `scene_standardizers.32.mean`, ...) and, for the teacher, the official DINOv3 ones; 0.2 names
 are mapped by `_v02_to_v01_keys`.
 
-Run `python canvit.py` for a demo, `python bench.py canvit` for the latency benchmark,
+Run `python canvit.py` for a demo, `python bench.py canvit` for the latency benchmark and
+`python bench.py flops` for App. G's FLOP counts,
 `python -m pytest tests/test_canvit.py` for the tests.
 """
 from __future__ import annotations
@@ -1009,101 +1010,17 @@ class EntropyGuidedC2F:
 
 
 # ----------------------------------------------------------------------------------------------
-# App. G: FLOP counts
-# ----------------------------------------------------------------------------------------------
-# Table 9 primitives: a multiply-add is 2 FLOPs; Linear 2 d_in d_out per token, LN 5d,
-# RoPE_apply 4d per token, SDPA 4 n_q n_kv d. Softmax, GELU, biases and residuals are left out.
-# Which terms the paper's figures include (found by reproducing them): every ViT block counts
-# its two LayerNorms and RoPE on Q and K of all n tokens (Eq. 18 + 2n RoPE_apply); Canvas
-# Read / Write count LN on both sides and RoPE on both sides (Eqs. 21-22); the DINOv3 rows
-# (Tables 5, 16) have no segmentation head, the CanViT rows of Table 5 do (Eq. 20, C_seg);
-# Table 3's GFLOPs column has none. The VPE's (1, 3) @ (3, D/2) product (not in the paper,
-# 3D FLOPs) is counted. With matmul_only the LN / RoPE terms are dropped: what
-# torch.utils.flop_counter counts (matrix products, convolutions; SDPA as matmuls).
-
-def _linear(n: int, d_in: int, d_out: int) -> int:
-    return 2 * n * d_in * d_out
-
-
-def _vit_block(n: int, d: int, hidden: int, matmul_only: bool) -> int:
-    """Eq. (18) plus 2n RoPE_apply(d) (Q and K)."""
-    f = _linear(n, d, 3 * d) + 4 * n * n * d + _linear(n, d, d) \
-        + _linear(n, d, hidden) + _linear(n, hidden, d)
-    return f if matmul_only else f + 2 * n * 5 * d + 2 * n * 4 * d
-
-
-def _patch_embed(n_patches: int, p: int, d: int) -> int:
-    return 2 * n_patches * p * p * 3 * d                              # Table 9: PatchEmbed
-
-
-def count_flops(model, *, glimpse_grid: int = 8, canvas_grid: int = 32,
-                image_hw: tuple[int, int] = (512, 512), seg_classes: int = 0,
-                n_registers: int = 4, matmul_only: bool = False) -> dict[str, int]:
-    """Forward FLOPs (App. G) of one CanViT glimpse or one DINOv3 ViT image.
-
-    model: CanViT / CanViTConfig (Eqs. 19-22, with g x g glimpse patches and a G x G canvas;
-    seg_classes > 0 adds C_seg, a linear probe on the canvas patches) or DINOv3ViT /
-    BackboneConfig (Eq. 23, on image_hw pixels, n_registers storage tokens).
-    Returns the parts and their 'total'.
-    """
-    if isinstance(model, DINOv3ViT):
-        model, n_registers = model.cfg, model.n_storage_tokens
-    if isinstance(model, CanViT):
-        model = model.cfg
-    if isinstance(model, BackboneConfig):                             # Eq. (23)
-        b = model
-        n_p = (image_hw[0] // b.patch_size) * (image_hw[1] // b.patch_size)
-        parts = {"patch_embed": _patch_embed(n_p, b.patch_size, b.embed_dim),
-                 "blocks": b.n_blocks * _vit_block(1 + n_registers + n_p, b.embed_dim,
-                                                   int(b.embed_dim * b.ffn_ratio), matmul_only)}
-        return {**parts, "total": sum(parts.values())}
-    if not isinstance(model, CanViTConfig):
-        raise TypeError(f"count_flops takes a CanViT, CanViTConfig, DINOv3ViT or BackboneConfig, "
-                        f"got {type(model).__name__}")
-    cfg, b = model, model.backbone
-    d, dc = b.embed_dim, cfg.canvas_dim
-    n_l = int(cfg.enable_vpe) + 1 + cfg.n_backbone_registers + glimpse_grid ** 2   # 71 in G.3
-    n_c = cfg.n_canvas_registers + canvas_grid ** 2                                 # 1040 in G.3
-    ln_rope = 0 if matmul_only else 5 * n_l * d + 5 * n_c * dc + 4 * n_l * dc + 4 * n_c * dc
-    # Eq. (21): W_Q, W_O on the backbone side; canvas tokens are K and V after LN only
-    read = _linear(n_l, d, dc) + 4 * n_l * n_c * dc + _linear(n_l, dc, d) + ln_rope
-    # Eq. (22): W_K, W_V on the backbone side; canvas tokens are Q after LN, no W_O
-    write = 2 * _linear(n_l, d, dc) + 4 * n_c * n_l * dc + ln_rope
-    reads, writes = rw_schedule(b.n_blocks, cfg.rw_stride, cfg.enable_reads)
-    parts = {
-        "backbone": _patch_embed(glimpse_grid ** 2, b.patch_size, d)
-                    + b.n_blocks * _vit_block(n_l, d, int(d * b.ffn_ratio), matmul_only),
-        "vpe": _linear(1, 3, d // 2) if cfg.enable_vpe else 0,       # (1, 3) @ (3, D/2)
-        "reads": len(reads) * read,
-        "writes": len(writes) * write,
-        "seg": _linear(canvas_grid ** 2, dc, seg_classes),          # Eq. (20): C_seg
-    }
-    return {**parts, "total": sum(parts.values()), "read_each": read, "write_each": write}
-
-
-def count_params(module: nn.Module, readout_heads: bool = True) -> int:
-    """Number of parameters. Table 3 counts CanViT without its pretraining heads W_spatial and
-    W_global (readout_heads=False): 95.2M for CanViT-B, 26.4M with a ViT-S backbone."""
-    skip = set()
-    if not readout_heads and isinstance(module, CanViT):
-        skip = {id(p) for head in (module.scene_patches_head, module.scene_cls_head)
-                for p in head.parameters()}
-    return sum(p.numel() for p in module.parameters() if id(p) not in skip)
-
-
-# ----------------------------------------------------------------------------------------------
-# Demo (`python canvit.py`); the benchmarks are in bench.py
+# Demo (`python canvit.py`); benchmarks and App. G's FLOP counts are in bench.py
 # ----------------------------------------------------------------------------------------------
 
 def demo() -> None:
-    """A C2F rollout of a small random CanViT on a random scene, and App. G's FLOP table."""
+    """A C2F rollout of a small random CanViT on a random scene: how much each glimpse writes."""
     torch.manual_seed(0)
     cfg = CanViTConfig(backbone=BackboneConfig(embed_dim=64, num_heads=2, n_blocks=4),
                        n_backbone_registers=2, n_canvas_registers=4, canvas_num_heads=2,
                        canvas_head_dim=48, rw_stride=1, teacher_dim=40)
     model = CanViT(cfg).eval()
-    scene = torch.randn(2, 3, 256, 256)
-    vps = policy_viewpoints("c2f", 5, 2, torch.Generator().manual_seed(0))
+    scene, vps = torch.randn(2, 3, 256, 256), policy_viewpoints("c2f", 5, 2)
     state = model.init_state(2, 16)
     with torch.no_grad():
         for t in range(5):
@@ -1113,16 +1030,6 @@ def demo() -> None:
             print(f"t={t} viewpoint y,x={vps.center_yx[t, 0].tolist()} s={vps.scale[t, 0]:.3f} "
                   f"relative canvas update {delta:.3f}")
             state = new
-        preds = model.predict(state)
-    print(f"canvas {tuple(state.canvas.shape)}, CLS {tuple(state.recurrent_cls.shape)}, "
-          f"predictions {tuple(preds.patches.shape)} + {tuple(preds.cls.shape)}")
-    f = count_flops(CanViTConfig(), seg_classes=150)
-    print(f"CanViT-B, 8x8 glimpse, 32x32 canvas (Table 10): backbone {f['backbone'] / 1e9:.1f}, "
-          f"reads {f['reads'] / 1e9:.1f}, writes {f['writes'] / 1e9:.1f}, seg "
-          f"{f['seg'] / 1e9:.1f}, total {f['total'] / 1e9:.1f} GFLOPs "
-          "(paper: 12.3 / 1.6 / 1.6 / 0.3 / 15.9)")
-    print(f"DINOv3 ViT-B at 512 px: {count_flops(BackboneConfig())['total'] / 1e9:.1f} GFLOPs "
-          f"(paper 215.2)")
 
 
 if __name__ == "__main__":

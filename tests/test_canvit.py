@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import bench
 import canvit
 import fovea
 from conftest import load_reference
@@ -475,11 +476,11 @@ def test_entropy_guided_c2f_visits_uncertain_tiles_first():
 # ----------------------------------------------------------------------------------------------
 
 def gflops(model, **kw) -> float:
-    return canvit.count_flops(model, **kw)["total"] / 1e9
+    return bench.count_flops(model, **kw)["total"] / 1e9
 
 
 def test_table10_canvit_b_breakdown():
-    f = canvit.count_flops(canvit.CanViTConfig(), glimpse_grid=8, canvas_grid=32, seg_classes=150)
+    f = bench.count_flops(canvit.CanViTConfig(), glimpse_grid=8, canvas_grid=32, seg_classes=150)
     assert [round(f[k] / 1e9, 1) for k in ["backbone", "reads", "writes", "seg", "total"]] == [
         12.3, 1.6, 1.6, 0.3, 15.9]
     assert round(f["read_each"] / 1e9, 1) == round(f["write_each"] / 1e9, 1) == 0.5
@@ -509,7 +510,7 @@ def test_table3_params_and_gflops():
     for cfg, params, gf in rows:
         with torch.device("meta"):
             model = canvit.CanViT(cfg)
-        assert round(canvit.count_params(model, readout_heads=False) / 1e6, 1) == params
+        assert round(bench.count_params(model, readout_heads=False) / 1e6, 1) == params
         assert round(gflops(cfg), 1) == gf
 
 
@@ -524,10 +525,10 @@ def test_matmul_flops_match_torch_flop_counter(tiny, dino_ref):
     vp = canvit.random_viewpoints(B)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         tiny(torch.randn(B, 3, 64, 64), state, vp.center_yx, vp.scale)
-    expected = canvit.count_flops(tiny, glimpse_grid=4, canvas_grid=G, matmul_only=True)
+    expected = bench.count_flops(tiny, glimpse_grid=4, canvas_grid=G, matmul_only=True)
     assert counter.get_total_flops() == B * expected["total"]
     teacher = canvit.load_dinov3(dino_ref["state_dict"])
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         teacher(torch.randn(1, 3, 48, 80))
-    assert counter.get_total_flops() == canvit.count_flops(teacher, image_hw=(48, 80),
+    assert counter.get_total_flops() == bench.count_flops(teacher, image_hw=(48, 80),
                                                            matmul_only=True)["total"]
