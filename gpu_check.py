@@ -73,6 +73,11 @@ class Rows:
         return row if status == "ok" else None
 
 
+def _num(x: float) -> str:
+    """A rate with 3 significant digits below 100 (CPU dry runs), whole numbers above."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _mb(x: float) -> str:
     return f"{x:,.0f} MB"
 
@@ -180,7 +185,7 @@ def gpu_dino(dev: torch.device, rows: Rows) -> None:
             return {**r, "check": f"SSL (dino) training step, {T} sequential glimpses",
                     "setting": f"dino.DINOConfig() ViT-S, {batch} images of 224 px, "
                                f"{_dtype_name(amp)}, eager",
-                    "result": f"{r['images_s']:,.1f} images/s, {r['glimpses_s']:,.0f} "
+                    "result": f"{_num(r['images_s'])} images/s, {_num(r['glimpses_s'])} "
                               f"glimpses/s, peak {_mb(r['peak_mb'])}",
                     "paper": "-"}
         rows.measure(f"dino_T{T}", row)
@@ -195,7 +200,7 @@ def gpu_grpo(dev: torch.device, rows: Rows) -> None:
         return {**r, "check": "GRPO rollout and inner epoch (bench grpo)",
                 "setting": f"frozen random ViT-S, {batch} images x G = 16 x T = 8, 8 inner "
                            f"epochs, policy depth 6, {_dtype_name(amp)}",
-                "result": f"rollout {r['traces_s']:,.0f} traces/s ({r['glimpses_s']:,.0f} "
+                "result": f"rollout {_num(r['traces_s'])} traces/s ({_num(r['glimpses_s'])} "
                           f"glimpses/s); one inner epoch {r['inner_epoch_ms']:.0f} ms on "
                           f"{r['states']:,} states; peak {_mb(r['peak_mb'])}",
                 "paper": "-"}
