@@ -685,7 +685,7 @@ class DINOSequentialToGlobal(nn.Module):
                 "dino_loss": torch.stack(losses).sum() / n_terms, "koleo": koleo.detach(),
                 "loss_first_glimpse": losses[2] / 2, "loss_last_glimpse": losses[-1] / 2,
                 **collapse_stats(t_logits, q.view(2 * B, -1)), "teacher_temp": torch.tensor(temp),
-                "glimpses": B * (3 + L + 2 * cfg.seq_steps)}
+                "glimpses": B * (2 + L + 2 * cfg.seq_steps)}
 
     @torch.no_grad()
     def update_teacher(self, m: float) -> None:

@@ -510,6 +510,12 @@ def test_every_student_output_meets_every_teacher_output():
     terms = [dino.cross_entropy(o, q[i], 0.1) for o in outs for i in range(2)]
     assert len(terms) == 2 * (1 + 3 + 3)
     torch.testing.assert_close(out["dino_loss"], torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
+    # The throughput counts each view of each image once: the two global views, the teacher's
+    # and the student's sequential glimpses, the local views.
+    rows = lambda patches: patches.boxes.shape[0]
+    n_views = rows(views["global_t"]) + rows(views["global_s"]) + rows(views["local"]) \
+        + sum(map(rows, views["seq_t"])) + sum(map(rows, views["seq_s"]))
+    assert out["glimpses"] == n_views == 4 * (2 + 3 + 2 * 3)
 
 
 class _Held:
