@@ -187,6 +187,10 @@ def _gratings(ys: np.ndarray, xs: np.ndarray, hy: float, hx: float, f: np.ndarra
     return out.reshape(3, len(ys), len(xs))                                        # (3, h, w)
 
 
+TARGET_MARGIN = 1.1                # the badge's centre keeps 1.1 radii from every edge
+TARGET_MAX = 1 / TARGET_MARGIN     # so its diameter is at most 1 / 1.1 of the side
+
+
 def _colour(rng: np.random.Generator, s: tuple[float, float], v: tuple[float, float]) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(*s), rng.uniform(*v)), np.float32)
 
@@ -210,6 +214,9 @@ def sample_scene(index: int, seed: int = 0, split: str = "train", num_classes: i
     """
     if not 1 <= num_classes <= len(GLYPHS):
         raise ValueError(f"num_classes must be in [1, {len(GLYPHS)}] (one glyph per class), got {num_classes}")
+    if not 0 < target_size[0] <= target_size[1] <= TARGET_MAX:
+        raise ValueError(f"target_size {target_size}: badge diameters must satisfy 0 < min <= max <= "
+                         f"{TARGET_MAX:.3f} of the side (the badge and its margin must fit in the scene)")
     splits = ("train", "val", "test")
     if split not in splits:
         raise ValueError(f"split must be one of {splits}, got {split!r}")
@@ -230,7 +237,7 @@ def sample_scene(index: int, seed: int = 0, split: str = "train", num_classes: i
             colour=_colour(rng, (0.35, 1.0), (0.25, 1.0)),
             texture=_random_gratings(rng, int(rng.integers(0, 3)), 3.0, 30.0, 0.25)))
     radius = rng.uniform(*target_size)          # diameter fraction of the side = radius in units
-    cy, cx = rng.uniform(-1 + radius * 1.1, 1 - radius * 1.1, 2)
+    cy, cx = rng.uniform(-1 + radius * TARGET_MARGIN, 1 - radius * TARGET_MARGIN, 2)
     target = dict(cy=cy, cx=cx, r=radius, angle=rng.uniform(-np.pi / 12, np.pi / 12),
                   fill=_colour(rng, (0.0, 0.25), (0.85, 1.0)), ink=_colour(rng, (0.0, 0.6), (0.0, 0.2)))
     return dict(label=label, background=background, objects=objects, target=target)

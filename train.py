@@ -201,6 +201,10 @@ def check_config(cfg: TrainConfig, world: int) -> None:
     if d.dataset == "synthetic":
         need(1 <= d.num_classes <= len(data.GLYPHS), "data.num_classes", f"1 to {len(data.GLYPHS)} glyphs")
         need(d.length >= cfg.batch_size, "data.length", f">= batch_size ({cfg.batch_size}) scenes")
+        need(0 < d.target_min <= data.TARGET_MAX, "data.target_min",
+             f"a badge diameter in (0, {data.TARGET_MAX:.3f}] of the side (it must fit in the scene)")
+        need(d.target_min <= d.target_max <= data.TARGET_MAX, "data.target_max",
+             f"from data.target_min ({d.target_min}) to {data.TARGET_MAX:.3f} of the side")
     elif d.dataset in data.DATASETS:
         folder = "ADEChallengeData2016" if d.dataset == "ade20k" else "images (train/<class>/...)"
         need(bool(d.root) and Path(d.root).is_dir(), "data.root", f"a folder: set --data.root=/path/to/{folder}")

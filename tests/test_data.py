@@ -137,6 +137,17 @@ def test_synthetic_labels_in_range_and_balanced():
         data.SyntheticScenes(10, 32, num_classes=len(data.GLYPHS) + 1)
 
 
+def test_the_largest_badge_fits_and_a_larger_one_is_refused():
+    """A badge of diameter 1 / 1.1 of the side just fits with its margin, at every index; one
+    larger (or an empty range) is refused with the rule, not numpy's "high - low < 0"."""
+    for i in range(50):
+        t = data.sample_scene(i, target_size=(data.TARGET_MAX, data.TARGET_MAX))["target"]
+        assert max(abs(t["cy"]), abs(t["cx"])) + 1.1 * t["r"] <= 1 + 1e-9
+    for bad in ((0.8, 0.95), (0.5, 0.4), (0.0, 0.1)):
+        with pytest.raises(ValueError, match="0 < min <= max <= 0.909"):
+            data.SyntheticScenes(10, 32, target_size=bad)
+
+
 def test_synthetic_mask_holds_the_label_target():
     for i in range(16):
         s = data.render_scene(i, 96)

@@ -408,6 +408,11 @@ def test_bad_values_are_refused_before_any_work_in_one_message(tmp_path):
                 "data.dataset = 'imagefolderr': one of synthetic, imagefolder, ade20k"):
         assert key in res.stderr, (key, res.stderr)
     assert not out.exists()                                           # nothing was made
+    res = cli(tmp_path, "--cfg", "foveal_tiny.yaml", f"--out_dir={out}", "--data.target_min=0.8",
+              "--data.target_max=0.95")                               # a badge that cannot fit
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "data.target_max = 0.95: from data.target_min (0.8) to 0.909 of the side" in res.stderr
+    assert not out.exists()
 
 
 def test_a_yaml_error_names_the_file_and_line(tmp_path):
