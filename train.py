@@ -742,7 +742,8 @@ def main(argv: list[str]) -> None:
             objective.model.load_state_dict(shared[0], strict=True)
         if cfg.compile:
             objective.model.compile()            # in place: state_dict keys unchanged
-        say(f"objective {cfg.objective}: {sum(p.numel() for p in run.params) / 1e6:.2f}M trainable "
+        n = sum(p.numel() for p in run.params)
+        say(f"objective {cfg.objective}: {f'{n / 1e6:.2f}M' if n >= 10_000 else f'{n:,}'} trainable "
             f"parameters, {world} process(es) on {device}, global batch {cfg.batch_size}, "
             f"{len(dataset)} samples, {batches.per_epoch} steps an epoch")
         log = Logger(out, cfg, run, say)
