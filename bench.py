@@ -801,6 +801,15 @@ def bench_data(args) -> None:
 # Command line
 # ----------------------------------------------------------------------------------------------
 
+def step_args(p: argparse.ArgumentParser, size: int, repeats: int, compiled: str = "") -> None:
+    """The options every training-step benchmark takes: image side, dtype, repeats, compile."""
+    p.add_argument("--size", type=int, default=size, help="image / scene side (px)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA)")
+    p.add_argument("--repeats", type=int, default=repeats, help="timed steps (median)")
+    if compiled:
+        p.add_argument("--compile", action="store_true", help=f"torch.compile {compiled}")
+
+
 def main(argv=None) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
@@ -821,30 +830,21 @@ def main(argv=None) -> None:
     p = sub.add_parser("distill", parents=[common], help="CanViT-B distillation step, memory")
     p.add_argument("--batch", type=int, default=None, help="scenes (default: 64 CUDA, 1 CPU)")
     p.add_argument("--lengths", type=int, nargs="+", default=[4, 20], help="rollout lengths T")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the CanViT")
-    p.add_argument("--repeats", type=int, default=1, help="timed steps per length (median)")
-    p.add_argument("--size", type=int, default=512, help="scene side (px)")
+    step_args(p, size=512, repeats=1, compiled="the CanViT")
     p.add_argument("--precomputed", action="store_true",
                    help="teacher features in the batch, as shards give (no teacher forward)")
     p.set_defaults(fn=bench_distill)
 
     p = sub.add_parser("foveal", parents=[common], help="foveal ViT-S training step")
     p.add_argument("--batch", type=int, default=None, help="images (default: 256 CUDA, 8 CPU)")
-    p.add_argument("--size", type=int, default=224, help="image side (px)")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the FovealViT")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps (median)")
+    step_args(p, size=224, repeats=3, compiled="the FovealViT")
     p.set_defaults(fn=bench_foveal)
 
     p = sub.add_parser("dino", parents=[common], help="sequential-to-global DINO step")
     p.add_argument("--batch", type=int, default=None, help="images (default: 64 CUDA, 2 CPU)")
     p.add_argument("--seq_steps", type=int, nargs="+", default=[4, 8],
                    help="glimpses of the sequential views (the table's rows)")
-    p.add_argument("--size", type=int, default=224, help="image side (px)")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile backbones and heads")
-    p.add_argument("--repeats", type=int, default=2, help="timed steps per row (median)")
+    step_args(p, size=224, repeats=2, compiled="backbones and heads")
     p.set_defaults(fn=bench_dino)
 
     p = sub.add_parser("grpo", parents=[common], help="GazeGRPO rollout and inner epoch")
@@ -854,9 +854,7 @@ def main(argv=None) -> None:
     p.add_argument("--inner_epochs", type=int, default=8, help="[002] A.3.4")
     p.add_argument("--policy_depth", type=int, default=6,
                    help="policy decoder layers ([000] Sec. 4: 6; grpo's default, [002]: 1)")
-    p.add_argument("--size", type=int, default=224, help="image side (px)")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA)")
-    p.add_argument("--repeats", type=int, default=3, help="timed rollouts / steps (median)")
+    step_args(p, size=224, repeats=3)
     p.set_defaults(fn=bench_grpo)
 
     p = sub.add_parser("flops", parents=[common], help="[003] App. G FLOP and parameter counts")
