@@ -903,6 +903,18 @@ def load_dinov3(state_dict_or_path) -> DINOv3ViT:
     return model
 
 
+
+def load_teacher(path: str, what: str) -> DINOv3ViT:
+    """A frozen teacher from a path: official DINOv3 weights, or the passive ViT ("backbone") of a
+    train.py `vit_sup` checkpoint (a teacher for a new domain). `what` names the setting in errors."""
+    if not Path(path).is_file():
+        raise fovea.CheckpointError(f"{what} = {path}: not a file (give the official DINOv3 .pth "
+                                    "or a vit_sup run's ckpt.pt)")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(saved, dict) and {"config", "model"} <= set(saved):          # a train.py run
+        return fovea.load_frozen(saved, "backbone", DINOv3ViT, what=f"{what} = {path}")
+    return load_dinov3(saved).eval().requires_grad_(False)
+
 # ----------------------------------------------------------------------------------------------
 # Sec. 5.2, App. F.1: viewing policies (viewpoints (T, B, ...) unless said otherwise)
 # ----------------------------------------------------------------------------------------------

@@ -87,21 +87,12 @@ def make_teacher(cfg: TeacherConfig) -> canvit.DINOv3ViT:
     """The frozen teacher: official DINOv3 weights from a path, or the passive ViT ("backbone")
     of a train.py `vit_sup` checkpoint (a teacher for a new domain), else random, loudly."""
     if cfg.weights:
-        if not Path(cfg.weights).is_file():
-            raise fovea.CheckpointError(f"distill.teacher.weights = {cfg.weights}: not a file (give the "
-                                        "official DINOv3 .pth or a vit_sup run's ckpt.pt)")
-        saved = torch.load(cfg.weights, map_location="cpu", weights_only=False)
-        if isinstance(saved, dict) and {"config", "model"} <= set(saved):      # a train.py run
-            return fovea.load_frozen(saved, "backbone", canvit.DINOv3ViT,
-                                     what=f"distill.teacher.weights = {cfg.weights}")
-        teacher = canvit.load_dinov3(saved)
-    else:
-        warnings.warn("\n" + "!" * 78 + "\n!! the DINOv3 teacher is RANDOMLY INITIALISED (distill.teacher.weights"
-                      "\n!! is empty). Distilling a random teacher only exercises the pipeline; set"
-                      "\n!! --distill.teacher.weights=/path/to/dinov3_vitb16_pretrain_lvd1689m.pth\n"
-                      + "!" * 78, RandomTeacherWarning, stacklevel=2)
-        teacher = canvit.DINOv3ViT(cfg.backbone, cfg.n_storage_tokens)
-    return teacher.eval().requires_grad_(False)
+        return canvit.load_teacher(cfg.weights, "distill.teacher.weights")
+    warnings.warn("\n" + "!" * 78 + "\n!! the DINOv3 teacher is RANDOMLY INITIALISED (distill.teacher.weights"
+                  "\n!! is empty). Distilling a random teacher only exercises the pipeline; set"
+                  "\n!! --distill.teacher.weights=/path/to/dinov3_vitb16_pretrain_lvd1689m.pth\n"
+                  + "!" * 78, RandomTeacherWarning, stacklevel=2)
+    return canvit.DINOv3ViT(cfg.backbone, cfg.n_storage_tokens).eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -643,6 +643,7 @@ class GRPOConfig:
     # CanViT (a distill encoder)
     glimpse_px: int = 0            # 0: the distillation's
     min_scale: float = 0.05        # [003] Table 2: s_min
+    teacher_weights: str = ""      # the distill run's teacher, where it moved ("" = the path it was trained with)
     classifier_scenes: int = 512   # scenes for the zero-shot classifier (a linear probe on the teacher's CLS)
     classifier_steps: int = 500
 
@@ -680,7 +681,12 @@ class GazeGRPO(nn.Module):
         encoder, ckpt = load_encoder(cfg.encoder)
         if isinstance(encoder, canvit.CanViT):     # the classifier comes in setup()
             d = ckpt["config"]["distill"]
-            self.teacher = fovea.load_frozen(ckpt, "teacher", canvit.DINOv3ViT) if "teacher" in ckpt["export"] else None
+            self.teacher = None                  # for the classifier: saved (a random one), else by path
+            weights = cfg.teacher_weights or ckpt.get("extra", {}).get("teacher_weights") or d["teacher"]["weights"]
+            if "teacher" in ckpt["export"]:
+                self.teacher = fovea.load_frozen(ckpt, "teacher", canvit.DINOv3ViT)
+            elif weights:
+                self.teacher = canvit.load_teacher(weights, "the teacher of grpo.encoder (grpo.teacher_weights)")
             G = ckpt["config"]["data"]["image_size"] // encoder.cfg.backbone.patch_size
             classifier = nn.Linear(encoder.cfg.teacher_dim, ckpt["config"]["data"]["num_classes"])
             encoder = CanViTEncoder(encoder, classifier, G, cfg.glimpse_px or d["glimpse_px"], cfg.min_scale)
@@ -717,8 +723,9 @@ class GazeGRPO(nn.Module):
         if not isinstance(self.encoder, CanViTEncoder):
             return
         if self.teacher is None:
-            raise fovea.CheckpointError("grpo.encoder: this distill run keeps no teacher (DINOv3 weights "
-                                        "from a path): the zero-shot classifier needs it")
+            raise fovea.CheckpointError("grpo.encoder: this distill run's teacher is unknown (it read "
+                                        "precomputed features): set grpo.teacher_weights, the zero-shot "
+                                        "classifier needs it")
         device = self.encoder.cells_yx.device
         n = min(self.cfg.classifier_scenes, len(dataset))
         items = [dataset[i] for i in range(n)]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
+import fovea
 import grpo
 
 LN2 = math.log(2.0)
@@ -547,3 +548,38 @@ def test_a_policy_for_canvit(tmp_path):
     assert out["first_ratio"].item() == 1.0
     assert not torch.equal(pos_before, obj.model.pos_mlp[0].weight)        # the cell positions are read
     assert all(p.grad is None and not p.requires_grad for p in obj.encoder.model.parameters())
+
+
+def test_a_policy_for_canvit_distilled_from_a_teacher_on_disk(tmp_path):
+    """A distill run whose teacher was read from a path (a vit_sup run here) keeps only that path:
+    the policy's zero-shot classifier reads the same teacher from it, or from grpo.teacher_weights
+    once the file has moved; a path that leads nowhere is named in the error."""
+    import shutil
+    import train
+    import config
+    from conftest import TINY_DISTILL_SECTION
+    vit_cfg = train.TrainConfig()
+    config.apply_overrides(vit_cfg, {"objective": "vit_sup", "vit": {
+        "backbone": {"embed_dim": 64, "num_heads": 1, "n_blocks": 1, "patch_size": 8}, "num_classes": 10}})
+    torch.manual_seed(0)
+    vit = train.build_objective(vit_cfg)
+    torch.save(train.checkpoint(vit_cfg, vit, step=1), tmp_path / "vit.pt")
+    cfg = train.TrainConfig()
+    section = {**TINY_DISTILL_SECTION, "teacher": {"weights": str(tmp_path / "vit.pt")}}
+    config.apply_overrides(cfg, {"objective": "distill", "data": {"image_size": 64, "length": 32},
+                                 "distill": section})
+    distiller = train.build_objective(cfg)
+    torch.save(train.checkpoint(cfg, distiller, step=1), tmp_path / "canvit.pt")
+    small = dict(group=2, steps=2, inner_epochs=1, classifier_steps=2,
+                 policy=grpo.GazePolicyConfig(dim=16, heads=2))
+    images = torch.randn(2, 3, 64, 64)
+    obj = grpo.GazeGRPO(grpo.GRPOConfig(encoder=str(tmp_path / "canvit.pt"), **small), seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(obj.teacher(images)["cls"], vit.model.vit(images)["cls"], rtol=0, atol=0)
+    shutil.move(tmp_path / "vit.pt", tmp_path / "moved.pt")
+    with pytest.raises(fovea.CheckpointError, match="grpo.teacher_weights.*vit.pt: not a file"):
+        grpo.GazeGRPO(grpo.GRPOConfig(encoder=str(tmp_path / "canvit.pt"), **small), seed=0)
+    obj = grpo.GazeGRPO(grpo.GRPOConfig(encoder=str(tmp_path / "canvit.pt"),
+                                        teacher_weights=str(tmp_path / "moved.pt"), **small), seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(obj.teacher(images)["cls"], vit.model.vit(images)["cls"], rtol=0, atol=0)
