@@ -63,7 +63,8 @@ import grpo
 from eval import EvalConfig, EvalError
 
 POLICIES = {"c2f": "C2F", "entropy": "Entropy C2F", "fiid": "F-IID", "riid": "R-IID",
-            "f2c": "F2C", "full": "Rep. full", "learned": "Learned (GRPO)"}                       # Table 6's rows, in its order
+            "f2c": "F2C", "full": "Rep. full", "learned": "Learned (GRPO)",
+            "learned_sampled": "Learned (GRPO), sampled"}                       # Table 6's rows, in its order
 IGNORE = data.ADE20K_IGNORE                                          # mask value left out of mIoU
 
 
@@ -208,7 +209,8 @@ def rollout(model: canvit.CanViT, scenes: Tensor, policy: str, T: int, G: int, g
     Static policies come from canvit.policy_viewpoints (drawn from `gen`); 'entropy' asks
     EntropyGuidedC2F for the next tile given the seg probe's per-cell entropy on the canvas
     before the glimpse (as the official evaluation); 'learned' the deterministic action of a
-    GRPO policy (`learned` = (policy, min_scale)) on the state before the glimpse."""
+    GRPO policy (`learned` = (policy, min_scale, std)) on the state before the glimpse (the mode
+    of its mixture), 'learned_sampled' an action sampled from it with that std (from `gen`)."""
     B, device = scenes.shape[0], scenes.device
     state = model.init_state(B, G)
     source = fovea.integral_image(scenes) if method == "integral" else scenes
@@ -216,17 +218,19 @@ def rollout(model: canvit.CanViT, scenes: Tensor, policy: str, T: int, G: int, g
         if seg_probe is None:
             raise EvalError("the entropy-guided C2F policy needs the segmentation probe (masks)")
         guide = canvit.EntropyGuidedC2F(T, G)
-    elif policy != "learned":
+    elif not policy.startswith("learned"):
         vps = canvit.policy_viewpoints(policy, T, B, gen)
     for t in range(T):
         if policy == "entropy":
             logits = seg_probe(canvas_cells(model, state.canvas).float())
             vp = guide.step(canvit.predictive_entropy(logits))
-        elif policy == "learned":
-            net, min_scale = learned
+        elif policy.startswith("learned"):
+            net, min_scale, std = learned
             cells = state.canvas[:, model.cfg.n_canvas_registers:]
             means, weights = net([state.recurrent_cls, cells], [None, canvit.grid_centers(G, G, device).view(-1, 2)])
-            vp = grpo.canvit_viewpoint(grpo.mixture_mode(means, weights), min_scale)
+            action = (grpo.mixture_mode(means, weights) if policy == "learned"
+                      else grpo.sample_mixture(means, weights, std, gen)[0])
+            vp = grpo.canvit_viewpoint(action, min_scale)
         else:
             vp = canvit.Viewpoint(vps.center_yx[t].to(device), vps.scale[t].to(device))
         glimpse = fovea.viewpoint_glimpse(source, vp.center_yx, vp.scale, glimpse_px)
@@ -599,8 +603,8 @@ def tables(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def check_options(cfg: EvalConfig) -> None:
-    if "learned" in cfg.policies:
-        raise EvalError("--policies: 'learned' comes from a grpo checkpoint (--ckpt runs/<grpo run>/ckpt.pt)")
+    if {"learned", "learned_sampled"} & set(cfg.policies):
+        raise EvalError("--policies: 'learned' and 'learned_sampled' come from a grpo checkpoint (--ckpt runs/<grpo run>/ckpt.pt)")
     bad = [p for p in (*cfg.policies, cfg.probe_policy) if p not in POLICIES]
     if bad or cfg.probe_policy == "entropy":
         raise EvalError(f"unknown policy {bad or ['entropy']} (the probes' policy cannot be "
@@ -614,10 +618,11 @@ def evaluate(source: dict | Path, cfg: EvalConfig) -> tuple[dict, str]:
     learned = None
     if isinstance(source, dict) and source["config"]["objective"] == "grpo":   # a learned policy
         g = source["config"]["grpo"]
-        learned = (fovea.load_frozen(source, "policy", grpo.GazePolicy).to(ev.device_of(cfg)), g["min_scale"])
+        learned = (fovea.load_frozen(source, "policy", grpo.GazePolicy).to(ev.device_of(cfg)), g["min_scale"],
+                   g["policy"]["std_end"])
         source = fovea.read_checkpoint(g["encoder"])
         # the policy's glimpse count by default; its rows beside the others at equal counts
-        cfg = dataclasses.replace(cfg, T=cfg.T or g["steps"], policies=(*cfg.policies, "learned"))
+        cfg = dataclasses.replace(cfg, T=cfg.T or g["steps"], policies=(*cfg.policies, "learned", "learned_sampled"))
     # CanViT's defaults: T = 21 glimpses ([003] F.2) at 1x and 2x the scene and grid (Table 6).
     cfg = dataclasses.replace(cfg, T=cfg.T or 21, res_factors=cfg.res_factors or (1, 2))
     device = ev.device_of(cfg)

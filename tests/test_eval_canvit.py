@@ -16,6 +16,7 @@ import distill
 import eval as ev
 import eval_canvit as ec
 import fovea
+import grpo
 import config
 import train
 from conftest import ROOT, TINY_DISTILL_SECTION
@@ -401,6 +402,33 @@ def test_same_seed_same_results_json(ckpt, tmp_path):
     assert other["resolutions"][0]["riid"] != first["resolutions"][0]["riid"]
 
 
+class TwoComponents(torch.nn.Module):
+    """A stand-in policy: component 0 at (0.5, -0.25) with scale action 0 and ~all the weight,
+    component 1 far away; whatever the state."""
+    def forward(self, streams, positions):
+        B = streams[0].shape[0]
+        means = torch.tensor([[0.5, -0.25, 0.0], [-0.8, 0.8, 0.9]]).expand(B, 2, 3)
+        return means, torch.tensor([6.0, -6.0]).expand(B, 2)
+
+
+def test_learned_policy_rows_take_the_mode_or_a_sample_with_the_policy_std(tiny):
+    images = torch.stack([tiny["val_ds"][i]["image"] for i in range(4)]).repeat(50, 1, 1, 1)
+    std = 0.1
+
+    def rollout(policy):
+        with torch.inference_mode():
+            return [vp for _, vp, _ in ec.rollout(tiny["model"], images, policy, 2, 4, 32,
+                                                  torch.Generator().manual_seed(0),
+                                                  learned=(TwoComponents(), 0.05, std))]
+    mode = grpo.canvit_viewpoint(torch.tensor([[0.5, -0.25, 0.0]]), 0.05)
+    for vp in rollout("learned"):                                  # the heaviest mean, every time
+        assert torch.equal(vp.center_yx, mode.center_yx.expand(200, 2)) and torch.equal(vp.scale, mode.scale.expand(200))
+    for vp in rollout("learned_sampled"):        # around it, spread by std: scale s_min + (1 - s_min)(u + 1) / 2
+        assert (vp.scale.std() - (1 - 0.05) / 2 * std).abs() < 0.01
+        assert (vp.scale.mean() - mode.scale).abs() < 0.01
+        assert (vp.center_yx.mean(0) - mode.center_yx[0]).abs().max() < 0.02
+
+
 def test_a_learned_canvit_policy_joins_the_policy_tables(ckpt, tmp_path):
     cfg = train.TrainConfig()
     config.apply_overrides(cfg, {"objective": "grpo", "data": TINY["data"],
@@ -411,7 +439,9 @@ def test_a_learned_canvit_policy_joins_the_policy_tables(ckpt, tmp_path):
     res = ev.main(["--ckpt", str(tmp_path / "grpo.pt"), "--out_dir", str(tmp_path / "o"), *FAST,
                    "--T", "0", "--res_factors", "1", "--policies", "c2f,riid", "--pictures", "0"])
     r = res["resolutions"][0]
-    assert set(r) >= {"c2f", "riid", "learned"} and len(r["learned"]["top1_zero_shot"]) == 3
-    assert "| Learned (GRPO) | 64/4² |" in (tmp_path / "o" / "tables.md").read_text()
-    with pytest.raises(ev.EvalError, match="'learned' comes from a grpo checkpoint"):
+    assert set(r) >= {"c2f", "riid", "learned", "learned_sampled"}
+    assert len(r["learned"]["top1_zero_shot"]) == len(r["learned_sampled"]["top1_zero_shot"]) == 3
+    tables = (tmp_path / "o" / "tables.md").read_text()
+    assert "| Learned (GRPO) | 64/4² |" in tables and "| Learned (GRPO), sampled | 64/4² |" in tables
+    with pytest.raises(ev.EvalError, match="'learned' and 'learned_sampled' come from a grpo checkpoint"):
         ev.main(["--ckpt", str(ckpt), "--out_dir", str(tmp_path / "x"), "--policies", "learned"])
