@@ -736,7 +736,8 @@ class CanViT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading official checkpoints (canvit-pytorch 0.1 / 0.2, Hugging Face folders, DINOv3)
+# Loading official checkpoints (canvit-pytorch 0.1 / 0.2, Hugging Face folders, DINOv3), and
+# the teacher of a train.py distill run (shared by distill, grpo and eval)
 # ----------------------------------------------------------------------------------------------
 
 def _check_state_dict(module: nn.Module, state_dict: dict, what: str) -> None:
@@ -903,7 +904,6 @@ def load_dinov3(state_dict_or_path) -> DINOv3ViT:
     return model
 
 
-
 def load_teacher(path: str, what: str) -> DINOv3ViT:
     """A frozen teacher from a path: official DINOv3 weights, or the passive ViT ("backbone") of a
     train.py `vit_sup` checkpoint (a teacher for a new domain). `what` names the setting in errors."""
@@ -914,6 +914,18 @@ def load_teacher(path: str, what: str) -> DINOv3ViT:
     if isinstance(saved, dict) and {"config", "model"} <= set(saved):          # a train.py run
         return fovea.load_frozen(saved, "backbone", DINOv3ViT, what=f"{what} = {path}")
     return load_dinov3(saved).eval().requires_grad_(False)
+
+
+def run_teacher(ckpt: dict, moved_to: str = "", what: str = "teacher") -> DINOv3ViT | None:
+    """The frozen teacher of a train.py distill run: saved in it (a random one), else read from
+    the path it was trained with, or from `moved_to` where the file has moved; None when the run
+    knows neither (it read precomputed features)."""
+    if "teacher" in ckpt.get("export", {}):
+        return fovea.load_frozen(ckpt, "teacher", DINOv3ViT)
+    path = (moved_to or ckpt.get("extra", {}).get("teacher_weights")
+            or ckpt["config"]["distill"]["teacher"]["weights"])
+    return load_teacher(path, what) if path else None
+
 
 # ----------------------------------------------------------------------------------------------
 # Sec. 5.2, App. F.1: viewing policies (viewpoints (T, B, ...) unless said otherwise)

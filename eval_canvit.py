@@ -163,18 +163,14 @@ def load_canvit(source: dict | Path, cfg: EvalConfig) -> tuple[canvit.CanViT, nn
     checkpoint (teacher rebuilt strictly from `extra`, as in training) or a Hugging Face folder."""
     if isinstance(source, Path):
         model = canvit.load_hf_folder(source)
-        teacher = load_teacher(cfg.teacher_weights) if cfg.teacher_weights else None
+        teacher = canvit.load_teacher(cfg.teacher_weights, "--teacher_weights") if cfg.teacher_weights else None
         # Table 1 / Table 2: 512 px scenes, 128 px bilinear glimpses
         info = {"step": None, "glimpse_px": 128, "glimpse_method": "bilinear",
                 "data": data.DataConfig(image_size=512)}
     else:
-        d, extra = source["config"]["distill"], source.get("extra", {})
+        d = source["config"]["distill"]
         model = fovea.load_frozen(source, "encoder", canvit.CanViT)
-        if "teacher" in source.get("export", {}):    # a random teacher, kept in the checkpoint
-            teacher = fovea.load_frozen(source, "teacher", canvit.DINOv3ViT)
-        else:                                  # DINOv3 weights from a path (or --teacher_weights)
-            weights = cfg.teacher_weights or extra.get("teacher_weights") or d["teacher"]["weights"]
-            teacher = load_teacher(weights) if weights else None
+        teacher = canvit.run_teacher(source, cfg.teacher_weights, "the run's teacher (--teacher_weights)")
         info = {"step": source.get("step"), "glimpse_px": d["glimpse_px"],
                 "glimpse_method": d.get("glimpse_method", "bilinear"),
                 "data": data.DataConfig(**source["config"]["data"])}
@@ -187,14 +183,6 @@ def load_canvit(source: dict | Path, cfg: EvalConfig) -> tuple[canvit.CanViT, nn
         if m is not None:
             m.eval().requires_grad_(False)
     return model, teacher, info
-
-
-def load_teacher(path: str) -> canvit.DINOv3ViT:
-    """Official DINOv3 weights, or the passive ViT of a `vit_sup` checkpoint (as in training)."""
-    if not Path(path).is_file():
-        raise EvalError(f"teacher weights {path} not found (give the DINOv3 .pth with "
-                        "--teacher_weights)")
-    return distill.make_teacher(distill.TeacherConfig(weights=path))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -681,12 +681,8 @@ class GazeGRPO(nn.Module):
         encoder, ckpt = load_encoder(cfg.encoder)
         if isinstance(encoder, canvit.CanViT):     # the classifier comes in setup()
             d = ckpt["config"]["distill"]
-            self.teacher = None                  # for the classifier: saved (a random one), else by path
-            weights = cfg.teacher_weights or ckpt.get("extra", {}).get("teacher_weights") or d["teacher"]["weights"]
-            if "teacher" in ckpt["export"]:
-                self.teacher = fovea.load_frozen(ckpt, "teacher", canvit.DINOv3ViT)
-            elif weights:
-                self.teacher = canvit.load_teacher(weights, "the teacher of grpo.encoder (grpo.teacher_weights)")
+            self.teacher = canvit.run_teacher(ckpt, cfg.teacher_weights,  # for the classifier
+                                              "the teacher of grpo.encoder (grpo.teacher_weights)")
             G = ckpt["config"]["data"]["image_size"] // encoder.cfg.backbone.patch_size
             classifier = nn.Linear(encoder.cfg.teacher_dim, ckpt["config"]["data"]["num_classes"])
             encoder = CanViTEncoder(encoder, classifier, G, cfg.glimpse_px or d["glimpse_px"], cfg.min_scale)

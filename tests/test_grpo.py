@@ -581,5 +581,15 @@ def test_a_policy_for_canvit_distilled_from_a_teacher_on_disk(tmp_path):
         grpo.GazeGRPO(grpo.GRPOConfig(encoder=str(tmp_path / "canvit.pt"), **small), seed=0)
     obj = grpo.GazeGRPO(grpo.GRPOConfig(encoder=str(tmp_path / "canvit.pt"),
                                         teacher_weights=str(tmp_path / "moved.pt"), **small), seed=0)
+    # eval.py finds the same teacher the same way (--teacher_weights where it moved)
+    import eval as ev
+    import eval_canvit
+    args = ["--ckpt", str(tmp_path / "canvit.pt"), "--out_dir", str(tmp_path / "o")]
+    _, eval_teacher, _ = eval_canvit.load_canvit(
+        fovea.read_checkpoint(str(tmp_path / "canvit.pt")),
+        ev.parse_args([*args, "--teacher_weights", str(tmp_path / "moved.pt")]))
     with torch.no_grad():
-        torch.testing.assert_close(obj.teacher(images)["cls"], vit.model.vit(images)["cls"], rtol=0, atol=0)
+        for teacher in (obj.teacher, eval_teacher):
+            torch.testing.assert_close(teacher(images)["cls"], vit.model.vit(images)["cls"], rtol=0, atol=0)
+    with pytest.raises(fovea.CheckpointError, match="--teacher_weights.*vit.pt: not a file"):
+        eval_canvit.load_canvit(fovea.read_checkpoint(str(tmp_path / "canvit.pt")), ev.parse_args(args))
