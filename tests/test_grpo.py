@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
+import eval as ev
+import eval_canvit
 import fovea
 import grpo
 
@@ -582,8 +584,6 @@ def test_a_policy_for_canvit_distilled_from_a_teacher_on_disk(tmp_path):
     obj = grpo.GazeGRPO(grpo.GRPOConfig(encoder=str(tmp_path / "canvit.pt"),
                                         teacher_weights=str(tmp_path / "moved.pt"), **small), seed=0)
     # eval.py finds the same teacher the same way (--teacher_weights where it moved)
-    import eval as ev
-    import eval_canvit
     args = ["--ckpt", str(tmp_path / "canvit.pt"), "--out_dir", str(tmp_path / "o")]
     _, eval_teacher, _ = eval_canvit.load_canvit(
         fovea.read_checkpoint(str(tmp_path / "canvit.pt")),
