@@ -627,6 +627,8 @@ def evaluate(source: dict | Path, cfg: EvalConfig) -> tuple[dict, str]:
     results = {"checkpoint": str(cfg.ckpt), "objective": "distill", "step": info["step"],
                "config": dataclasses.asdict(cfg), "glimpse_px": info["glimpse_px"],
                "resolutions": []}
+    if learned is not None:                   # the std of the sampled row: the policy's final one
+        results["policy"] = {"std_sampled": learned[2]}
     t_start = time.perf_counter()
     # NOTE(paper): each resolution gets its own probes: Table 6's 1024/64 rows use probes trained
     # at 1024/64 (the official probes are per scene size and canvas grid, "s512-c32").

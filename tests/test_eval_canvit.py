@@ -433,13 +433,14 @@ def test_a_learned_canvit_policy_joins_the_policy_tables(ckpt, tmp_path):
     cfg = train.TrainConfig()
     config.apply_overrides(cfg, {"objective": "grpo", "data": TINY["data"],
                                  "grpo": {"encoder": str(ckpt), "group": 2, "steps": 3, "classifier_steps": 5,
-                                          "policy": {"dim": 16, "heads": 2}}})
+                                          "policy": {"dim": 16, "heads": 2, "std_start": 0.4, "std_end": 0.15}}})
     torch.manual_seed(0)
     torch.save(train.checkpoint(cfg, train.build_objective(cfg), step=1), tmp_path / "grpo.pt")
     res = ev.main(["--ckpt", str(tmp_path / "grpo.pt"), "--out_dir", str(tmp_path / "o"), *FAST,
                    "--T", "0", "--res_factors", "1", "--policies", "c2f,riid", "--pictures", "0"])
     r = res["resolutions"][0]
     assert set(r) >= {"c2f", "riid", "learned", "learned_sampled"}
+    assert res["policy"]["std_sampled"] == 0.15                     # sampled with the final std
     assert len(r["learned"]["top1_zero_shot"]) == len(r["learned_sampled"]["top1_zero_shot"]) == 3
     tables = (tmp_path / "o" / "tables.md").read_text()
     assert "| Learned (GRPO) | 64/4² |" in tables and "| Learned (GRPO), sampled | 64/4² |" in tables
