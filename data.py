@@ -60,6 +60,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DATASETS = ("synthetic", "imagefolder", "ade20k")
 
 
+class DataError(ValueError):
+    """A dataset that cannot be used as configured (a missing folder, an empty split, a class
+    count that differs from the config's): train.py and eval.py print the message, no traceback."""
+
+
 @dataclass
 class DataConfig:
     dataset: str = "synthetic"  # one of DATASETS
@@ -514,10 +519,11 @@ class ImageFolder(Dataset):
     def __init__(self, root: str, image_size: int, max_pixels: int = Image.MAX_IMAGE_PIXELS,
                  augment: bool = False, seed: int = 0):
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"ImageFolder root {root!r} is not a directory")
+            raise DataError(f"{root!r} is not a folder: data.root must hold train/ and val/, each with "
+                            "one folder of images per class (root/train/<class>/<image>)")
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not self.classes:
-            raise FileNotFoundError(f"no class folders in {root!r} (expected root/<class>/<image>)")
+            raise DataError(f"no class folders in {root!r} (expected {root}/<class>/<image>)")
         paths, labels, self.ignored = [], [], []
         for label, name in enumerate(self.classes):
             for folder, subfolders, files in os.walk(os.path.join(root, name), followlinks=True):
@@ -530,7 +536,8 @@ class ImageFolder(Dataset):
                     else:
                         self.ignored.append(path)
         if not paths:
-            raise FileNotFoundError(f"no images with extensions {IMAGE_EXTENSIONS} under {root!r}")
+            raise DataError(f"no images under {root!r} (the split is empty; image extensions: "
+                            f"{', '.join(IMAGE_EXTENSIONS)})")
         self.paths, self.labels = np.array(paths), np.array(labels, np.int64)
         self.image_size, self.max_pixels, self.num_classes = image_size, max_pixels, len(self.classes)
         self.augment, self.seed, self.epoch = augment, seed, 0
@@ -592,11 +599,12 @@ class ADE20K(Dataset):
         images, annotations = os.path.join(root, "images", split), os.path.join(root, "annotations", split)
         for d in (images, annotations):
             if not os.path.isdir(d):
-                raise FileNotFoundError(f"{d!r} not found: expected the ADEChallengeData2016 layout")
+                raise DataError(f"{d!r} not found: data.root must be the ADEChallengeData2016 folder "
+                                "(images/ and annotations/, each with training/ and validation/)")
         stems = sorted(f[:-4] for f in os.listdir(images) if f.lower().endswith(".jpg"))
         missing = [s for s in stems if not os.path.isfile(os.path.join(annotations, s + ".png"))]
         if missing or not stems:
-            raise FileNotFoundError(f"{len(stems)} images in {images!r}, {len(missing)} without an "
+            raise DataError(f"{len(stems)} images in {images!r}, {len(missing)} without an "
                                     f"annotation in {annotations!r} (e.g. {missing[:3]})")
         self.samples = [(os.path.join(images, s + ".jpg"), os.path.join(annotations, s + ".png")) for s in stems]
         self.image_size, self.augment, self.seed, self.epoch = image_size, augment, seed, 0
@@ -705,13 +713,13 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = False, 
     elif cfg.dataset == "imagefolder":
         ds = ImageFolder(os.path.join(cfg.root, split), cfg.image_size, augment=augment, seed=seed)
         if cfg.num_classes and ds.num_classes != cfg.num_classes:
-            raise ValueError(f"{os.path.join(cfg.root, split)!r} has {ds.num_classes} class folders "
-                             f"but data.num_classes = {cfg.num_classes}")
+            raise DataError(f"data.num_classes = {cfg.num_classes}, but {os.path.join(cfg.root, split)!r} "
+                            f"has {ds.num_classes} class folders: set --data.num_classes={ds.num_classes}")
         return ds
     elif cfg.dataset == "ade20k":
         return ADE20K(cfg.root, "training" if split == "train" else "validation", cfg.image_size,
                       augment=augment, seed=seed)
-    raise ValueError(f"unknown dataset {cfg.dataset!r}: expected 'synthetic', 'imagefolder' or 'ade20k'")
+    raise DataError(f"data.dataset = {cfg.dataset!r}: one of {', '.join(DATASETS)}")
 
 
 # ----------------------------------------------------------------------------------------------

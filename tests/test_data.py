@@ -493,8 +493,8 @@ def test_build_dataset(image_folder, ade_root):
     (root / "train").mkdir(parents=True)
     (root / "train" / "only").mkdir()
     Image.new("RGB", (4, 4)).save(root / "train" / "only" / "a.png")
-    with pytest.raises(ValueError, match="1 class folders"):
+    with pytest.raises(data.DataError, match="data.num_classes = 10, but .* has 1 class folders"):
         data.build_dataset(data.DataConfig(dataset="imagefolder", root=str(root)), "train")
     assert len(data.build_dataset(data.DataConfig(dataset="imagefolder", root=str(root), num_classes=1))) == 1
-    with pytest.raises(ValueError, match="'synthetic', 'imagefolder' or 'ade20k'"):
+    with pytest.raises(data.DataError, match="data.dataset = 'imagenet': one of synthetic, imagefolder"):
         data.build_dataset(data.DataConfig(dataset="imagenet"))
