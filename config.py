@@ -111,7 +111,7 @@ def shipped_configs() -> list[Path]:
 
 
 def describe(path: Path) -> str:
-    """The first comment line of a config file: what it is."""
+    """The first comment line of a config file: what it is, in one sentence."""
     for line in path.read_text().splitlines():
         if line.startswith("#"):
             return line.lstrip("# ").strip()
