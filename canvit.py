@@ -352,17 +352,6 @@ class DINOv3ViT(ViTBackbone):
         r = 1 + self.n_storage_tokens
         return {"cls": xn[:, 0], "registers": xn[:, 1:r], "patches": xn[:, r:], "prenorm": x}
 
-    def export(self) -> dict:
-        """What a checkpoint keeps for downstream use (`fovea.load_frozen`)."""
-        return {"class": type(self).__name__, "state_dict": self.state_dict(),
-                "args": {"cfg": asdict(self.cfg), "n_storage_tokens": self.n_storage_tokens}}
-
-    @classmethod
-    def from_export(cls, entry: dict) -> DINOv3ViT:
-        a = entry["args"]
-        model = cls(BackboneConfig(**a["cfg"]), a["n_storage_tokens"])
-        model.load_state_dict(entry["state_dict"], strict=True)
-        return model
 
 
 class ViTClassifier(nn.Module):
@@ -375,18 +364,6 @@ class ViTClassifier(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.vit(images)["cls"])
-
-    def export(self) -> dict:
-        return {"class": type(self).__name__, "state_dict": self.state_dict(),
-                "args": {"cfg": asdict(self.vit.cfg), "num_classes": self.head.out_features,
-                         "n_storage_tokens": self.vit.n_storage_tokens}}
-
-    @classmethod
-    def from_export(cls, entry: dict) -> ViTClassifier:
-        a = entry["args"]
-        model = cls(BackboneConfig(**a["cfg"]), a["num_classes"], a["n_storage_tokens"])
-        model.load_state_dict(entry["state_dict"], strict=True)
-        return model
 
 
 @dataclass
@@ -423,7 +400,10 @@ class PassiveViTSupervised(nn.Module):
 
     def export(self) -> dict:
         """The classifier (eval.py's baseline) and its ViT (a distillation teacher)."""
-        return {"classifier": self.model.export(), "backbone": self.model.vit.export()}
+        vit = self.model.vit
+        return {"classifier": fovea.export_part(self.model, cfg=vit.cfg, num_classes=self.cfg.num_classes,
+                                                n_storage_tokens=vit.n_storage_tokens),
+                "backbone": fovea.export_part(vit, cfg=vit.cfg, n_storage_tokens=vit.n_storage_tokens)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -714,15 +694,6 @@ class CanViT(nn.Module):
         cls_std, patch_std = self.standardizers(math.isqrt(teacher_patches.shape[1]))
         return cls_std.standardize(teacher_cls), patch_std.standardize(teacher_patches)
 
-    def export(self) -> dict:
-        return {"class": type(self).__name__, "args": {"cfg": asdict(self.cfg)},
-                "state_dict": self.state_dict()}
-
-    @classmethod
-    def from_export(cls, entry: dict) -> CanViT:
-        model = cls(CanViTConfig(**entry["args"]["cfg"]))
-        model.load_state_dict(entry["state_dict"], strict=True)
-        return model
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Strict by default; creates the standardizers of every canvas grid the dict holds."""

@@ -29,8 +29,7 @@ Paper -> code
                                                             centered_probs, update_center
   000 Sec. 3.1, 5.2; v2 Sec. 4      Sinkhorn-Knopp teacher                      sinkhorn_knopp
   000 App. C; v2 Sec. 4             KoLeo regulariser                           koleo_loss
-  000 Sec. 5.2 (as DINO)            lr / wd / momentum / tau_t schedules
-                                                            cosine_schedule, schedule_value,
+  000 Sec. 5.2 (as DINO)            momentum / tau_t schedules (lr, wd: train.py)
                                                             teacher_temperature, teacher_momentum
   000 Sec. 3.1, App. B              global / local views (top-down implicit crops),
                                     the sequential view      DINOSequentialToGlobal.draw_views
@@ -52,7 +51,6 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -115,12 +113,11 @@ class _WeightNormLinear(nn.Module):
 class DINOHead(nn.Module):
     """DINO v1's projection head: MLP -> L2-normalised bottleneck -> weight-normed prototypes.
 
-    MLP (nlayers >= 2): Linear(in_dim, hidden_dim), [BatchNorm1d], GELU, then nlayers - 2 times
-    Linear(hidden_dim, hidden_dim), [BatchNorm1d], GELU, then Linear(hidden_dim, bottleneck_dim)
-    with nothing after it. nlayers == 1: one Linear(in_dim, bottleneck_dim) (keys `mlp.weight`,
-    `mlp.bias`). The bottleneck is L2-normalised and scored against K = out_dim prototypes, a
-    weight-normalised bias-free Linear (`last_layer.weight_g` (K, 1), `last_layer.weight_v`
-    (K, bottleneck_dim)). The state-dict keys are exactly those of the official v1 head.
+    MLP: Linear(in_dim, hidden_dim), GELU, Linear(hidden_dim, hidden_dim), GELU,
+    Linear(hidden_dim, bottleneck_dim) (v1's defaults: 3 layers, no BatchNorm). The bottleneck
+    is L2-normalised and scored against K = out_dim prototypes, a weight-normalised bias-free
+    Linear (`last_layer.weight_g` (K, 1), `last_layer.weight_v` (K, bottleneck_dim)). The
+    state-dict keys are exactly those of the official v1 head.
 
     Init, as official: trunc-normal(std 0.02) weights and zero biases for the MLP Linears only;
     the prototypes keep PyTorch's default Linear init for v and g = 1, so at init every prototype
@@ -132,23 +129,12 @@ class DINOHead(nn.Module):
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, nlayers: int = 3, use_bn: bool = False,
-                 norm_last_layer: bool = True):
+                 bottleneck_dim: int = 256, norm_last_layer: bool = True):
         super().__init__()
-        if nlayers < 1:
-            raise ValueError(f"nlayers must be >= 1, got {nlayers}")
         self.in_dim, self.out_dim = in_dim, out_dim
-        if nlayers == 1:
-            self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
-        else:
-            layers: list[nn.Module] = []
-            for d_in in [in_dim] + [hidden_dim] * (nlayers - 2):
-                layers.append(nn.Linear(d_in, hidden_dim))
-                if use_bn:
-                    layers.append(nn.BatchNorm1d(hidden_dim))
-                layers.append(nn.GELU())                  # exact (erf) GELU, as official
-            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
-            self.mlp = nn.Sequential(*layers)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(),      # exact (erf) GELU
+                                 nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, bottleneck_dim))
         # NOTE(paper): official DINO initialises before the last layer exists, so the prototypes
         # keep their default init; doing it in the same order also draws the same random numbers.
         for m in self.mlp.modules():
@@ -299,45 +285,6 @@ def koleo_loss(x: Tensor) -> Tensor:
             nearest = cos.argmax(dim=1)                                            # (B,)
         d = (z - z[nearest] + eps).norm(p=2, dim=-1)                               # (B,)
         return -torch.log(d + eps).mean()
-
-
-def cosine_schedule(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
-                    warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
-    """One value per iteration: a linear warmup, then a half cosine from base to final.
-
-    Reproduces DINO v1's `utils.cosine_scheduler`: a float64 array of length
-    epochs * niter_per_ep; the first warmup_epochs * niter_per_ep entries are
-    linspace(start_warmup_value, base_value) (both ends included), then for i = 0 .. N - 1
-    (N iterations left) final + (base - final) (1 + cos(pi i / N)) / 2, which starts at base and
-    never quite reaches final. DINOv2's `CosineScheduler(base, final, total_iters, warmup_iters,
-    start_warmup_value)` builds the same array with epochs = total_iters, niter_per_ep = 1,
-    warmup_epochs = warmup_iters; index it with `schedule_value` for its past-the-end rule.
-    (DINOv2's `freeze_iters` zeros are not reproduced.)
-
-    Teacher temperature, 0.04 -> 0.07 over 30 epochs [000, Sec. 5.2], as a pure linear warmup
-    (base = final = 0.07): per epoch as DINO v1 (the array is its linspace + constant),
-        cosine_schedule(0.07, 0.07, epochs, 1, warmup_epochs=30, start_warmup_value=0.04);
-    per iteration as DINOv2,
-        t = cosine_schedule(0.07, 0.07, 30, niter_per_ep, 30, 0.04); schedule_value(t, it, 0.07).
-    """
-    warmup_iters, total_iters = warmup_epochs * niter_per_ep, epochs * niter_per_ep
-    if not 0 <= warmup_iters <= total_iters:
-        raise ValueError(f"warmup ({warmup_epochs} epochs) must lie within the {epochs} epochs")
-    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
-    n = total_iters - warmup_iters
-    i = np.arange(n)
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * i / max(n, 1)))
-    schedule = np.concatenate((warmup, cosine)).astype(np.float64)
-    assert len(schedule) == total_iters
-    return schedule
-
-
-def schedule_value(schedule: np.ndarray, it: int, final_value: float) -> float:
-    """schedule[it], or final_value for it >= len(schedule), as DINOv2's `CosineScheduler[it]`
-    (DINO v1 indexes its arrays directly and never runs past the end)."""
-    if it < 0:
-        raise IndexError(f"iteration must be >= 0, got {it}")
-    return float(schedule[it]) if it < len(schedule) else float(final_value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,7 +552,7 @@ class DINOSequentialToGlobal(nn.Module):
 
     def export(self) -> dict:
         """The teacher's backbone, which DINO evaluates [DINO Sec. 3.1], for probes and eval."""
-        return {"encoder": self.teacher.backbone.export()}
+        return {"encoder": fovea.export_part(self.teacher.backbone, cfg=self.cfg.model)}
 
     def draw_views(self, gen: torch.Generator, B: int, hw: tuple[int, int], device) -> dict:
         """Every view of B images (the global batch): Patches and ViewAugments by name."""

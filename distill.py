@@ -197,11 +197,11 @@ class Distillation(nn.Module):
 
     def export(self) -> dict:
         """The CanViT, and a random teacher (a downloaded one is found by its path in `extra`)."""
-        parts = {"encoder": self.model.export()}
-        if self.teacher is not None and not self.cfg.teacher.weights:
-            parts["teacher"] = self.teacher.export()
+        parts = {"encoder": fovea.export_part(self.model, cfg=self.model.cfg)}
+        t = self.cfg.teacher
+        if self.teacher is not None and not t.weights:
+            parts["teacher"] = fovea.export_part(self.teacher, cfg=t.backbone, n_storage_tokens=t.n_storage_tokens)
         elif self.exported_teacher is not None:
-            t = self.cfg.teacher
             parts["teacher"] = {"class": "DINOv3ViT", "state_dict": self.exported_teacher,
                                 "args": {"cfg": dataclasses.asdict(t.backbone), "n_storage_tokens": t.n_storage_tokens}}
         return parts

@@ -45,7 +45,7 @@ Paper -> code
   002 A.3.4              random gazes, MixUp, stage 1   FovealSupervised, episode_patches, mixup
   002 Sec. 6.1           shuffled ViT-patch groups      episode_patches (glimpse "shuffled_vit")
   000 Sec. 5.1           stage 2: a probe on a frozen
-                         dino backbone                  FovealProbe
+                         dino backbone                  FovealSupervised.probe
   (train.py checkpoints) checkpoint -> frozen model     read_checkpoint, load_frozen
 
 Run `python fovea.py` for a picture of the patches, `python bench.py extraction` for the
@@ -59,6 +59,7 @@ import argparse
 import dataclasses
 import math
 import random
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -85,28 +86,6 @@ class Patches(NamedTuple):
 def cat_patches(*parts: Patches) -> Patches:
     """Concatenate patch sets along P (e.g. multi-zoom + foveal grid)."""
     return Patches(torch.cat([p.boxes for p in parts], 1), torch.cat([p.yxz for p in parts], 1))
-
-
-def zoom_to_scale(z: Tensor | float) -> Tensor | float:
-    """[002] zoom level z -> CanViT scale s = 2^-z (side / shorter image side)."""
-    return 2.0 ** (-z)
-
-
-def scale_to_zoom(s: Tensor | float) -> Tensor | float:
-    """CanViT scale s -> [002] zoom level z = -log2(s)."""
-    return -torch.log2(s) if isinstance(s, Tensor) else -math.log2(s)
-
-
-def from_paper002(xy01: Tensor) -> Tensor:
-    """[002] gaze (x, y) in [0, 1]^2 -> (y, x) in [-1, 1]^2. (..., 2) -> (..., 2)."""
-    # NOTE(paper): 002 writes centres as (x, y) in [0, 1] (Alg. 1 reads center[1] as the row);
-    # this project uses (row, col) in [-1, 1], as the official CanViT code does.
-    return xy01.flip(-1) * 2.0 - 1.0
-
-
-def to_paper002(center_yx: Tensor) -> Tensor:
-    """(y, x) in [-1, 1]^2 -> [002] (x, y) in [0, 1]^2. (..., 2) -> (..., 2)."""
-    return (center_yx.flip(-1) + 1.0) / 2.0
 
 
 def _check_centres(center_yx: Tensor) -> None:
@@ -598,19 +577,6 @@ class FovealViT(nn.Module):
                              f"{self.cfg.z_max:g}]: the position MLP sees z / z_max [002, A.3.1]; "
                              f"raise model.z_max to at least {z:.3f} (a new model) or keep z in range")
 
-    def export(self) -> dict:
-        """What a checkpoint keeps for downstream use (see `load_frozen`)."""
-        return {"class": type(self).__name__, "args": {"cfg": dataclasses.asdict(self.cfg)},
-                "state_dict": self.state_dict()}
-
-    @classmethod
-    def from_export(cls, entry: dict) -> FovealViT:
-        cfg = dict(entry["args"]["cfg"])
-        cfg["grid_z"] = tuple(cfg["grid_z"])
-        model = cls(FovealConfig(**cfg))
-        model.load_state_dict(entry["state_dict"], strict=True)
-        return model
-
     def init_state(self, batch_size: int) -> Tensor:
         """The learned initial state s_1 [002, Sec. 4], (B, N, D): what a policy observes before
         the first glimpse. To step from it, pass state=None to `forward` / `step`."""
@@ -766,14 +732,28 @@ def episode_patches(model: FovealViT, cfg: FovealTrainConfig, gen: torch.Generat
     return [model.glimpse(gazes[t].to(device), image_hw, zs[t].to(device)) for t in range(T)]
 
 
+@dataclass
+class ProbeConfig:
+    """[000] Sec. 5.1, stage 2: a task head on a frozen pretrained backbone, random gazes."""
+    backbone: str = ""             # a `dino` run's checkpoint (its EMA teacher's backbone)
+    reinit: bool = False           # True: that architecture with random weights (the baseline)
+    head: str = "linear"           # [000] Sec. 4: "linear" on the first state token | "transformer"
+    num_classes: int = 1000
+    steps: int = 8                 # [000] Sec. 5.1: random gazes, the episode of pretraining
+    label_smoothing: float = 0.0
+
+
 class FovealSupervised(nn.Module):
-    """Cross-entropy after every step of an episode of random glimpses, averaged over steps.
+    """Cross-entropy after every step of an episode of random glimpses, averaged over steps:
+    stage 1 of [002] (train.py's `foveal_sup`), and, with a frozen backbone, stage 2 of [000]
+    (train.py's `probe`: `FovealSupervised.probe`, only the new task head learns).
 
     Randomness (gazes, grid zooms, patch shuffles, MixUp's lambda) is drawn for the global batch
     from a generator seeded by (seed, step), and each process takes its contiguous share: a run
     is the same on any number of processes and after a resume.
     """
     augment = True                 # ImageNet's random resized crop + flip ([002] Sec. 2; data.py)
+    classes_key = "foveal.model.num_classes"
 
     def __init__(self, cfg: FovealTrainConfig, seed: int):
         super().__init__()
@@ -786,11 +766,42 @@ class FovealSupervised(nn.Module):
         if cfg.glimpse == "shuffled_vit":
             self.model.check_zoom(math.log2(cfg.vit_grid), f"shuffled_vit's {cfg.vit_grid}-cell grid")
 
+    @classmethod
+    def probe(cls, cfg: ProbeConfig, seed: int) -> FovealSupervised:
+        """[000] Sec. 5.1, stage 2: the backbone of a `dino` run (its EMA teacher), frozen, and a
+        new task head trained on its states after each random gaze of an episode (no MixUp: DINO's
+        linear evaluation). The checkpoint exports the whole model as "encoder", the form a
+        foveal_sup run exports, so evaluation and a gaze policy take either."""
+        if not cfg.backbone:
+            raise CheckpointError("probe.backbone: set the checkpoint of a dino run (runs/<run>/ckpt.pt)")
+        ckpt = read_checkpoint(cfg.backbone)
+        objective = ckpt["config"].get("objective")
+        if objective != "dino":
+            raise CheckpointError(f"probe.backbone = {cfg.backbone} is a {objective!r} checkpoint; the "
+                                  "probe stage takes a self-supervised backbone: a 'dino' checkpoint "
+                                  "(a foveal_sup run has its own task head: evaluate it directly)")
+        frozen = load_frozen(ckpt, "encoder", FovealViT, what=f"probe.backbone = {cfg.backbone}")
+        model_cfg = dataclasses.replace(frozen.cfg, head=cfg.head, num_classes=cfg.num_classes)
+        obj = cls(FovealTrainConfig(model=model_cfg, steps=cfg.steps, mixup_alpha=0.0,
+                                    label_smoothing=cfg.label_smoothing), seed)
+        obj.classes_key = "probe.num_classes"
+        if not cfg.reinit:                 # all but the new head, checked key by key
+            ours, theirs = obj.model.state_dict(), frozen.state_dict()
+            backbone = {k for k in ours if not k.startswith("head.")}
+            if backbone != set(theirs):
+                raise CheckpointError(f"probe.backbone = {cfg.backbone}: its keys differ from the "
+                                      f"model's: {sorted(backbone ^ set(theirs))[:5]}")
+            obj.model.load_state_dict({**ours, **theirs}, strict=True)
+        for name, p in obj.model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+        return obj
+
     def label_classes(self) -> tuple[str, int]:
-        return "foveal.model.num_classes", self.cfg.model.num_classes
+        return self.classes_key, self.cfg.model.num_classes
 
     def train_step(self, batch: dict, step: int, run) -> dict:
-        """One episode of `steps` glimpses for the process's images (train.py's interface)."""
+        """One episode of `steps` glimpses for the process's images (train.py's interface). A
+        frozen backbone builds no graph: only the head's part of each step is differentiated."""
         images, labels = batch["image"], batch["label"]
         B, dev, K = images.shape[0], images.device, self.cfg.model.num_classes
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
@@ -813,82 +824,7 @@ class FovealSupervised(nn.Module):
 
     def export(self) -> dict:
         """The trained encoder with its task head, for evaluation and a gaze policy [002, A.3.4]."""
-        return {"encoder": self.model.export()}
-
-
-@dataclass
-class ProbeConfig:
-    """[000] Sec. 5.1, stage 2: a task head on a frozen pretrained backbone, random gazes."""
-    backbone: str = ""             # a `dino` run's checkpoint (its EMA teacher's backbone)
-    reinit: bool = False           # True: that architecture with random weights (the baseline)
-    head: str = "linear"           # [000] Sec. 4: "linear" on the first state token | "transformer"
-    num_classes: int = 1000
-    steps: int = 8                 # [000] Sec. 5.1: random gazes, the episode of pretraining
-    label_smoothing: float = 0.0
-
-
-class FovealProbe(nn.Module):
-    """[000] Sec. 5.1, stage 2 (train.py's `probe`): the backbone of a `dino` run, frozen, and a
-    new task head trained on its states after each random gaze of an episode (cross-entropy
-    after every step, as stage 1 of [002]). The backbone runs without gradient; only the head
-    learns. The checkpoint exports the whole model (backbone and head) as "encoder", the form a
-    foveal_sup run exports, so evaluation and a gaze policy take either."""
-    augment = True                 # DINO's linear evaluation trains on random resized crops + flips
-
-    def __init__(self, cfg: ProbeConfig, seed: int):
-        super().__init__()
-        if not cfg.backbone:
-            raise CheckpointError("probe.backbone: set the checkpoint of a dino run (runs/<run>/ckpt.pt)")
-        ckpt = read_checkpoint(cfg.backbone)
-        objective = ckpt["config"].get("objective")
-        if objective != "dino":
-            raise CheckpointError(f"probe.backbone = {cfg.backbone} is a {objective!r} checkpoint; the "
-                                  "probe stage takes a self-supervised backbone: a 'dino' checkpoint "
-                                  "(a foveal_sup run has its own task head: evaluate it directly)")
-        frozen = load_frozen(ckpt, "encoder", FovealViT, what=f"probe.backbone = {cfg.backbone}")
-        self.cfg, self.seed = cfg, seed
-        self.model = FovealViT(dataclasses.replace(frozen.cfg, head=cfg.head, num_classes=cfg.num_classes))
-        if not cfg.reinit:                 # all but the new head, checked key by key
-            theirs = frozen.state_dict()
-            ours = self.model.state_dict()
-            backbone = {k for k in ours if not k.startswith("head.")}
-            if backbone != set(theirs):
-                raise CheckpointError(f"probe.backbone = {cfg.backbone}: its keys differ from the "
-                                      f"model's: {sorted(backbone ^ set(theirs))[:5]}")
-            self.model.load_state_dict({**ours, **theirs}, strict=True)
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(name.startswith("head."))
-        self.episode = FovealTrainConfig(model=self.model.cfg, steps=cfg.steps)
-
-    def label_classes(self) -> tuple[str, int]:
-        return "probe.num_classes", self.cfg.num_classes
-
-    def train_step(self, batch: dict, step: int, run) -> dict:
-        images, labels = batch["image"], batch["label"]
-        B, dev = images.shape[0], images.device
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        mine = slice(run.rank * B, (run.rank + 1) * B)
-        episode = episode_patches(self.model, self.episode, gen, B * run.world, tuple(images.shape[-2:]), dev)
-        table = integral_image(images)
-        states, state = [], None
-        with torch.no_grad(), run.autocast():                 # the frozen backbone
-            for patches in episode:
-                state = self.model(table, state, Patches(patches.boxes[mine], patches.yxz[mine]))
-                states.append(state)
-        losses = []
-        for state in states:
-            with run.autocast():
-                logits = self.model.classify(state)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
-            (loss / len(states)).backward()
-            losses.append(loss.detach())
-        run.optimizer_step()
-        return {"loss": torch.stack(losses).mean(), "loss_first": losses[0], "loss_last": losses[-1],
-                "acc_last": (logits.argmax(-1) == labels).float().mean().detach(),
-                "glimpses": B * len(states)}
-
-    def export(self) -> dict:
-        return {"encoder": self.model.export()}
+        return {"encoder": export_part(self.model, cfg=self.model.cfg)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -896,11 +832,11 @@ class FovealProbe(nn.Module):
 # ----------------------------------------------------------------------------------------------
 #
 # A train.py checkpoint is a dict with the run's "config", its trained "model" (for resuming) and
-# "export": named parts for downstream use, each {"class", "args", "state_dict"} made by the
-# part's `export()` (a foveal_sup run exports its "encoder", a vit_sup run its "classifier" and
-# "backbone", ...). A consumer asks for a part by name and class; the class rebuilds itself with
-# `from_export`. The reading lives here, in the module every other one imports, so that no
-# module needs train.py (which nothing imports) or another objective's key layout.
+# "export": named parts for downstream use, each {"class", "args", "state_dict"} made by
+# `export_part` (a foveal_sup run exports its "encoder", a vit_sup run its "classifier" and
+# "backbone", ...). A consumer asks for a part by name and class, and `rebuild` calls the class
+# with the saved constructor arguments. The reading lives here, in the module every other one
+# imports, so that no module needs train.py (which nothing imports) or another objective's keys.
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: the message names the file and what to do."""
@@ -938,7 +874,34 @@ def load_frozen(source: str | Path | dict, name: str, cls: type, what: str = "")
     if entry["class"] != cls.__name__:
         raise CheckpointError(f"{where}: its {name!r} (objective {objective!r}) is a {entry['class']}, "
                               f"but a {cls.__name__} is needed")
-    return cls.from_export(entry).eval().requires_grad_(False)
+    return rebuild(entry, cls).eval().requires_grad_(False)
+
+
+def export_part(module: nn.Module, **args) -> dict:
+    """A part of a run for downstream use: its class, the arguments that build it (dataclass
+    configs stored as plain dicts, so that a checkpoint does not pickle the code's classes) and
+    its weights. `rebuild(entry, type(module))` makes it again."""
+    plain = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in args.items()}
+    return {"class": type(module).__name__, "args": plain, "state_dict": module.state_dict()}
+
+
+def _from_plain(typ, value):
+    """A saved argument back into its annotated type: dicts into dataclasses (nested ones too),
+    lists into tuples; a field a later version added keeps its default."""
+    if dataclasses.is_dataclass(typ) and isinstance(value, dict):
+        hints = typing.get_type_hints(typ)
+        return typ(**{k: _from_plain(hints[k], v) for k, v in value.items()})
+    if typing.get_origin(typ) is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def rebuild(entry: dict, cls: type) -> nn.Module:
+    """cls(**args) from an `export_part` entry, its weights strictly loaded."""
+    hints = typing.get_type_hints(cls.__init__)
+    model = cls(**{k: _from_plain(hints.get(k), v) for k, v in entry["args"].items()})
+    model.load_state_dict(entry["state_dict"], strict=True)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
