@@ -1,48 +1,69 @@
-"""Evaluation of a frozen model: the command line, its config, and the pieces both protocols share.
+"""Evaluation of a frozen model: the command, its config, and the foveal ViT's protocol.
 
     python eval.py --ckpt runs/canvit_tiny/ckpt.pt --out_dir runs/canvit_tiny/eval
     python eval.py --ckpt runs/foveal_tiny/ckpt.pt --baseline runs/vit_tiny/ckpt.pt --out_dir DIR
     python eval.py --cfg my_eval.yaml --ckpt ... --n_val=512 --policies=c2f,riid   # overrides
+    python eval.py --summarize DIR DIR DIR       # several evaluations (seeds): mean (min-max)
+
+Papers
+  [002] Prisadnikov et al., "Vision encoders should be image size agnostic and task driven",
+        arXiv 2508.16317: Sec. 6, Tables 1-2.
+  [000] "Self-supervised pretraining for an iterative image size agnostic vision transformer",
+        arXiv 2604.20392: Sec. 5 (ViT mode, k-NN, probes), Fig. 1 (resolution robustness).
 
 The checkpoint's objective chooses the protocol:
   distill (CanViT; or an official Hugging Face folder)  eval_canvit.py  [003] Sec. 6, App. A, E, F
-  foveal_sup, probe, dino (the foveal iterative ViT)     eval_foveal.py  [002] Sec. 6; [000] Sec. 5
+  foveal_sup, probe, dino (the foveal iterative ViT)     this file       [002] Sec. 6; [000] Sec. 5
   grpo (a learned gaze policy)                           its encoder's, with the policy beside the others
 Both write results.json, tables.md and PNG pictures into --out_dir, and check that the frozen
 models are bit-identical after evaluation.
 
+The foveal protocol: a frozen foveal model and its task head, top-1 / top-5 after every step of
+an episode with random gazes ([002] Table 2's layout) and with a fixed gaze sequence; "ViT mode",
+one step on a static grid over the whole scene ([000] Sec. 5.3); the resolution sweep of [000]
+Fig. 1: the same frozen model on scenes 2x, 4x, 8x larger than in training (the same gazes in
+scene coordinates), beside a passive ViT baseline (`--baseline`, a `vit_sup` checkpoint) whose
+patches shrink as the scene grows; k-NN on the first state token of a dino or probe backbone;
+a learned policy (a grpo checkpoint) rolled out through grpo's own encoder wrapper, as trained.
+
 Config: EvalConfig below, with train.py's config system (config.py): an optional YAML file
 (--cfg), then `--key=value` or `--key value` (lists as `a,b,c`); unknown keys and bad values stop
-before any work. Shared here: reading checkpoints, held-out batches, frozen-weight checks, top-k
-hits, probe training on cached features (F.2.1), progress lines.
+before any work.
 
-Tests: `python -m pytest tests/test_eval.py tests/test_eval_canvit.py tests/test_eval_foveal.py`.
+Shapes
+  B scenes, T steps, K classes, S scene side (px).
+
+Paper -> code
+  [002] Table 2  per-step top-1 / top-5, random gazes          evaluate_foveal, per_step
+  [002] Sec. 6.1 shuffled ViT-patch groups, as trained          fovea.episode_patches
+  [000] Sec. 5.3 ViT mode; Fig. 1 resolution robustness        evaluate_foveal
+  [000] Sec. 5   k-NN on frozen first state tokens             knn, knn_top1
+  [000] Table 1, 3; [002] A.3.3  learned policy, deterministic  policy_episode
+                 markdown tables, gaze pictures                 foveal_tables, save_gaze_picture
+
+Tests: `python -m pytest tests/test_eval.py tests/test_eval_canvit.py`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
-import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from PIL import Image, ImageDraw
 from torch import Tensor
 
+import canvit
 import config
 import data
+import eval_canvit
 import fovea
-
-
-class EvalError(ValueError):
-    """A bad input (missing checkpoint, wrong objective, bad option): no traceback, a message."""
-
+import grpo
+from eval_canvit import EvalError, Progress, batches, cell, check_unchanged, device_of, merge, snapshot
 
 def _opt(default, help: str):
     if isinstance(default, tuple):
@@ -116,8 +137,9 @@ def parse_args(argv: list[str]) -> EvalConfig:
     return cfg
 
 
+
 # ----------------------------------------------------------------------------------------------
-# Checkpoints, held-out data, frozen models
+# Checkpoints and metrics
 # ----------------------------------------------------------------------------------------------
 
 def read_checkpoint(path: str) -> tuple[str, dict | Path]:
@@ -134,151 +156,363 @@ def read_checkpoint(path: str) -> tuple[str, dict | Path]:
     return ckpt["config"].get("objective"), ckpt
 
 
-def device_of(cfg: EvalConfig) -> torch.device:
-    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def batches(ds, n: int, batch_size: int):
-    """The first n scenes of a fixed shuffle (seed 0: the same scenes whatever --seed), batched."""
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    for i in range(0, n, batch_size):
-        batch = data.collate([ds[j] for j in order[i:i + batch_size]])
-        for reason in batch.pop("bad"):
-            print(f"skipped a bad image: {reason}", file=sys.stderr)
-        if "image" in batch:
-            yield batch
-
-
-def snapshot(*modules) -> list[dict]:
-    return [{k: v.detach().clone() for k, v in m.state_dict().items()}
-            for m in modules if m is not None]
-
-
-def check_unchanged(modules, snaps: list[dict]) -> None:
-    """Evaluation must leave the frozen model bit-identical (no new buffers either)."""
-    for m, before in zip([m for m in modules if m is not None], snaps):
-        after = m.state_dict()
-        changed = sorted(set(before) ^ set(after)) + [k for k in before if k in after
-                                                      and not torch.equal(before[k], after[k])]
-        if changed:
-            raise RuntimeError(f"evaluation changed the frozen {type(m).__name__}: {changed[:10]}")
-
-
-class Progress:
-    """A line about every `every` seconds (and at the end): what, how far, elapsed, ETA."""
-
-    def __init__(self, what: str, total: int, every: float = 20.0):
-        self.what, self.total, self.every = what, total, every
-        self.t0 = self.last = time.perf_counter()
-
-    def __call__(self, done: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every and done < self.total:
-            return
-        self.last = now
-        clock = lambda s: time.strftime("%H:%M:%S", time.gmtime(s))
-        eta = (now - self.t0) / max(done, 1) * (self.total - done)
-        print(f"  {self.what}: {done}/{self.total}, {clock(now - self.t0)} elapsed, ETA {clock(eta)}",
-              flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics and probes trained on cached frozen features ([003] F.2.1)
-# ----------------------------------------------------------------------------------------------
-
 def hits(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     """(B,) 1.0 where the label is among the k highest logits (top-k accuracy per image)."""
     return (logits.topk(min(k, logits.shape[-1]), -1).indices == labels[:, None]).any(-1).float()
 
 
-def warmup_cosine(step: int, steps: int, peak: float) -> float:
-    """F.2.1: linear warmup over the first 1,500 / 40,000 of the steps, then cosine to zero."""
-    warmup = max(1, round(steps * 1500 / 40000))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+# ----------------------------------------------------------------------------------------------
+# The foveal iterative ViT: per-step accuracy, ViT mode, k-NN, resolution ([002] Sec. 6, [000] Sec. 5)
+# ----------------------------------------------------------------------------------------------
+
+def load_foveal(ckpt: dict) -> fovea.FovealViT:
+    """The frozen FovealViT a foveal_sup, probe or dino run exported (extraction uncompiled:
+    shapes vary here)."""
+    model = fovea.load_frozen(ckpt, "encoder", fovea.FovealViT)
+    model.cfg.compile_extraction = False
+    return model
 
 
-def train_probe(probe: nn.Module, loss_fn, inputs: tuple[Tensor, ...], cfg: EvalConfig,
-                seed: int) -> list[float]:
-    """F.2.1: AdamW with a warmup-cosine schedule; each step draws probe_batch scenes (with
-    replacement) from the cached inputs (N, ...). Returns the loss of every step."""
-    device = next(probe.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(probe.parameters(), lr=cfg.probe_lr, weight_decay=cfg.probe_wd)
-    probe.train()
-    losses = []
-    for step in range(cfg.probe_steps):
-        for g in opt.param_groups:
-            g["lr"] = warmup_cosine(step, cfg.probe_steps, cfg.probe_lr)
-        idx = torch.randint(len(inputs[0]), (cfg.probe_batch,), generator=gen)
-        loss = loss_fn(probe, *(x[idx].to(device) for x in inputs))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"probe loss is {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+def episode_config(ckpt: dict, model: fovea.FovealViT, T: int) -> fovea.FovealTrainConfig:
+    """The episodes the model was trained on: foveal_sup's section, else random gazes."""
+    saved = ckpt["config"].get("foveal") if ckpt["config"]["objective"] == "foveal_sup" else None
+    if saved and saved["glimpse"] == "shuffled_vit":
+        if (saved["vit_grid"] ** 2) % T:
+            raise EvalError(f"--T {T}: the {saved['vit_grid']}^2 ViT patches do not split into {T} groups")
+        return fovea.FovealTrainConfig(model=model.cfg, steps=T, glimpse="shuffled_vit", vit_grid=saved["vit_grid"])
+    return fovea.FovealTrainConfig(model=model.cfg, steps=T)
+
+
+def trained_steps(ckpt: dict) -> int:
+    c = ckpt["config"]
+    return {"foveal_sup": lambda: c["foveal"]["steps"], "probe": lambda: c["probe"]["steps"],
+            "dino": lambda: c["dino"]["seq_steps"]}[c["objective"]]()
 
 
 # ----------------------------------------------------------------------------------------------
-# Several runs in one table: mean (min-max)
+# k-NN on frozen first-state-token features [000, Sec. 5; DINO's protocol]
 # ----------------------------------------------------------------------------------------------
 
-class Stat(float):
-    """A number measured in several runs: its mean, printed with the range, "mean (min-max)"."""
+@torch.inference_mode()
+def first_tokens(model: fovea.FovealViT, ds, n: int, cfg: EvalConfig, episode: fovea.FovealTrainConfig,
+                 mode: str, grid: int) -> tuple[Tensor, Tensor]:
+    """L2-normalised first state tokens (n, D) and labels (n,): after ViT mode ("vit") or after
+    an episode of random gazes ("random", drawn from --seed)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed + 17)
+    feats, labels = [], []
+    for batch in batches(ds, n, cfg.batch_size):
+        images = batch["image"].to(device)
+        table = fovea.integral_image(images)
+        if mode == "vit":
+            state = model.vit_mode(table, grid)
+        else:
+            state = None
+            for patches in fovea.episode_patches(model, episode, gen, len(images), tuple(images.shape[-2:]), device):
+                state = model(table, state, patches)
+        feats.append(torch.nn.functional.normalize(state[:, 0].float(), dim=-1).cpu())
+        labels.append(batch["label"])
+    return torch.cat(feats), torch.cat(labels)
 
-    def __new__(cls, values):
-        values = [float(v) for v in values]
-        stat = super().__new__(cls, sum(values) / len(values))
-        stat.lo, stat.hi, stat.n = min(values), max(values), len(values)
-        return stat
 
-    def __mul__(self, k):
-        return _scaled(self, lambda v: v * k)
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, k):
-        return _scaled(self, lambda v: v / k)
-
-    def __format__(self, spec: str) -> str:
-        return f"{float(self):{spec}} ({self.lo:{spec}}-{self.hi:{spec}})"
+def knn_top1(train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor,
+             num_classes: int, k: int = 20, temperature: float = 0.07) -> float:
+    """DINO's weighted k-NN: each test feature votes with its k most similar training features
+    (cosine), weighted by exp(similarity / temperature). -> top-1 accuracy."""
+    sim = test @ train.T                                                          # (n_test, n_train)
+    top, idx = sim.topk(min(k, train.shape[0]), dim=1)
+    votes = torch.zeros(test.shape[0], num_classes).scatter_add_(1, train_labels[idx], (top / temperature).exp())
+    return (votes.argmax(1) == test_labels).float().mean().item()
 
 
-def _scaled(s: Stat, f) -> Stat:
-    out = float.__new__(Stat, f(float(s)))
-    out.lo, out.hi, out.n = f(s.lo), f(s.hi), s.n
+def knn(model: fovea.FovealViT, ckpt: dict, cfg: EvalConfig, T: int, grid: int) -> dict:
+    """k-NN top-1 (%) of the first state token, after ViT mode and after T random gazes."""
+    dcfg = data.DataConfig(**ckpt["config"]["data"])
+    train_ds = data.build_dataset(dataclasses.replace(dcfg, length=max(cfg.n_train, 1)), "train")
+    val_ds = data.build_dataset(dataclasses.replace(dcfg, val_length=cfg.n_val), "val")
+    episode = fovea.FovealTrainConfig(model=model.cfg, steps=T)
+    out = {"k": 20, "n_train": min(cfg.n_train, len(train_ds))}
+    for mode in ("vit", "random"):
+        a = first_tokens(model, train_ds, min(cfg.n_train, len(train_ds)), cfg, episode, mode, grid)
+        b = first_tokens(model, val_ds, min(cfg.n_val, len(val_ds)), cfg, episode, mode, grid)
+        out[mode] = round(100 * knn_top1(*a, *b, train_ds.num_classes), 2)
     return out
 
 
-def merge(runs: list):
-    """The results of several runs (identical structure) -> one, each number a Stat."""
-    first = runs[0]
-    if isinstance(first, dict):
-        return {k: merge([r[k] for r in runs]) for k in first if all(k in r for r in runs)}
-    if isinstance(first, list):
-        return [merge([r[i] for r in runs]) for i in range(len(first))] if all(
-            len(r) == len(first) for r in runs) else first
-    if isinstance(first, (int, float)) and not isinstance(first, bool) and len(set(runs)) > 1:
-        return Stat(runs)
-    return first                                # the same in every run (a setting, a count)
+def load_baseline(path: str) -> tuple[canvit.ViTClassifier, int]:
+    """The frozen passive ViT of a `vit_sup` checkpoint, and the scene size it was trained at."""
+    objective, ckpt = read_checkpoint(path)
+    if objective != "vit_sup":
+        raise EvalError(f"--baseline {path} was trained with objective {objective!r}, not vit_sup")
+    model = fovea.load_frozen(ckpt, "classifier", canvit.ViTClassifier, what=f"--baseline {path}")
+    return model, ckpt["config"]["data"]["image_size"]
 
+
+@torch.inference_mode()
+def per_step(model: fovea.FovealViT, images: Tensor, glimpses: list[fovea.Patches]) -> list[Tensor]:
+    """Logits after every step of an episode, one Patches per step -> T x (B, K)."""
+    table = fovea.integral_image(images)
+    state, out = None, []                                   # None: from the prompt s_1
+    for patches in glimpses:
+        state = model(table, state, patches)
+        out.append(model.classify(state))
+    return out
+
+
+@torch.inference_mode()
+def policy_episode(model: fovea.FovealViT, policy: grpo.GazePolicy, images: Tensor, T: int,
+                   first_gaze: str, std: float, gen: torch.Generator | None) -> tuple[list, list]:
+    """An episode whose gazes the learned policy chooses from the state, through grpo's own
+    encoder wrapper and episode (what GRPO trained on): -> (Patches, logits) per step. gen None:
+    the deterministic action (the mean of the heaviest component [002, A.3.3]); else actions
+    sampled with the given std."""
+    B, hw = images.shape[0], tuple(images.shape[-2:])
+    enc = grpo.FovealEncoder(model)
+    source, state = enc.start(images, torch.arange(B, device=images.device))
+    if gen is None:
+        choose = lambda means, logits, t: grpo.mixture_mode(means, logits)
+    else:
+        choose = lambda means, logits, t: grpo.sample_mixture(
+            means, logits, std, torch.rand(B, generator=gen), torch.randn(B, 2, generator=gen))[0]
+    glimpses, logits = [], []
+    for _, _, _, action, state in grpo.episode(policy, enc, source, state, B, T, choose, first_gaze):
+        glimpses.append(enc.glimpse(action, hw))
+        logits.append(enc.classify(state))
+    return glimpses, logits
+
+
+def on_badge(glimpses: list[fovea.Patches], target: Tensor) -> Tensor:
+    """(T,) how many gazes of each step fell on the badge (synthetic scenes: its centre and
+    radius in scene units are known)."""
+    gaze = torch.stack([p.yxz[:, 0, :2] for p in glimpses]).cpu()                  # (T, B, 2)
+    return ((gaze - target[None, :, :2]).norm(dim=-1) <= target[None, :, 2]).float().sum(1)
+
+
+def save_heatmap(gazes: list[Tensor], path: Path, tile: int = 128) -> str:
+    """Where the policy looks over many scenes: one 2-D histogram of the gazes per step, side by
+    side (white: often)."""
+    bins = 32
+    canvas = Image.new("RGB", (len(gazes) * (tile + 4), tile + 16), "white")
+    draw = ImageDraw.Draw(canvas)
+    for t, g in enumerate(gazes):                                                  # (n, 2) (y, x)
+        idx = ((g.clamp(-1, 1 - 1e-6) + 1) / 2 * bins).long()
+        hist = torch.zeros(bins, bins).index_put_((idx[:, 0], idx[:, 1]), torch.ones(len(g)), accumulate=True)
+        img = (hist / hist.max().clamp_min(1) * 255).byte().numpy()
+        canvas.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST).convert("RGB"), (t * (tile + 4), 16))
+        draw.text((t * (tile + 4) + 4, 2), f"step {t + 1}", fill="black")
+    canvas.save(path)
+    return str(path)
+
+
+class Trace:
+    """The gazes of the first scenes of an episode, for the pictures: per step the gaze (y, x),
+    the extent of what it saw sharply (the foveal grid, else the finest multi-zoom patch) and
+    whether the prediction after that step was right."""
+
+    def __init__(self, model: fovea.FovealViT, glimpses: list[fovea.Patches], logits: list[Tensor],
+                 labels: Tensor, n: int):
+        g, M = model.cfg.grid, model.cfg.num_zoom
+        self.gaze = torch.stack([p.yxz[:n, 0, :2] for p in glimpses]).cpu()          # (T, n, 2)
+        sharp = [p.boxes[:n, M:] if g else p.boxes[:n, M - 1:M] for p in glimpses]   # (n, P, 4)
+        self.box = torch.stack([torch.cat([b[..., :2].amin(1), b[..., 2:].amax(1)], -1)
+                                for b in sharp]).cpu()                                # (T, n, 4) px
+        self.right = torch.stack([l[:n].argmax(-1) == labels[:n] for l in logits]).cpu()  # (T, n)
+
+
+def save_gaze_picture(images: Tensor, traces: dict[str, Trace], path: Path, tile: int = 192) -> str:
+    """One row per scene, one column per trace: the scene with the numbered fixations, lines
+    between them, the region each saw sharply; a number is green when the prediction after that
+    step is right, red when wrong."""
+    mean = torch.tensor(data.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(data.IMAGENET_STD)[:, None, None]
+    scenes = ((images * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    S = images.shape[-1]
+    head = 16
+    canvas = Image.new("RGB", (len(traces) * tile, len(scenes) * tile + head), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, (name, trace) in enumerate(traces.items()):
+        draw.text((c * tile + 4, 2), name, fill="black")
+        for i in range(len(scenes)):
+            view = Image.fromarray(scenes[i]).resize((tile, tile), Image.BILINEAR)
+            d = ImageDraw.Draw(view)
+            pts = [((x + 1) / 2 * tile, (y + 1) / 2 * tile) for y, x in trace.gaze[:, i].tolist()]
+            for t, (x, y) in enumerate(pts):
+                y0, x0, y1, x1 = (trace.box[t, i] * tile / S).tolist()
+                d.rectangle([x0, y0, x1, y1], outline=(255, 230, 0), width=1)
+                if t:
+                    d.line([pts[t - 1], (x, y)], fill=(255, 255, 255), width=1)
+            for t, (x, y) in enumerate(pts):
+                colour = (0, 200, 0) if trace.right[t, i] else (230, 0, 0)
+                d.ellipse([x - 6, y - 6, x + 6, y + 6], fill=colour, outline="white")
+                d.text((x - 3, y - 6), str(t + 1), fill="white")
+            canvas.paste(view, (c * tile, head + i * tile))
+    canvas.save(path)
+    return str(path)
+
+
+def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
+    """[002] Table 2's layout (top-1 / top-5 after each step, random gazes), a fixed gaze
+    sequence, [000] Sec. 5.3's ViT mode, and [000] Fig. 1's resolution robustness: the same
+    frozen model on scenes 2x, 4x, 8x larger than in training, beside a passive ViT baseline;
+    for a grpo checkpoint, its learned policy beside them (deterministic and sampled actions).
+    -> (results, markdown tables); pictures of the gazes go into out_dir."""
+    device = device_of(cfg)
+    policy, grpo_cfg = None, None
+    if ckpt["config"]["objective"] == "grpo":                   # the policy, and its encoder's run
+        policy = fovea.load_frozen(ckpt, "policy", grpo.GazePolicy).to(device)
+        grpo_cfg = ckpt["config"]["grpo"]
+        ckpt = fovea.read_checkpoint(grpo_cfg["encoder"])
+    model = load_foveal(ckpt).to(device)
+    baseline, base_S = load_baseline(cfg.baseline) if cfg.baseline else (None, None)
+    frozen = [m.to(device) for m in (model, baseline, policy) if m is not None]
+    snaps = snapshot(*frozen)
+    mcfg, dcfg = model.cfg, data.DataConfig(**ckpt["config"]["data"])
+    objective = ckpt["config"]["objective"]
+    S, T = dcfg.image_size, cfg.T or trained_steps(ckpt)
+    if baseline is not None and base_S != S:
+        raise EvalError(f"the baseline was trained on {base_S} px scenes, the foveal model on {S} px")
+    grid = cfg.vit_grid or S // mcfg.patch_px                   # ViT mode: native patches at S
+    results: dict = {"objective": objective, "step": ckpt.get("step"), "scene_px": S, "steps": T,
+                     "vit_grid": grid, "repeats": cfg.repeats, "resolution": {}}
+    if policy is not None:
+        results["policy"] = {"first_gaze": grpo_cfg["first_gaze"], "std_sampled": grpo_cfg["policy"]["std_end"]}
+    names = ("random", "fixed") + (("policy", "policy_sampled") if policy is not None else ())
+    if objective in ("probe", "dino"):                          # [000]: k-NN on the backbone
+        results["knn"] = knn(model, ckpt, cfg, T, grid)
+        print(f"k-NN top-1 (first state token): ViT mode {results['knn']['vit']}, after {T} random "
+              f"gazes {results['knn']['random']}", flush=True)
+    if model.head is None:                                      # a dino backbone: k-NN only
+        check_unchanged(frozen, snaps)
+        return results, foveal_tables(results)
+    train_cfg = episode_config(ckpt, model, T)
+    results["glimpse"] = train_cfg.glimpse
+    for k in cfg.res_factors or (1, 2, 4, 8):
+        ds = data.build_dataset(dataclasses.replace(dcfg, image_size=S * k, val_length=cfg.n_val), "val")
+        gen = torch.Generator().manual_seed(cfg.seed)           # the same glimpses at every resolution
+        top = {name: torch.zeros(2, T) for name in names}       # hits: top-1, top-5
+        badge = {name: torch.zeros(T) for name in names}        # gazes on the badge
+        gazes = [[] for _ in range(T)]                          # the policy's, for the heat map
+        vit_top, base_top, n = torch.zeros(2), torch.zeros(2), 0
+        policy_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        progress = Progress(f"[{S * k} px] held-out scenes", min(cfg.n_val, len(ds)))
+        for batch in batches(ds, min(cfg.n_val, len(ds)), cfg.batch_size):
+            images, labels = batch["image"].to(device), batch["label"].to(device)
+            B, first, n = images.shape[0], n == 0, n + images.shape[0]
+            score = lambda logits: torch.stack([hits(logits, labels, 1).sum(),
+                                                hits(logits, labels, 5).sum()]).cpu()
+            hw = tuple(images.shape[-2:])
+            traces = {}
+            for r in range(cfg.repeats):
+                glimpses = fovea.episode_patches(model, train_cfg, gen, B, hw, device)
+                logits = per_step(model, images, glimpses)
+                for t, lt in enumerate(logits):
+                    top["random"][:, t] += score(lt) / cfg.repeats
+                if "target" in batch:
+                    badge["random"] += on_badge(glimpses, batch["target"]) / cfg.repeats
+                if r == 0:
+                    traces["random gazes"] = Trace(model, glimpses, logits, labels, cfg.pictures)
+            episodes = {"fixed": (fovea.episode_patches(model, train_cfg, None, B, hw, device), None)}
+            if policy is not None:
+                for name, gen_p in (("policy", None), ("policy_sampled", policy_gen)):
+                    glimpses, logits = policy_episode(model, policy, images, T, grpo_cfg["first_gaze"],
+                                                      grpo_cfg["policy"]["std_end"], gen_p)
+                    episodes[name] = (glimpses, logits)
+            for name, (glimpses, logits) in episodes.items():
+                logits = logits or per_step(model, images, glimpses)
+                for t, lt in enumerate(logits):
+                    top[name][:, t] += score(lt)
+                if "target" in batch:
+                    badge[name] += on_badge(glimpses, batch["target"])
+                label = {"fixed": "fixed gazes", "policy": "learned policy"}.get(name)
+                if label:
+                    traces[label] = Trace(model, glimpses, logits, labels, cfg.pictures)
+                if name == "policy":
+                    for t, p in enumerate(glimpses):
+                        gazes[t].append(p.yxz[:, 0, :2].cpu())
+            with torch.inference_mode():
+                vit_top += score(model.classify(model.vit_mode(fovea.integral_image(images), grid)))
+                if baseline is not None:
+                    base_top += score(baseline(images))
+            if first and k == 1 and cfg.pictures and train_cfg.glimpse == "foveal":
+                Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+                results["pictures"] = [save_gaze_picture(images[:cfg.pictures].cpu(), traces,
+                                                         Path(cfg.out_dir) / "gazes.png")]
+            progress(n)
+        pct = lambda x: [round(100 * v / n, 2) for v in x.tolist()]
+        res = {"scene_px": S * k, "n": n, "vit_mode": dict(zip(("top1", "top5"), pct(vit_top))),
+               **{name: {"top1": pct(h[0]), "top5": pct(h[1])} for name, h in top.items()}}
+        if "target" in ds[0]:
+            res["on_badge"] = {name: pct(b) for name, b in badge.items()}
+        if policy is not None and k == 1 and cfg.pictures:
+            results.setdefault("pictures", []).append(
+                save_heatmap([torch.cat(g) for g in gazes], Path(cfg.out_dir) / "policy_gazes.png"))
+        if baseline is not None:
+            res["baseline"] = dict(zip(("top1", "top5"), pct(base_top)))
+        results["resolution"][f"{k}x"] = res
+        print(f"{S * k} px: top-1 by step (random gazes) {res['random']['top1']}, ViT mode "
+              f"{res['vit_mode']['top1']}" + (f", baseline {res['baseline']['top1']}" if baseline else ""),
+              flush=True)
+    check_unchanged(frozen, snaps)
+    results["frozen_weights_unchanged"] = True
+    return results, foveal_tables(results)
+
+
+def foveal_tables(results: dict) -> str:
+    """Markdown: [002] Table 2's layout per step (and [000] Table 3's, with a policy), ViT mode,
+    the resolution sweep; [000] Table 1's (ViT | Rand | Policy) and k-NN for a probed backbone."""
+    out = ""
+    if "knn" in results:
+        kn = results["knn"]
+        out += (f"k-NN top-1 (%) on the frozen first state token (k = {kn['k']}, {kn['n_train']} "
+                f"training scenes): ViT mode {cell(kn['vit'])}, after {results['steps']} random gazes "
+                f"{cell(kn['random'])}\n\n")
+    if "1x" not in results["resolution"]:
+        return out
+    r1, T = results["resolution"]["1x"], results["steps"]
+    shuffled = results["glimpse"] == "shuffled_vit"
+    rnd, fix = ("random patch groups", "raster-order groups") if shuffled else ("random gazes", "fixed gazes")
+    head = "| | " + " | ".join(f"step {t + 1}" for t in range(T)) + " |\n|---|" + "---:|" * T + "\n"
+    row = lambda name, xs: f"| {name} | " + " | ".join(cell(x) for x in xs) + " |\n"
+    out += (f"Per-step accuracy (%) at the training resolution ({results['scene_px']} px, "
+            f"{r1['n']} held-out scenes, {rnd} averaged over {results['repeats']} draws):\n\n"
+            + head + row(f"{rnd}, top-1", r1["random"]["top1"]) + row(f"{rnd}, top-5", r1["random"]["top5"])
+            + row(f"{fix}, top-1", r1["fixed"]["top1"]) + row(f"{fix}, top-5", r1["fixed"]["top5"]))
+    if "policy" in r1:                                           # [002] Table 2, [000] Table 3
+        out += (row("learned policy, top-1", r1["policy"]["top1"]) + row("learned policy, top-5", r1["policy"]["top5"])
+                + row("learned policy (sampled), top-1", r1["policy_sampled"]["top1"]))
+    if "on_badge" in r1:
+        out += "".join(row(f"gazes on the badge, {name}", r1["on_badge"][name]) for name in r1["on_badge"])
+    out += (f"\nViT mode ({results['vit_grid']} x {results['vit_grid']} grid, one step): top-1 "
+            f"{cell(r1['vit_mode']['top1'])}, top-5 {cell(r1['vit_mode']['top5'])}\n\n")
+    if results["objective"] == "probe" or "policy" in r1:       # [000] Table 1's layout
+        pol = f" {cell(r1['policy']['top1'][-1])} |" if "policy" in r1 else " - |"
+        out += ("| top-1 (%) | ViT | Rand | Policy |\n|---|---:|---:|---:|\n"
+                f"| this model | {cell(r1['vit_mode']['top1'])} | {cell(r1['random']['top1'][-1])} |{pol}\n\n")
+    keys = list(results["resolution"])
+    out += ("Top-1 (%) when testing on larger scenes than in training:\n\n| model | "
+            + " | ".join(f"{k} ({results['resolution'][k]['scene_px']} px)" for k in keys)
+            + " |\n|---|" + "---:|" * len(keys) + "\n")
+    res = [results["resolution"][k] for k in keys]
+    out += row(f"foveal, {T} steps of {rnd}", [r["random"]["top1"][-1] for r in res])
+    out += row("foveal, ViT mode", [r["vit_mode"]["top1"] for r in res])
+    if "baseline" in r1:
+        out += row("passive ViT baseline", [r["baseline"]["top1"] for r in res])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Several runs in one table, and the command line
+# ----------------------------------------------------------------------------------------------
 
 def summarize(dirs: list[str]) -> str:
     """`python eval.py --summarize DIR ...`: the tables of several evaluations (e.g. seeds) as
     mean (min-max) over them, from their results.json."""
     runs = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
     merged = merge(runs)
-    module = "eval_canvit" if runs[0].get("objective") == "distill" else "eval_foveal"
-    head = f"mean (min-max) over {len(runs)} evaluations: {', '.join(dirs)}\n\n"
-    return head + importlib.import_module(module).tables(merged)
+    tables = eval_canvit.tables if runs[0].get("objective") == "distill" else foveal_tables
+    return f"mean (min-max) over {len(runs)} evaluations: {', '.join(dirs)}\n\n" + tables(merged)
 
-
-# ----------------------------------------------------------------------------------------------
-# The command line
-# ----------------------------------------------------------------------------------------------
 
 def write(out_dir: str, results: dict, tables: str) -> None:
     out = Path(out_dir)
@@ -295,27 +529,28 @@ def main(argv: list[str]) -> dict:
     cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
     objective, source = read_checkpoint(cfg.ckpt)
-    # The protocols import this module for its shared pieces, so they are imported here.
     if objective == "grpo":                                     # a policy: its encoder's protocol
         encoder = fovea.read_checkpoint(source["config"]["grpo"]["encoder"])["config"]["objective"]
         objective = "distill" if encoder == "distill" else "foveal_sup"
     if objective == "distill":                                  # CanViT [003]
-        protocol = importlib.import_module("eval_canvit")
+        results, tables = eval_canvit.evaluate(source, cfg)
     elif objective in ("foveal_sup", "probe", "dino"):         # the foveal iterative ViT [002, 000]
-        protocol = importlib.import_module("eval_foveal")
+        results, tables = evaluate_foveal(source, cfg)
     else:
         raise EvalError(f"{cfg.ckpt} was trained with objective {objective!r}; eval.py evaluates "
                         "'distill' (CanViT), 'foveal_sup', 'probe' and 'dino' (foveal ViT) checkpoints")
-    results, tables = protocol.evaluate(source, cfg)
     write(cfg.out_dir, results, tables)
     return results
 
 
-if __name__ == "__main__":
-    # Run through the module `eval` rather than `__main__`, so that eval_canvit and eval_foveal,
-    # which import `eval`, share this run's classes (EvalError above all).
-    cli = importlib.import_module("eval")
+def cli(argv: list[str]) -> str | None:
+    """main(), with every error a user can fix turned into the one message the command prints."""
     try:
-        cli.main(sys.argv[1:])
-    except (cli.EvalError, fovea.CheckpointError) as e:
-        sys.exit(f"eval.py: {e}")
+        main(argv)
+    except (EvalError, fovea.CheckpointError, data.DataError) as e:
+        return f"eval.py: {e}"
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

@@ -26,12 +26,17 @@ Shapes
 Paper -> code
   App. F.1       R-IID, F-IID, C2F, F2C, full, entropy C2F     POLICIES, rollout
   App. E Table 4 reconstruction cosine similarity              step_metrics
-  App. F.2.1     segmentation probe, AdamW warmup-cosine       SegProbe, cell_targets, eval.train_probe
+  App. F.2.1     segmentation probe, AdamW warmup-cosine       SegProbe, cell_targets, train_probe
   App. F.2.1     mIoU (dataset-wide confusion matrix)          confusion_matrix, miou, predict_masks
   App. F.2.2     zero-shot classification through W_global     train_probes, step_metrics
   Sec. 6.1       the same weights at 2x scene and canvas grid  evaluate, fit_standardizers
   App. A         canvas PCA pictures                           pca_rgb, save_pictures
   Tables 4, 6, 7 markdown tables                               tables
+
+The pieces of an evaluation that do not depend on the model (held-out batches, progress lines,
+the frozen-weight check, several runs' numbers as mean (min-max)) live here too: eval.py, the
+command and the foveal protocol, imports this module and never the other way round. `cfg` is
+eval.py's EvalConfig (any object with its fields).
 
 Run `python eval.py --ckpt runs/canvit_tiny/ckpt.pt --out_dir runs/canvit_tiny/eval` (a train.py
 checkpoint, or an official Hugging Face folder with config.json + model.safetensors); tests:
@@ -57,15 +62,91 @@ from torch import Tensor
 import canvit
 import data
 import distill
-import eval as ev
 import fovea
 import grpo
-from eval import EvalConfig, EvalError
 
 POLICIES = {"c2f": "C2F", "entropy": "Entropy C2F", "fiid": "F-IID", "riid": "R-IID",
             "f2c": "F2C", "full": "Rep. full", "learned": "Learned (GRPO)",
             "learned_sampled": "Learned (GRPO), sampled"}                       # Table 6's rows, in its order
 IGNORE = data.ADE20K_IGNORE                                          # mask value left out of mIoU
+
+
+# ----------------------------------------------------------------------------------------------
+# What every evaluation needs: errors, held-out batches, progress, the frozen check, seeds
+# ----------------------------------------------------------------------------------------------
+
+class EvalError(ValueError):
+    """A bad input (missing checkpoint, wrong objective, bad option): no traceback, a message."""
+
+
+def device_of(cfg) -> torch.device:
+    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def batches(ds, n: int, batch_size: int):
+    """The first n scenes of a fixed shuffle (seed 0: the same scenes whatever --seed), batched."""
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    for i in range(0, n, batch_size):
+        batch = data.collate([ds[j] for j in order[i:i + batch_size]])
+        for reason in batch.pop("bad"):
+            print(f"skipped a bad image: {reason}", file=sys.stderr)
+        if "image" in batch:
+            yield batch
+
+
+def snapshot(*modules) -> list[dict]:
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()}
+            for m in modules if m is not None]
+
+
+def check_unchanged(modules, snaps: list[dict]) -> None:
+    """Evaluation must leave the frozen models bit-identical (no new buffers either)."""
+    for m, before in zip([m for m in modules if m is not None], snaps):
+        after = m.state_dict()
+        changed = sorted(set(before) ^ set(after)) + [k for k in before if k in after
+                                                      and not torch.equal(before[k], after[k])]
+        if changed:
+            raise RuntimeError(f"evaluation changed the frozen {type(m).__name__}: {changed[:10]}")
+
+
+class Progress:
+    """A line about every `every` seconds (and at the end): what, how far, elapsed, ETA."""
+
+    def __init__(self, what: str, total: int, every: float = 20.0):
+        self.what, self.total, self.every = what, total, every
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every and done < self.total:
+            return
+        self.last = now
+        clock = lambda s: time.strftime("%H:%M:%S", time.gmtime(s))
+        eta = (now - self.t0) / max(done, 1) * (self.total - done)
+        print(f"  {self.what}: {done}/{self.total}, {clock(now - self.t0)} elapsed, ETA {clock(eta)}",
+              flush=True)
+
+
+def merge(runs: list):
+    """The results of several runs (the same structure) -> one, where a number that differs
+    between runs becomes {"mean", "min", "max"} (a setting or a count common to all stays)."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: merge([r[k] for r in runs]) for k in first if all(k in r for r in runs)}
+    if isinstance(first, list):
+        same = all(isinstance(r, list) and len(r) == len(first) for r in runs)
+        return [merge([r[i] for r in runs]) for i in range(len(first))] if same else first
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and len(set(runs)) > 1:
+        return {"mean": sum(runs) / len(runs), "min": min(runs), "max": max(runs)}
+    return first
+
+
+def cell(x, scale: float = 1.0, spec: str = ".1f") -> str:
+    """A number of the tables as text, scaled: "v", or "mean (min-max)" for a merged one."""
+    if isinstance(x, dict):
+        return f"{x['mean'] * scale:{spec}} ({x['min'] * scale:{spec}}-{x['max'] * scale:{spec}})"
+    return f"{x * scale:{spec}}"
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,11 +234,41 @@ def cls_loss(probe: nn.Module, feats: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels.repeat_interleave(feats.shape[1]))
 
 
+def warmup_cosine(step: int, steps: int, peak: float) -> float:
+    """F.2.1: linear warmup over the first 1,500 / 40,000 of the steps, then cosine to zero."""
+    warmup = max(1, round(steps * 1500 / 40000))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train_probe(probe: nn.Module, loss_fn, inputs: tuple[Tensor, ...], cfg, seed: int) -> list[float]:
+    """F.2.1: AdamW with a warmup-cosine schedule; each step draws probe_batch scenes (with
+    replacement) from the cached inputs (N, ...). Returns the loss of every step."""
+    device = next(probe.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(probe.parameters(), lr=cfg.probe_lr, weight_decay=cfg.probe_wd)
+    probe.train()
+    losses = []
+    for step in range(cfg.probe_steps):
+        for g in opt.param_groups:
+            g["lr"] = warmup_cosine(step, cfg.probe_steps, cfg.probe_lr)
+        idx = torch.randint(len(inputs[0]), (cfg.probe_batch,), generator=gen)
+        loss = loss_fn(probe, *(x[idx].to(device) for x in inputs))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"probe loss is {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading CanViT and its teacher
 # ----------------------------------------------------------------------------------------------
 
-def load_canvit(source: dict | Path, cfg: EvalConfig) -> tuple[canvit.CanViT, nn.Module | None,
+def load_canvit(source: dict | Path, cfg) -> tuple[canvit.CanViT, nn.Module | None,
                                                                 dict]:
     """CanViT, its teacher (None when unknown) and the run's settings, from a train.py
     checkpoint (teacher rebuilt strictly from `extra`, as in training) or a Hugging Face folder."""
@@ -196,33 +307,40 @@ def rollout(model: canvit.CanViT, scenes: Tensor, policy: str, T: int, G: int, g
 
     Static policies come from canvit.policy_viewpoints (drawn from `gen`); 'entropy' asks
     EntropyGuidedC2F for the next tile given the seg probe's per-cell entropy on the canvas
-    before the glimpse (as the official evaluation); 'learned' the deterministic action of a
-    GRPO policy (`learned` = (policy, min_scale, std)) on the state before the glimpse (the mode
-    of its mixture), 'learned_sampled' an action sampled from it with that std (from `gen`)."""
+    before the glimpse (as the official evaluation); 'learned' and 'learned_sampled' roll a GRPO
+    policy out through grpo's own CanViT wrapper and episode, as in training (`learned` =
+    (policy, min_scale, std, first_gaze)): the deterministic action, or one sampled with that
+    std (from `gen`)."""
     B, device = scenes.shape[0], scenes.device
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    if policy.startswith("learned"):
+        net, min_scale, std, first_gaze = learned
+        enc = grpo.CanViTEncoder(model, None, G, glimpse_px, min_scale, method).to(device)
+        source, state = enc.start(scenes, torch.arange(B, device=device))
+        choose = (lambda means, logits, t: grpo.mixture_mode(means, logits)) if policy == "learned" else (
+            lambda means, logits, t: grpo.sample_mixture(means, logits, std, torch.rand(B, generator=gen),
+                                                         torch.randn(B, enc.action_dim, generator=gen))[0])
+        with amp:
+            steps = grpo.episode(net, enc, source, state, B, T, choose, first_gaze)
+            for t, (_, _, _, action, state) in enumerate(steps):
+                yield t, enc.viewpoint(action), state
+        return
     state = model.init_state(B, G)
     source = fovea.integral_image(scenes) if method == "integral" else scenes
     if policy == "entropy":
         if seg_probe is None:
             raise EvalError("the entropy-guided C2F policy needs the segmentation probe (masks)")
         guide = canvit.EntropyGuidedC2F(T, G)
-    elif not policy.startswith("learned"):
+    else:
         vps = canvit.policy_viewpoints(policy, T, B, gen)
     for t in range(T):
         if policy == "entropy":
             logits = seg_probe(canvas_cells(model, state.canvas).float())
             vp = guide.step(canvit.predictive_entropy(logits))
-        elif policy.startswith("learned"):
-            net, min_scale, std = learned
-            cells = state.canvas[:, model.cfg.n_canvas_registers:]
-            means, weights = net([state.recurrent_cls, cells], [None, canvit.grid_centers(G, G, device).view(-1, 2)])
-            action = (grpo.mixture_mode(means, weights) if policy == "learned"
-                      else grpo.sample_mixture(means, weights, std, gen)[0])
-            vp = grpo.canvit_viewpoint(action, min_scale)
         else:
             vp = canvit.Viewpoint(vps.center_yx[t].to(device), vps.scale[t].to(device))
         glimpse = fovea.viewpoint_glimpse(source, vp.center_yx, vp.scale, glimpse_px)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with amp:
             state = model(glimpse, state, vp.center_yx, vp.scale).state
         yield t, vp, state
 
@@ -238,7 +356,7 @@ def canvas_cells(model: canvit.CanViT, canvas: Tensor) -> Tensor:
 # One resolution: cache frozen features, train probes, evaluate every policy
 # ----------------------------------------------------------------------------------------------
 
-def datasets(cfg: EvalConfig, info: dict, S: int):
+def datasets(cfg, info: dict, S: int):
     """(probe-training, held-out) datasets at scene size S: train / val (synthetic, ImageFolder:
     resize + centre crop, F.2.2) or training / validation (ADE20K: resized to S x S, F.2.1)."""
     dc = dataclasses.replace(info["data"], dataset=cfg.data or info["data"].dataset,
@@ -252,7 +370,7 @@ def datasets(cfg: EvalConfig, info: dict, S: int):
             raise EvalError(f"{dc.dataset} split has {len(ds)} scenes, fewer than {n} requested")
     return sets
 
-def collect_features(model, teacher, ds, cfg: EvalConfig, info: dict, S: int, G: int) -> dict:
+def collect_features(model, teacher, ds, cfg, info: dict, S: int, G: int) -> dict:
     """Cache, for n_train scenes, the frozen canvas cells (N, T, G*G, Dc) float16 and recurrent
     CLS (N, T, D) after each glimpse of probe_T-step probe_policy rollouts, cell class fractions
     (N, K, G, G), labels (N,) and teacher CLS (N, Dt) / patches (N, G*G, Dt).
@@ -264,9 +382,9 @@ def collect_features(model, teacher, ds, cfg: EvalConfig, info: dict, S: int, G:
     device = model.canvas_spatial_init.device
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 999)
     out: dict[str, list] = {}
-    progress = ev.Progress(f"[{S}/{G}x{G}] frozen features of probe-training scenes", cfg.n_train)
+    progress = Progress(f"[{S}/{G}x{G}] frozen features of probe-training scenes", cfg.n_train)
     with torch.inference_mode():
-        for batch in ev.batches(ds, cfg.n_train, cfg.batch_size):
+        for batch in batches(ds, cfg.n_train, cfg.batch_size):
             images = batch["image"].to(device)
             cells, cls = [], []
             for _, _, state in rollout(model, images, cfg.probe_policy, cfg.probe_T, G,
@@ -288,7 +406,7 @@ def collect_features(model, teacher, ds, cfg: EvalConfig, info: dict, S: int, G:
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def train_probes(model, feats: dict, ds, cfg: EvalConfig, device) -> tuple[dict, dict]:
+def train_probes(model, feats: dict, ds, cfg, device) -> tuple[dict, dict]:
     """Seg probe on canvas cells, linear probe on the recurrent CLS, and the teacher's probes
     (CLS: the zero-shot route of F.2.2; patches: a passive reference). -> (probes, loss logs).
 
@@ -314,7 +432,7 @@ def train_probes(model, feats: dict, ds, cfg: EvalConfig, device) -> tuple[dict,
     for i, (name, make, loss_fn, inputs) in enumerate(jobs):
         torch.manual_seed(cfg.seed * 1000 + i)            # initialisation and dropout
         probe = make().to(device)
-        logs[name] = ev.train_probe(probe, loss_fn, inputs, cfg, seed=cfg.seed * 1000 + i)
+        logs[name] = train_probe(probe, loss_fn, inputs, cfg, seed=cfg.seed * 1000 + i)
         probes[name] = probe.eval()
     return probes, logs
 
@@ -392,7 +510,7 @@ MEANS = {"patch_cos": "patch_cos", "cls_cos": "cls_cos", "patch_cos_z": "patch_c
 
 
 @torch.inference_mode()
-def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg: EvalConfig, info: dict,
+def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg, info: dict,
                       S: int, G: int, learned: tuple | None = None) -> tuple[dict, dict]:
     """Every policy for T glimpses on the n_val held-out scenes. -> (results: per policy, each
     metric per timestep, plus the passive teacher's and the floors; pictures: rollouts of the
@@ -404,8 +522,8 @@ def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg: EvalConfig, i
     gens = {p: torch.Generator().manual_seed(cfg.seed * 1000 + list(POLICIES).index(p))
             for p in policies}                            # the same viewpoints at every resolution
     tally, pics, n = Tally(), {"policies": {p: [] for p in policies}}, 0
-    progress = ev.Progress(f"[{S}/{G}x{G}] policies on held-out scenes", cfg.n_val)
-    for i, batch in enumerate(ev.batches(ds, cfg.n_val, cfg.batch_size)):
+    progress = Progress(f"[{S}/{G}x{G}] policies on held-out scenes", cfg.n_val)
+    for i, batch in enumerate(batches(ds, cfg.n_val, cfg.batch_size)):
         images = batch["image"].to(device)
         truth = {k: batch[k].to(device) for k in ("mask", "label") if k in batch}
         k, n = (cfg.pictures if i == 0 else 0), n + len(images)         # pictures: first scenes
@@ -548,17 +666,17 @@ def _columns(T: int) -> list[int]:
 TABLES = (   # (title, the key a policy's results need, one cell at step t)
     ("Reconstruction (Table 4's metric): cosine similarity x100 between destandardized "
      "predictions and the teacher's features, patches / CLS", "patch_cos",
-     lambda r, t: f"{100 * r['patch_cos'][t]:.1f} / {100 * r['cls_cos'][t]:.1f}"),
+     lambda r, t: f"{cell(r['patch_cos'][t], 100)} / {cell(r['cls_cos'][t], 100)}"),
     ("Reconstruction in the z-scored space of the loss (Eq. 3): cosine x100, patches / CLS",
      "patch_cos_z",
-     lambda r, t: f"{100 * r['patch_cos_z'][t]:.1f} / {100 * r['cls_cos_z'][t]:.1f}"),
+     lambda r, t: f"{cell(r['patch_cos_z'][t], 100)} / {cell(r['cls_cos_z'][t], 100)}"),
     ("Segmentation mIoU (%) (Table 6's layout): probe on the frozen canvas cells", "miou",
-     lambda r, t: f"{100 * r['miou'][t]:.1f}"),
+     lambda r, t: cell(r['miou'][t], 100)),
     ("Classification top-1 (%): linear probe on the frozen recurrent CLS", "top1_cls_probe",
-     lambda r, t: f"{100 * r['top1_cls_probe'][t]:.1f}"),
+     lambda r, t: cell(r['top1_cls_probe'][t], 100)),
     ("Classification top-1 (%), zero-shot (Table 7's layout): W_global prediction, "
      "destandardized, through the teacher-CLS probe", "top1_zero_shot",
-     lambda r, t: f"{100 * r['top1_zero_shot'][t]:.1f}"),
+     lambda r, t: cell(r['top1_zero_shot'][t], 100)),
 )
 
 
@@ -569,9 +687,9 @@ def tables(results: dict) -> str:
     head = ("| Policy | Res. | " + " | ".join(f"t = {t}" for t in cols) + " |\n"
             + "|---|---|" + "---|" * len(cols) + "\n")
     out = ""
-    for title, key, cell in TABLES:
+    for title, key, at_step in TABLES:
         rows = [f"| {POLICIES[p]} | {r['scene_px']}/{r['canvas_grid']}² | "
-                + " | ".join(cell(r[p], t) for t in cols) + " |"
+                + " | ".join(at_step(r[p], t) for t in cols) + " |"
                 for r in res for p in POLICIES if p in r and key in r[p]]
         if rows:
             out += f"**{title}**\n\n{head}" + "\n".join(rows) + "\n\n"
@@ -580,7 +698,7 @@ def tables(results: dict) -> str:
                             ("teacher_miou", "teacher_top1")),
                            ("Floor (the most frequent class everywhere)",
                             ("floor_miou", "floor_top1"))):
-            ref = [f"{name} {100 * r[key]:.1f}%" for key, name in zip(keys, ("mIoU", "top-1"))
+            ref = [f"{name} {cell(r[key], 100)}%" for key, name in zip(keys, ("mIoU", "top-1"))
                    if key in r]
             if ref:
                 out += f"{what} at {r['scene_px']}/{r['canvas_grid']}²: {', '.join(ref)}\n\n"
@@ -590,7 +708,7 @@ def tables(results: dict) -> str:
 # Driver
 # ----------------------------------------------------------------------------------------------
 
-def check_options(cfg: EvalConfig) -> None:
+def check_options(cfg) -> None:
     if {"learned", "learned_sampled"} & set(cfg.policies):
         raise EvalError("--policies: 'learned' and 'learned_sampled' come from a grpo checkpoint (--ckpt runs/<grpo run>/ckpt.pt)")
     bad = [p for p in (*cfg.policies, cfg.probe_policy) if p not in POLICIES]
@@ -599,26 +717,26 @@ def check_options(cfg: EvalConfig) -> None:
                         f"entropy); valid: {', '.join(POLICIES)}")
 
 
-def evaluate(source: dict | Path, cfg: EvalConfig) -> tuple[dict, str]:
+def evaluate(source: dict | Path, cfg) -> tuple[dict, str]:
     """[003] Sec. 6: every metric at every resolution -> (results, markdown tables); the PNGs
     go into out_dir."""
     check_options(cfg)
     learned = None
     if isinstance(source, dict) and source["config"]["objective"] == "grpo":   # a learned policy
         g = source["config"]["grpo"]
-        learned = (fovea.load_frozen(source, "policy", grpo.GazePolicy).to(ev.device_of(cfg)), g["min_scale"],
-                   g["policy"]["std_end"])
+        learned = (fovea.load_frozen(source, "policy", grpo.GazePolicy).to(device_of(cfg)), g["min_scale"],
+                   g["policy"]["std_end"], g.get("first_gaze", "policy"))
         source = fovea.read_checkpoint(g["encoder"])
         # the policy's glimpse count by default; its rows beside the others at equal counts
         cfg = dataclasses.replace(cfg, T=cfg.T or g["steps"], policies=(*cfg.policies, "learned", "learned_sampled"))
     # CanViT's defaults: T = 21 glimpses ([003] F.2) at 1x and 2x the scene and grid (Table 6).
     cfg = dataclasses.replace(cfg, T=cfg.T or 21, res_factors=cfg.res_factors or (1, 2))
-    device = ev.device_of(cfg)
+    device = device_of(cfg)
     model, teacher, info = load_canvit(source, cfg)
     for m in (model, teacher):
         if m is not None:
             m.to(device)
-    snaps = ev.snapshot(model, teacher)
+    snaps = snapshot(model, teacher)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = model.cfg.backbone.patch_size
@@ -658,7 +776,7 @@ def evaluate(source: dict | Path, cfg: EvalConfig) -> tuple[dict, str]:
         print(f"[{S}/{G}x{G}] done in {time.perf_counter() - t0:.0f} s; probe losses (first "
               "step -> last 10%): " + ", ".join(f"{n} {v['first']:.3f} -> {v['last_10pct']:.3f}"
                                          for n, v in losses.items()), flush=True)
-    ev.check_unchanged((model, teacher), snaps)                     # frozen: bit-identical weights
+    check_unchanged((model, teacher), snaps)                     # frozen: bit-identical weights
     results["frozen_check"] = "passed: model and teacher state dicts bit-identical after evaluation"
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     return results, tables(results)

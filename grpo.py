@@ -45,7 +45,7 @@ Paper -> code
   (RAM, PR #30)             clamp only at extraction               to_gaze
   002 A.3.4                 the frozen encoder and its task head   FovealEncoder, load_encoder
   (beyond the papers)       CanViT's viewpoint as an action,
-                            its zero-shot classifier as the head   CanViTEncoder, canvit_viewpoint
+                            its zero-shot classifier as the head   CanViTEncoder
   002 A.2, A.3.4            G traces of T steps, B * G as a batch,
                             inner epochs on the stored states      GazeGRPO (rollout, train_step)
 
@@ -267,15 +267,15 @@ def mixture_log_prob(means: Tensor, logits: Tensor, std: float | Tensor, action:
 
 
 @torch.no_grad()
-def sample_mixture(means: Tensor, logits: Tensor, std: float | Tensor,
-                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Draw k ~ Categorical(logits), then a = mu_k + std * N(0, I); no gradient.
+def sample_mixture(means: Tensor, logits: Tensor, std: float | Tensor, u: Tensor,
+                   noise: Tensor) -> tuple[Tensor, Tensor]:
+    """Draw k ~ Categorical(logits), then a = mu_k + std * noise; no gradient.
 
-    (..., K, A), (..., K), std -> action (..., A) float32, component (...,) int64, both on the
-    device of means. With a generator, the random numbers are drawn on the generator's device
-    (a CPU generator with CUDA means: drawn on the CPU, then moved), so one seed gives the same
-    traces whichever device runs the policy, up to the rounding of the probabilities themselves.
-    Without one, the global RNG of means' device is used.
+    (..., K, A), (..., K), std, u (...) in [0, 1), noise (..., A) ~ N(0, I) -> action (..., A)
+    float32 and component (...,) int64. The random numbers are given, so that a caller can draw
+    them for a whole global batch and take its rows (the traces do not depend on the number of
+    processes): k is the inverse CDF of the weights at u. std is a float or a tensor
+    broadcastable to the batch shape (...).
 
     NOTE(paper): the sample is not clamped. [002] wants actions "between 0 and 1"; we store the
     raw sample, take the old and the new log-probs at it, and clamp only the glimpse centre
@@ -285,15 +285,11 @@ def sample_mixture(means: Tensor, logits: Tensor, std: float | Tensor,
     past the border collapses onto it, with the density there rather than the tail's mass.
     """
     _check_mixture(means, logits)
-    *batch, K, A = means.shape
-    dev = generator.device if generator is not None else means.device
-    probs = F.softmax(logits.float(), -1).reshape(-1, K).to(dev)                  # (n, K)
-    k = torch.multinomial(probs, 1, generator=generator).view(batch)              # (...)
-    noise = torch.randn((*batch, A), generator=generator, device=dev)             # (..., A)
-    k, noise = k.to(means.device), noise.to(means.device)
-    mu = means.float().gather(-2, k[..., None, None].expand(*batch, 1, A)).squeeze(-2)  # (..., A)
-    s = _std_tensor(std, mu)
-    return mu + s[..., None] * noise, k
+    K, A = means.shape[-2:]
+    cdf = F.softmax(logits.float(), -1).cumsum(-1)                                # (..., K)
+    k = (u.to(cdf.device)[..., None] > cdf).sum(-1).clamp(max=K - 1)             # (...)
+    mu = means.float().gather(-2, k[..., None, None].expand(*k.shape, 1, A)).squeeze(-2)  # (..., A)
+    return mu + _std_tensor(std, mu)[..., None] * noise.to(mu.device), k
 
 
 def mixture_mode(means: Tensor, logits: Tensor) -> Tensor:
@@ -473,18 +469,6 @@ class GazePolicy(nn.Module):
             nn.init.normal_(head.weight, std=cfg.head_init_std)
             nn.init.zeros_(head.bias)
 
-    def export(self) -> dict:
-        return {"class": type(self).__name__, "state_dict": self.state_dict(),
-                "args": {"cfg": asdict(self.cfg), "memory_dims": list(self.memory_dims),
-                         "positional": list(self.positional)}}
-
-    @classmethod
-    def from_export(cls, entry: dict) -> GazePolicy:
-        a = entry["args"]
-        model = cls(GazePolicyConfig(**a["cfg"]), tuple(a["memory_dims"]), tuple(a["positional"]))
-        model.load_state_dict(entry["state_dict"], strict=True)
-        return model
-
     def forward(self, memories: list[Tensor], positions: list[Tensor | None] | None = None
                 ) -> tuple[Tensor, Tensor]:
         """memories: one (B, N_i, memory_dims[i]) tensor per stream (and, for a positional
@@ -546,10 +530,13 @@ class FovealEncoder(nn.Module):
     def initial(self, n: int) -> Tensor:
         return self.model.init_state(n)
 
-    def step(self, source, state, action: Tensor):
+    def glimpse(self, action: Tensor, image_hw: tuple[int, int]) -> fovea.Patches:
+        """The patches an action looks at: the foveal context at the clamped gaze."""
         lo, hi = self.model.cfg.grid_z
-        patches = self.model.glimpse(to_gaze(action), source.image_hw, (lo + hi) / 2)
-        return self.model(source, state, patches)
+        return self.model.glimpse(to_gaze(action), image_hw, (lo + hi) / 2)
+
+    def step(self, source, state, action: Tensor):
+        return self.model(source, state, self.glimpse(action, source.image_hw))
 
     def classify(self, state) -> Tensor:
         return self.model.classify(state)
@@ -562,22 +549,25 @@ class CanViTEncoder(nn.Module):
     (u + 1) / 2, the crop kept inside the scene (|centre| <= 1 - s), as CanViT's random
     viewpoints. NOTE: the scale is a third coordinate rather than a schedule, so that the policy
     can choose between a coarse and a fine look at every step (C2F's lesson is that the order
-    of scales matters). The classifier is [003] F.2.2's zero-shot route: W_global's prediction
-    of the teacher's CLS, destandardized, through a linear probe trained on the teacher's CLS."""
+    of scales matters). The glimpse is the distillation's (bilinear, or box-filtered from the
+    summed-area table: method "integral"). The classifier is [003] F.2.2's zero-shot route:
+    W_global's prediction of the teacher's CLS, destandardized, through a linear probe trained
+    on the teacher's CLS (None where only the policy's actions are needed)."""
     action_dim = 3
 
-    def __init__(self, model: canvit.CanViT, classifier: nn.Linear, canvas_grid: int,
-                 glimpse_px: int, min_scale: float):
+    def __init__(self, model: canvit.CanViT, classifier: nn.Linear | None, canvas_grid: int,
+                 glimpse_px: int, min_scale: float, method: str = "bilinear"):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
-        self.classifier = classifier.eval().requires_grad_(False)
-        self.G, self.glimpse_px, self.min_scale = canvas_grid, glimpse_px, min_scale
+        self.classifier = classifier.eval().requires_grad_(False) if classifier is not None else None
+        self.G, self.glimpse_px, self.min_scale, self.method = canvas_grid, glimpse_px, min_scale, method
         self.memory_dims = (model.cfg.backbone.embed_dim, model.cfg.canvas_dim)
         self.positional = (False, True)
         self.register_buffer("cells_yx", canvit.grid_centers(canvas_grid, canvas_grid), persistent=False)
 
     def start(self, scenes: Tensor, rows: Tensor):
-        return scenes[rows], self.model.init_state(len(rows), self.G)
+        source = fovea.integral_image(scenes).select(rows) if self.method == "integral" else scenes[rows]
+        return source, self.model.init_state(len(rows), self.G)
 
     def initial(self, n: int):
         return self.model.init_state(n, self.G)
@@ -587,11 +577,15 @@ class CanViTEncoder(nn.Module):
         return [state.recurrent_cls, cells], [None, self.cells_yx.view(-1, 2)]
 
     def viewpoint(self, action: Tensor) -> canvit.Viewpoint:
-        return canvit_viewpoint(action, self.min_scale)
+        """A raw action (R, 3) -> the viewpoint: scale s = s_min + (1 - s_min) (u + 1) / 2 and
+        the centre kept where the crop stays inside the scene (|centre| <= 1 - s)."""
+        a = to_gaze(action)
+        scale = self.min_scale + (1 - self.min_scale) * (a[:, 2] + 1) / 2
+        return canvit.Viewpoint(a[:, :2] * (1 - scale)[:, None], scale)
 
     def step(self, source, state, action: Tensor):
         vp = self.viewpoint(action)
-        glimpse = fovea.bilinear_glimpse(source, vp.center_yx, vp.scale, self.glimpse_px)
+        glimpse = fovea.viewpoint_glimpse(source, vp.center_yx, vp.scale, self.glimpse_px)
         return self.model(glimpse, state, vp.center_yx, vp.scale).state
 
     def classify(self, state) -> Tensor:
@@ -599,15 +593,7 @@ class CanViTEncoder(nn.Module):
         return self.classifier(predicted.float())
 
 
-def canvit_viewpoint(action: Tensor, min_scale: float) -> canvit.Viewpoint:
-    """A raw action (R, 3) -> CanViT's viewpoint: scale s = s_min + (1 - s_min) (u + 1) / 2 and
-    the centre kept where the crop stays inside the scene (|centre| <= 1 - s)."""
-    a = to_gaze(action)
-    scale = min_scale + (1 - min_scale) * (a[:, 2] + 1) / 2
-    return canvit.Viewpoint(a[:, :2] * (1 - scale)[:, None], scale)
-
-
-def load_encoder(path: str, glimpse_px: int = 0) -> tuple[nn.Module, dict]:
+def load_encoder(path: str) -> tuple[nn.Module, dict]:
     """The frozen encoder of grpo.encoder: a foveal_sup or probe run (its "encoder" with the task
     head), or a distill run (CanViT; its classifier is trained by the objective's setup)."""
     ckpt = fovea.read_checkpoint(path)
@@ -622,6 +608,28 @@ def load_encoder(path: str, glimpse_px: int = 0) -> tuple[nn.Module, dict]:
     raise fovea.CheckpointError(f"grpo.encoder = {path} is a {objective!r} checkpoint ({kind}); a gaze "
                                 "policy needs a frozen encoder with a task head: a foveal_sup or probe "
                                 "run, or a distill run (CanViT)")
+
+
+@torch.no_grad()
+def episode(policy: GazePolicy, encoder: nn.Module, source, state, n: int, T: int, choose,
+            first_gaze: str = "policy"):
+    """T glimpses of a gaze policy through a frozen encoder, as GRPO trains it and eval.py
+    evaluates it. Yields (observation, means, logits, action, new state) per glimpse.
+
+    source, state: from encoder.start (state None: the encoder's initial one, of n rows);
+    choose(means, logits, t) -> the action of glimpse t (sampled in training; the deterministic
+    rule or a sample at evaluation). first_gaze "centre": glimpse 0 looks at the centre, the
+    policy is not asked (observation, means, logits None)."""
+    for t in range(T):
+        if t == 0 and first_gaze == "centre":
+            observed, means, logits = None, None, None
+            action = torch.zeros(n, encoder.action_dim, device=policy.queries.device)
+        else:
+            observed = state if state is not None else encoder.initial(n)
+            means, logits = policy(*encoder.observe(observed))
+            action = choose(means, logits, t)
+        state = encoder.step(source, state, action)
+        yield observed, means, logits, action, state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -646,16 +654,6 @@ class GRPOConfig:
     teacher_weights: str = ""      # the distill run's teacher, where it moved ("" = the path it was trained with)
     classifier_scenes: int = 512   # scenes for the zero-shot classifier (a linear probe on the teacher's CLS)
     classifier_steps: int = 500
-
-
-def _sample(means: Tensor, logits: Tensor, std: float, u: Tensor, noise: Tensor) -> Tensor:
-    """sample_mixture with its random numbers given: u (R,) picks the component by the
-    inverse CDF of the weights, noise (R, A) ~ N(0, I). Drawn for the global batch by the
-    caller, so the traces do not depend on the number of processes."""
-    cdf = F.softmax(logits.float(), -1).cumsum(-1)                                # (R, K)
-    k = (u[:, None] > cdf).sum(-1).clamp(max=logits.shape[-1] - 1)                # (R,)
-    mu = means.float().gather(1, k[:, None, None].expand(-1, 1, means.shape[-1]))[:, 0]
-    return mu + std * noise
 
 
 class GazeGRPO(nn.Module):
@@ -685,7 +683,8 @@ class GazeGRPO(nn.Module):
                                               "the teacher of grpo.encoder (grpo.teacher_weights)")
             G = ckpt["config"]["data"]["image_size"] // encoder.cfg.backbone.patch_size
             classifier = nn.Linear(encoder.cfg.teacher_dim, ckpt["config"]["data"]["num_classes"])
-            encoder = CanViTEncoder(encoder, classifier, G, cfg.glimpse_px or d["glimpse_px"], cfg.min_scale)
+            encoder = CanViTEncoder(encoder, classifier, G, cfg.glimpse_px or d["glimpse_px"], cfg.min_scale,
+                                    d.get("glimpse_method", "bilinear"))
         self.encoder = encoder
         self.num_classes = ckpt["config"]["data"]["num_classes"]
         policy = GazePolicyConfig(**{**asdict(cfg.policy), "action_dim": encoder.action_dim})
@@ -709,8 +708,10 @@ class GazeGRPO(nn.Module):
             self.encoder.classifier.load_state_dict(extra["classifier"], strict=True)
 
     def export(self) -> dict:
-        return {"policy": self.model.export(), **({"classifier": {"state_dict": self.encoder.classifier.state_dict()}}
-                                                  if hasattr(self.encoder, "classifier") else {})}
+        p = self.model
+        return {"policy": fovea.export_part(p, cfg=p.cfg, memory_dims=list(p.memory_dims), positional=list(p.positional)),
+                **({"classifier": {"state_dict": self.encoder.classifier.state_dict()}}
+                   if hasattr(self.encoder, "classifier") else {})}
 
     @torch.no_grad()
     def setup(self, dataset) -> None:
@@ -758,18 +759,16 @@ class GazeGRPO(nn.Module):
             logp = F.log_softmax(enc.classify(s).float(), -1)
             logp_true.append(logp.gather(1, truth[:, None])[:, 0])
             right.append((logp.argmax(-1) == truth).float())
-        if cfg.first_gaze == "centre":                           # a fixed first glimpse
-            state = enc.step(source, state, torch.zeros(R, A, device=scenes.device))
-        look(state if state is not None else enc.initial(R))
-        for t in range(T):
-            observed = state if state is not None else enc.initial(R)
-            memories, positions = enc.observe(observed)
-            means, logits = self.model(memories, positions)
-            action = _sample(means, logits, std, u[t], noise[t])
-            obs.append(observed)
-            actions.append(action)
-            logp_old.append(mixture_log_prob(means, logits, std, action))
-            state = enc.step(source, state, action)
+        first = int(cfg.first_gaze == "centre")                  # a fixed first glimpse, not stored
+        sample = lambda means, logits, t: sample_mixture(means, logits, std, u[t - first], noise[t - first])[0]
+        if not first:
+            look(enc.initial(R))
+        for observed, means, logits, action, state in episode(self.model, enc, source, state, R, T + first,
+                                                              sample, cfg.first_gaze):
+            if observed is not None:
+                obs.append(observed)
+                actions.append(action)
+                logp_old.append(mixture_log_prob(means, logits, std, action))
             look(state)
         return {"obs": obs, "actions": torch.stack(actions, 1), "logp_old": torch.stack(logp_old, 1),
                 "logp_true": torch.stack(logp_true, 1).view(B, G, T + 1),
