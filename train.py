@@ -32,10 +32,10 @@ and optionally
   .setup(dataset)               one-time work on rank 0 before step 0 (e.g. target statistics)
   .training_data(dataset, rank, world, seed) -> (dataset, sampler) or None   its own data
                                 (distill: precomputed feature shards); None: the loop's own
-  .param_groups(weight_decay), .clip_groups()   (defaults: decay on matrices; one clip group)
+  .clip_groups()                (default: one clip group; DINO clips backbone and head apart)
   .label_classes() -> (key, K)  the config key and class count the data must match
   .extra_state() / .load_extra_state(d)   more to checkpoint (an EMA teacher, a random teacher)
-  .export() -> {name: part.export()}      parts other runs reuse (`fovea.load_frozen`)
+  .export() -> {name: fovea.export_part(...)}   parts other runs reuse (`fovea.load_frozen`)
 `run` holds rank, world, device, steps_per_epoch, schedule_steps (the schedules' horizon),
 autocast() and optimizer_step(frozen=()):
 average the gradients over processes, clip each clip group, skip the `frozen` parameters this
@@ -139,7 +139,7 @@ def build_objective(cfg: TrainConfig) -> torch.nn.Module:
     if cfg.objective == "dino":
         return dino.DINOSequentialToGlobal(cfg.dino, seed=cfg.seed)
     if cfg.objective == "probe":
-        return fovea.FovealProbe(cfg.probe, seed=cfg.seed)
+        return fovea.FovealSupervised.probe(cfg.probe, seed=cfg.seed)
     if cfg.objective == "grpo":
         return grpo.GazeGRPO(cfg.grpo, seed=cfg.seed)
     raise ConfigError(f"objective: unknown {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -374,8 +374,7 @@ class Run:
         self.steps_per_epoch = steps_per_epoch
         self.schedule_steps = cfg.optim.schedule_steps or cfg.max_steps   # for an objective's own
         model = objective.model
-        groups = (objective.param_groups(cfg.optim.weight_decay) if hasattr(objective, "param_groups")
-                  else param_groups(model, cfg.optim.weight_decay))
+        groups = param_groups(model, cfg.optim.weight_decay)
         in_groups = {id(p) for g in groups for p in g["params"]}
         self.params = [p for p in objective.parameters() if id(p) in in_groups]   # the model's order
         self.clip_groups = objective.clip_groups() if hasattr(objective, "clip_groups") else [self.params]
@@ -485,7 +484,9 @@ def check_resumable(saved: dict, now: dict, default: dict, prefix: str = "") -> 
 @contextlib.contextmanager
 def run_folder(path: str, master: bool):
     """out_dir, checked writable and locked for this run (before any work); removed again if the
-    run stops before writing anything into it. The lock is an flock: a killed run holds none."""
+    run stops before writing anything into it. The lock is a POSIX record lock (fcntl.lockf): the
+    kernel drops it when this process ends, however it ends, and forked DataLoader workers do not
+    inherit it (an flock would live on in orphaned workers after a SIGKILL)."""
     out = Path(path)
     if not master:
         yield out
@@ -497,8 +498,8 @@ def run_folder(path: str, master: bool):
     except OSError as e:
         raise ConfigError(f"out_dir = {path!r} is not writable ({e.strerror}): choose another out_dir") from None
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:                                          # EACCES or EAGAIN: held elsewhere
         lock.seek(0)
         raise ConfigError(f"out_dir = {path!r} is in use by another run ({lock.read().strip() or 'a process'}); "
                           "wait for it to end, or use another out_dir") from None
@@ -518,12 +519,17 @@ def run_folder(path: str, master: bool):
 
 
 class StopSignal:
-    """SIGTERM (cluster schedulers, before a kill) and SIGINT (Ctrl-C) ask the loop to stop."""
+    """SIGTERM (cluster schedulers, before a kill) and SIGINT (Ctrl-C) ask the loop to stop;
+    the handlers before the run are back when it ends."""
 
-    def __init__(self):
+    def __enter__(self) -> StopSignal:
         self.signum = 0
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self.handle)
+        self.before = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.before.items():
+            signal.signal(s, handler)
 
     def handle(self, signum, frame) -> None:
         if self.signum:                                      # a second signal: stop now
@@ -725,8 +731,7 @@ def main(argv: list[str]) -> None:
     set_threads(cfg, device)
     if export_dir:
         return export(cfg, export_dir, rank, world, device)
-    stop = StopSignal()
-    with run_folder(cfg.out_dir, rank == 0) as out:
+    with StopSignal() as stop, run_folder(cfg.out_dir, rank == 0) as out:
         # -- the objective, its data and optimizer; resume ----------------------------------------
         torch.manual_seed(cfg.seed)              # the same initialisation on every rank
         objective = build_objective(cfg).to(device)
@@ -796,10 +801,17 @@ def preempted(out, cfg, objective, run, state, batches, log, signum, say) -> Non
     raise SystemExit(128 + signum)
 
 
-if __name__ == "__main__":
+def cli(argv: list[str]) -> str | None:
+    """main(), with every error a user can fix (a bad config, checkpoint or dataset, a
+    non-finite loss) turned into the one message the command prints instead of a traceback."""
     try:
-        main(sys.argv[1:])
-    except (ConfigError, fovea.CheckpointError) as e:
-        sys.exit(f"train.py: {e}")
+        main(argv)
+    except (ConfigError, fovea.CheckpointError, data.DataError) as e:
+        return f"train.py: {e}"
     except FloatingPointError as e:
-        sys.exit(f"train.py: stopped: {e}")
+        return f"train.py: stopped: {e}"
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
