@@ -1,7 +1,8 @@
-"""bench.py: the saved-tensor meter against hand-counted bytes, and the tables print."""
+"""bench.py: the saved-tensor meter against hand-counted bytes; the extraction table's methods."""
 import torch
 
 import bench
+import fovea
 
 
 def test_saved_tensor_meter_counts_what_autograd_keeps_for_backward():
@@ -24,10 +25,18 @@ def test_saved_tensor_meter_counts_what_autograd_keeps_for_backward():
         assert meter.live == 0 and meter.peak == 4000
 
 
-def test_the_benchmarks_print_their_tables(capsys):
-    bench.main(["extraction", "--sizes", "64", "96", "--repeats", "1", "--device", "cpu"])
-    bench.main(["data", "--sizes", "32", "--n", "2", "--workers", "0"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert [r.split("|")[1].strip() for r in rows] == ["image side", "64", "96", "scene side (px)",
-                                                       "32", "DataLoader, 128 px, batches of 64",
-                                                       "0 workers, 1024 scenes"], rows
+def test_the_extraction_benchmark_times_the_same_glimpse_by_each_method():
+    """The table's columns time one operation: its bilinear column samples the boxes as CanViT's
+    glimpse does, and its crop-and-resize column gives the box filter's patches where both are
+    exact (a box of whole pixels at its own size); the row the README's table prints runs."""
+    gen = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, 64, 64, generator=gen)
+    centre, scale = torch.rand(2, 2, generator=gen) - 0.5, torch.tensor([0.5, 0.75])
+    boxes = fovea.viewpoint_boxes(centre, scale, (64, 64))[:, None]                 # (2, 1, 4)
+    torch.testing.assert_close(bench.bilinear_boxes(img, boxes, 16)[:, 0],
+                               fovea.bilinear_glimpse(img, centre, scale, 16), rtol=1e-5, atol=1e-6)
+    whole = torch.tensor([[[8.0, 12.0, 24.0, 28.0]]]).expand(2, 1, 4)               # 16 px, factor 1
+    torch.testing.assert_close(bench.crop_resize(img, whole, 16),
+                               fovea.box_patches(fovea.integral_image(img), whole, 16, compiled=False))
+    row = bench.extraction_row(torch.device("cpu"), 64, repeats=1)
+    assert set(row) == {"side", "integral_ms", "integral_table_ms", "bilinear_ms", "naive_ms"}

@@ -5,7 +5,6 @@ import datetime
 import math
 import weakref
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -24,11 +23,6 @@ LOSS_ATOL = 2e-5     # loss values against the official code
 @pytest.fixture(scope="module")
 def head_ref(reference_dir):
     return load_reference(reference_dir, "dino/dino_head_ref.pt")
-
-
-@pytest.fixture(scope="module")
-def head_bn_ref(reference_dir):
-    return load_reference(reference_dir, "dino/dino_head_bn_ref.pt")
 
 
 @pytest.fixture(scope="module")
@@ -52,28 +46,35 @@ def _close(a, b, atol=ATOL):
 # DINOHead
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ref_name", ["head_ref", "head_bn_ref"])
-def test_head_matches_official(ref_name, request):
-    """Strict loading of the official v1 head; eval mode (plain) and train mode (BatchNorm)."""
-    ref = request.getfixturevalue(ref_name)
-    head = dino.DINOHead(**ref["config"])
-    head.load_state_dict(ref["state_dict"], strict=True)
-    assert list(head.state_dict()) == list(ref["state_dict"])
-    assert {n: p.requires_grad for n, p in head.named_parameters()} == ref["requires_grad"]
-    head.train(ref["config"]["use_bn"])                   # the BN reference ran in train mode
+def head_args(ref) -> dict:
+    """The official head's constructor arguments that DINOHead has (v1's defaults: 3 layers,
+    no BatchNorm, which the reference used)."""
+    c = ref["config"]
+    assert (c["nlayers"], c["use_bn"]) == (3, False)
+    return {k: c[k] for k in ("in_dim", "out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer")}
+
+
+def test_head_matches_official(head_ref):
+    """Strict loading of the official v1 head: the same keys, trainable flags and outputs."""
+    head = dino.DINOHead(**head_args(head_ref))
+    head.load_state_dict(head_ref["state_dict"], strict=True)
+    assert list(head.state_dict()) == list(head_ref["state_dict"])
+    assert {n: p.requires_grad for n, p in head.named_parameters()} == head_ref["requires_grad"]
+    assert isinstance(head.mlp[1], torch.nn.GELU) and head.mlp[1].approximate == "none"
     with torch.no_grad():
-        _close(head(ref["input"]), ref["output"])
-        if "bottleneck_normalized" in ref:
-            _close(head.normalized_bottleneck(ref["input"]), ref["bottleneck_normalized"])
+        _close(head(head_ref["input"]), head_ref["output"])
+        _close(head.normalized_bottleneck(head_ref["input"]), head_ref["bottleneck_normalized"])
 
 
-def test_seeded_head_init_is_the_official_one(head_ref, head_bn_ref):
-    """Same seed, same construction order, same draws: the official init, bit for bit."""
-    for ref in (head_ref, head_bn_ref):
-        torch.manual_seed(0)
-        sd = dino.DINOHead(**ref["config"]).state_dict()
-        for k, v in ref["state_dict"].items():
-            assert torch.equal(sd[k], v), k
+def test_seeded_head_init_is_the_official_one(head_ref):
+    """Same seed, same construction order, same draws: the official init. The uniform draws
+    are identical on any CPU; erfinv's float32 rounding is not (another SIMD kernel rounds it
+    1 ulp apart: 4.7e-10 on weights of std 0.02), so the comparison allows a few ulps."""
+    torch.manual_seed(0)
+    sd = dino.DINOHead(**head_args(head_ref)).state_dict()
+    for k, v in head_ref["state_dict"].items():
+        torch.testing.assert_close(sd[k], v, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-12,
+                                   msg=k)
 
 
 def test_head_init_statistics():
@@ -135,20 +136,6 @@ def test_weight_norm_equals_explicit_g_v_over_norm_v():
             expected[b, k] = g[k, 0] * sum(v[k, j] * z[b, j] for j in range(3)) / norm_k
     with torch.no_grad():
         _close(head.last_layer(z), expected, atol=1e-5)
-
-
-def test_head_layer_rule_and_keys():
-    one = dino.DINOHead(8, 10, bottleneck_dim=4, nlayers=1)
-    assert list(one.state_dict()) == ["mlp.weight", "mlp.bias",
-                                      "last_layer.weight_g", "last_layer.weight_v"]
-    four = dino.DINOHead(8, 10, hidden_dim=6, bottleneck_dim=4, nlayers=4, use_bn=True)
-    shapes = {k: tuple(v.shape) for k, v in four.state_dict().items()
-              if k.endswith("weight") or k.startswith("last_layer")}
-    assert shapes == {"mlp.0.weight": (6, 8), "mlp.1.weight": (6,), "mlp.3.weight": (6, 6),
-                      "mlp.4.weight": (6,), "mlp.6.weight": (6, 6), "mlp.7.weight": (6,),
-                      "mlp.9.weight": (4, 6), "last_layer.weight_g": (10, 1),
-                      "last_layer.weight_v": (10, 4)}
-    assert isinstance(four.mlp[2], torch.nn.GELU) and four.mlp[2].approximate == "none"
 
 
 def test_head_normalisation_is_safe_in_half_precision():
@@ -217,12 +204,16 @@ def _naive_sinkhorn(logits, temp, n_iterations, dtype):
     return (Q * B).t()
 
 
-def test_sinkhorn_matches_official(v2_ref):
+def test_sinkhorn_matches_official(v1_ref, v2_ref):
     ref = v2_ref["sinkhorn"]
     assert ref["n_iterations"] == 3
     _close(dino.sinkhorn_knopp(ref["input"], 0.07), ref["output"])
     _close(dino.sinkhorn_knopp(ref["input"], 0.04), ref["output_temp0.04"])
     _close(dino.sinkhorn_knopp(ref["input_big"], 0.07), ref["output_big"])
+    # DINOv2's targets for a DINO head's teacher outputs (both global crops together)
+    teacher = v1_ref["steps"][0]["teacher_output"]
+    probs = v2_ref["dinov2_dino_loss_sinkhorn"]["teacher_probs"]
+    _close(dino.sinkhorn_knopp(teacher, 0.04), probs.reshape(teacher.shape))
 
 
 def test_sinkhorn_marginals():
@@ -323,12 +314,14 @@ def _crops(step, n_crops=4, n_global=2):
 def test_dino_v1_loss_two_consecutive_steps(v1_ref):
     """v1: skip same-view pairs (2 * ncrops - 2 terms); the centre is updated after the loss."""
     cfg = v1_ref["config"]
-    temps = dino.cosine_schedule(cfg["teacher_temp"], cfg["teacher_temp"], cfg["nepochs"], 1,
-                                 cfg["warmup_teacher_temp_epochs"], cfg["warmup_teacher_temp"])
-    _close(temps, v1_ref["teacher_temp_schedule"], atol=1e-12)
+    ours = dino.DINOConfig(teacher_temp=cfg["teacher_temp"], warmup_teacher_temp=cfg["warmup_teacher_temp"],
+                           warmup_teacher_temp_epochs=cfg["warmup_teacher_temp_epochs"])
+    temps = torch.tensor([dino.teacher_temperature(ours, epoch, 1) for epoch in range(cfg["nepochs"])],
+                         dtype=torch.float64)
+    _close(temps, v1_ref["teacher_temp_schedule"], atol=1e-12)       # per epoch, as v1
     center = torch.zeros(1, cfg["out_dim"])
     for step in v1_ref["steps"]:
-        tau_t = dino.schedule_value(temps, step["epoch"], cfg["teacher_temp"])
+        tau_t = dino.teacher_temperature(ours, step["epoch"], 1)
         assert abs(tau_t - step["teacher_temp"]) < 1e-12
         _close(center, step["center_before"], atol=1e-7)
         student, teacher, n_global = _crops(step, cfg["ncrops"], cfg["n_global"])
@@ -341,82 +334,29 @@ def test_dino_v1_loss_two_consecutive_steps(v1_ref):
         _close(center, step["center_after"], atol=1e-7)
 
 
-def _dinov2_assembly(student, probs, student_temp=0.1):
-    """DINOv2's meta-arch: local loss (every local crop vs both teachers) + global loss (one
-    call on the 2B global rows against the swapped teacher, times 2), over the term count."""
-    n_global, B = probs.shape[0], probs.shape[1]
-    n_local = len(student) - n_global
-    n_terms = n_global * (n_global - 1) + n_global * n_local
-    local = sum(dino.cross_entropy(s, q, student_temp)
-                for s in student[n_global:] for q in probs) / n_terms
-    swapped = probs.flip(0).reshape(n_global * B, -1)          # teacher crop B, then crop A
-    glob = dino.cross_entropy(torch.cat(student[:n_global]), swapped, student_temp) * 2 / n_terms
-    return local, glob
-
-
-@pytest.mark.parametrize("teacher", ["centering", "sinkhorn"])
-def test_dinov2_assembled_loss(teacher, v1_ref, v2_ref):
-    ref = v2_ref[f"dinov2_dino_loss_{teacher}"]
-    student, t, n_global = _crops(v1_ref["steps"][0])
-    if teacher == "centering":
-        probs = dino.centered_probs(t, torch.zeros(1, t.shape[1]), 0.04)
-    else:
-        probs = dino.sinkhorn_knopp(t, 0.04)            # both global crops together
-    probs = probs.view(n_global, -1, t.shape[1])                                # (2, B, K)
-    _close(probs, ref["teacher_probs"])
-    local, glob = _dinov2_assembly(student, probs)
-    _close(local, ref["local_loss"], atol=LOSS_ATOL)
-    _close(glob, ref["global_loss"], atol=LOSS_ATOL)
-    _close(local + glob, ref["total"], atol=LOSS_ATOL)
-
-
-def test_dinov3_weighted_total(v1_ref, v2_ref):
-    ref = v2_ref["dinov3_dino_loss"]
-    student, t, n_global = _crops(v1_ref["steps"][0])
-    q = dino.centered_probs(t, torch.zeros(1, t.shape[1]), 0.04).chunk(n_global)
-    local_pairs = [dino.cross_entropy(s, qi, 0.1) for s in student[n_global:] for qi in q]
-    global_pairs = [dino.cross_entropy(student[v], q[i], 0.1)
-                    for i in range(n_global) for v in range(n_global) if v != i]
-    local_mean = sum(local_pairs) / len(local_pairs)
-    global_mean = sum(global_pairs) / len(global_pairs)
-    g, l = len(global_pairs), len(local_pairs)
-    _close(local_mean, ref["local_mean"], atol=LOSS_ATOL)
-    _close(global_mean, ref["global_mean_ignore_diag"], atol=LOSS_ATOL)
-    _close((g * global_mean + l * local_mean) / (g + l), ref["total_weighted"], atol=LOSS_ATOL)
-
-
 # ----------------------------------------------------------------------------------------------
 # Schedules
 # ----------------------------------------------------------------------------------------------
 
 def test_schedules_match_official(v2_ref):
-    ref = v2_ref["schedules"]
-    _close(dino.cosine_schedule(5e-4, 1e-6, 5, 3, warmup_epochs=1), ref["dino_v1_cosine_lr"])
-    _close(dino.cosine_schedule(0.04, 0.4, 5, 3), ref["dino_v1_cosine_wd"])
-    _close(dino.cosine_schedule(0.996, 1.0, 5, 3), ref["dino_v1_cosine_momentum"])
-    # DINOv2's CosineScheduler(base, final, total_iters=15, warmup_iters=3): iterations.
-    lr = dino.cosine_schedule(5e-4, 1e-6, 15, 1, warmup_epochs=3)
-    _close(lr, ref["dinov2_CosineScheduler_lr"])
-    temp = dino.cosine_schedule(0.07, 0.07, 6, 1, warmup_epochs=6, start_warmup_value=0.04)
-    _close(temp, ref["dinov2_teacher_temp"])
-    for sched in (lr, temp):
-        assert isinstance(sched, np.ndarray) and sched.dtype == np.float64
-    # Past the end DINOv2 returns `final`, which a cosine never reaches.
-    assert lr[-1] > 1e-6 + 1e-7 and dino.schedule_value(lr, 15, 1e-6) == 1e-6
-    assert dino.schedule_value(lr, 14, 1e-6) == lr[-1]
-    assert dino.schedule_value(temp, 6, 0.07) == dino.schedule_value(temp, 10 ** 6, 0.07) == 0.07
-
-
-def test_cosine_schedule_shape():
-    s = dino.cosine_schedule(1.0, 0.0, epochs=4, niter_per_ep=5, warmup_epochs=2,
-                             start_warmup_value=0.5)
-    assert len(s) == 20
-    np.testing.assert_allclose(s[:10], np.linspace(0.5, 1.0, 10))     # endpoints included
-    n = 10
-    np.testing.assert_allclose(s[10:], 0.5 * (1 + np.cos(np.pi * np.arange(n) / n)))
-    assert s[10] == 1.0 and s[15] == pytest.approx(0.5) and s[-1] > 0
-    with pytest.raises(ValueError):
-        dino.cosine_schedule(1.0, 0.0, epochs=2, niter_per_ep=5, warmup_epochs=3)
+    """The schedules the training path uses (train.py's lr and weight decay, dino.py's teacher
+    momentum and temperature) against DINO v1's cosine_scheduler and DINOv2's CosineScheduler,
+    5 epochs of 3 iterations."""
+    import train
+    ref, n = v2_ref["schedules"], 15
+    wd = train.OptimConfig(weight_decay=0.04, weight_decay_end=0.4)
+    _close([train.weight_decay(i, wd, n) for i in range(n)], ref["dino_v1_cosine_wd"])
+    momentum = dino.DINOConfig(momentum_teacher=0.996)
+    _close([dino.teacher_momentum(momentum, i, n) for i in range(n)], ref["dino_v1_cosine_momentum"])
+    # DINOv2: the teacher temperature warms up linearly over its whole 6 iterations, then stays
+    temp = dino.DINOConfig(teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=6)
+    _close([dino.teacher_temperature(temp, i, 1) for i in range(6)], ref["dinov2_teacher_temp"])
+    assert dino.teacher_temperature(temp, 6, 1) == dino.teacher_temperature(temp, 10 ** 6, 1) == 0.07
+    # lr: a cosine from 5e-4 to 1e-6 after a warmup of one epoch (3 iterations). NOTE: train.py's
+    # warmup reaches the peak at iteration 3 (CanViT's linear warmup); v1's linspace at 2.
+    lr = train.OptimConfig(lr=5e-4, init_lr=0.0, warmup_steps=3, schedule="cosine", min_lr=1e-6)
+    _close([train.learning_rate(i, lr, n) for i in range(3, n)], ref["dino_v1_cosine_lr"][3:])
+    _close([train.learning_rate(i, lr, n) for i in range(3, n)], ref["dinov2_CosineScheduler_lr"][3:])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,11 +1,19 @@
-"""eval.py: its config (train.py's system), the shared pieces, the command line's errors."""
+"""eval.py: its config (train.py's system), the command line's errors, and the foveal ViT's
+protocol (per-step accuracy, ViT mode, k-NN, resolutions, baselines, learned policies)."""
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import config
+import data
 import eval as ev
+import fovea
+import grpo
+import train
 from conftest import ROOT
 
 
@@ -30,13 +38,15 @@ def test_bad_options_fail_with_a_clear_message(args, message):
 
 
 def test_command_line_errors_are_messages_not_tracebacks(tmp_path):
-    """Errors raised inside a protocol module reach the command line as one message."""
+    """Errors raised inside a protocol module reach the command line as one message: `cli` is
+    what `python eval.py` runs (checked once in a subprocess)."""
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    for args, message in ((["--ckpt", bad], "cannot be read"), (["--ckpt", tmp_path / "none.pt"], "not found")):
-        res = subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args), "--out_dir",
-                              str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
-        assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert "cannot be read" in ev.cli(["--ckpt", str(bad), "--out_dir", str(tmp_path / "o")])
+    assert "not found" in ev.cli(["--ckpt", str(tmp_path / "none.pt"), "--out_dir", str(tmp_path / "o")])
+    res = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--ckpt", str(bad), "--out_dir",
+                          str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "cannot be read" in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
 def test_topk_hits_match_brute_force():
@@ -46,3 +56,150 @@ def test_topk_hits_match_brute_force():
         want = [float(labels[i].item() in sorted(range(7), key=lambda c: -logits[i, c].item())[:k])
                 for i in range(50)]
         assert ev.hits(logits, labels, k).tolist() == want
+
+
+# ---------------------------------------------------------------------------------------------
+# The foveal iterative ViT [002, 000]
+# ---------------------------------------------------------------------------------------------
+
+FOVEAL = {"objective": "foveal_sup", "seed": 0, "dtype": "float32",
+          "data": {"dataset": "synthetic", "image_size": 32, "length": 64, "val_length": 12},
+          "foveal": {"steps": 3, "model": {"dim": 32, "depth": 1, "heads": 2, "num_state": 2, "patch_px": 8,
+                                           "num_zoom": 3, "max_z": 2.0, "grid": 2, "grid_z": [2.0, 2.5],
+                                           "num_classes": 10, "layerscale": 0.0}}}
+VIT = {"objective": "vit_sup", "seed": 0, "dtype": "float32", "data": FOVEAL["data"],
+       "vit": {"backbone": {"embed_dim": 32, "num_heads": 1, "n_blocks": 1, "patch_size": 8},
+               "n_storage_tokens": 0, "num_classes": 10}}
+
+
+def save_checkpoint(path, overrides: dict, objective):
+    cfg = train.TrainConfig()
+    config.apply_overrides(cfg, overrides)
+    torch.manual_seed(0)
+    obj = train.build_objective(cfg)
+    torch.save(train.checkpoint(cfg, obj, step=3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def foveal_ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("foveal")
+    return save_checkpoint(d / "foveal.pt", FOVEAL, "foveal_sup"), save_checkpoint(d / "vit.pt", VIT, "vit_sup")
+
+
+def test_foveal_evaluation(foveal_ckpts, tmp_path):
+    fov, vit = foveal_ckpts
+    args = ["--ckpt", str(fov), "--baseline", str(vit), "--n_val", "12", "--batch_size", "5",
+            "--repeats", "2", "--res_factors", "1,2"]
+    res = ev.main([*args, "--out_dir", str(tmp_path / "a")])
+    r1 = res["resolution"]["1x"]
+    assert res["steps"] == 3 and res["vit_grid"] == 4 and r1["n"] == 12 and res["frozen_weights_unchanged"]
+    assert (tmp_path / "a" / "results.json").is_file() and "passive ViT baseline" in (tmp_path / "a" / "tables.md").read_text()
+    from PIL import Image                                # the gazes of an episode over 3 scenes
+    picture = Image.open(res["pictures"][0])
+    assert res["pictures"][0].endswith("gazes.png") and picture.size == (2 * 192, 3 * 192 + 16)
+    # Step 1 with random gazes, recomputed independently: the same generator draws, one batch at a time.
+    model = ev.load_foveal(torch.load(fov, weights_only=False))
+    ds = data.SyntheticScenes(12, 32, split="val")
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0)).tolist()
+    gen, correct = torch.Generator().manual_seed(0), 0.0
+    for i in range(0, 12, 5):
+        batch = data.collate([ds[j] for j in order[i:i + 5]])
+        for _ in range(2):
+            gazes = torch.rand(3, len(batch["label"]), 2, generator=gen) * 2 - 1
+            zs = 2.0 + 0.5 * torch.rand(3, len(batch["label"]), generator=gen)
+            table = fovea.integral_image(batch["image"])
+            with torch.no_grad():                                   # the step interface, directly
+                state = model.step(table, None, gazes[0], zs[0])
+                correct += (model.classify(state).argmax(-1) == batch["label"]).sum().item() / 2
+    assert r1["random"]["top1"][0] == pytest.approx(100 * correct / 12, abs=0.01)
+    # The seed draws the random gazes (recomputed above from it) and nothing else.
+    other = ev.main([*args[:-2], "--res_factors", "1", "--out_dir", str(tmp_path / "c"), "--seed", "1"])
+    o1 = other["resolution"]["1x"]
+    assert o1["fixed"] == r1["fixed"] and o1["vit_mode"] == r1["vit_mode"] and o1["random"] != r1["random"]
+
+
+def test_shuffled_vit_evaluation(tmp_path):
+    """[002] Sec. 6.1: evaluated on the ViT grid shuffled into groups, as trained."""
+    cfg = {**FOVEAL, "foveal": {**FOVEAL["foveal"], "glimpse": "shuffled_vit", "vit_grid": 4, "steps": 4}}
+    path = save_checkpoint(tmp_path / "shuffled.pt", cfg, "foveal_sup")
+    res = ev.main(["--ckpt", str(path), "--out_dir", str(tmp_path / "o"), "--n_val", "6", "--repeats", "1",
+                   "--res_factors", "1"])
+    assert res["glimpse"] == "shuffled_vit" and len(res["resolution"]["1x"]["random"]["top1"]) == 4
+    model = ev.load_foveal(torch.load(path, weights_only=False))
+    tcfg = fovea.FovealTrainConfig(model=model.cfg, steps=4, glimpse="shuffled_vit", vit_grid=4)
+    groups = fovea.episode_patches(model, tcfg, torch.Generator().manual_seed(0), 2, (32, 32), "cpu")
+    boxes = torch.cat([g.boxes for g in groups], 1)                 # every grid patch exactly once
+    assert sorted(map(tuple, boxes[0].tolist())) == sorted(map(tuple, fovea.vit_grid(1, (32, 32), 4).boxes[0].tolist()))
+    with pytest.raises(ev.EvalError, match="do not split into 3 groups"):
+        ev.main(["--ckpt", str(path), "--out_dir", str(tmp_path / "o"), "--T", "3"])
+
+
+def test_foveal_evaluation_rejects_a_wrong_baseline(foveal_ckpts, tmp_path):
+    with pytest.raises(ev.EvalError, match="objective 'foveal_sup', not vit_sup"):
+        ev.main(["--ckpt", str(foveal_ckpts[0]), "--baseline", str(foveal_ckpts[0]), "--out_dir", str(tmp_path)])
+
+
+def test_knn_matches_a_brute_force_vote():
+    gen = torch.Generator().manual_seed(0)
+    train_f = torch.nn.functional.normalize(torch.randn(30, 8, generator=gen), dim=1)
+    test_f = torch.nn.functional.normalize(torch.randn(10, 8, generator=gen), dim=1)
+    train_y, test_y = torch.randint(0, 3, (30,), generator=gen), torch.randint(0, 3, (10,), generator=gen)
+    right = 0
+    for i in range(10):                                     # one test feature at a time
+        sims = sorted(((float(test_f[i] @ train_f[j]), int(train_y[j])) for j in range(30)), reverse=True)[:5]
+        votes = [sum(math.exp(s / 0.07) for s, y in sims if y == c) for c in range(3)]
+        right += max(range(3), key=lambda c: votes[c]) == int(test_y[i])
+    assert ev.knn_top1(train_f, train_y, test_f, test_y, 3, k=5) == pytest.approx(right / 10)
+
+
+def test_dino_and_probe_checkpoints(tmp_path):
+    """A dino backbone: k-NN only; its probe: the per-step tables, [000] Table 1's layout, k-NN."""
+    from test_fovea import dino_checkpoint
+    dino_checkpoint(tmp_path / "dino.pt")
+    args = ["--n_val", "8", "--n_train", "12", "--batch_size", "4", "--repeats", "1", "--res_factors", "1",
+            "--pictures", "0"]
+    res = ev.main(["--ckpt", str(tmp_path / "dino.pt"), "--out_dir", str(tmp_path / "d"), *args])
+    assert set(res["knn"]) == {"k", "n_train", "vit", "random"} and res["resolution"] == {}
+    assert "k-NN top-1" in (tmp_path / "d" / "tables.md").read_text()
+    cfg = train.TrainConfig()
+    config.apply_overrides(cfg, {"objective": "probe", "data": {"image_size": 32},
+                                 "probe": {"backbone": str(tmp_path / "dino.pt"), "num_classes": 10, "steps": 2}})
+    torch.save(train.checkpoint(cfg, train.build_objective(cfg), step=2), tmp_path / "probe.pt")
+    res = ev.main(["--ckpt", str(tmp_path / "probe.pt"), "--out_dir", str(tmp_path / "p"), *args])
+    assert len(res["resolution"]["1x"]["random"]["top1"]) == 2 and "knn" in res
+    assert "| this model |" in (tmp_path / "p" / "tables.md").read_text()
+
+
+def test_a_grpo_checkpoint_is_evaluated_beside_random_gazes(foveal_ckpts, tmp_path):
+    """The policy's episodes (deterministic and sampled) beside random and fixed gazes, with the
+    gazes that fell on the badge, a picture of learned traces and a heat map."""
+    cfg = train.TrainConfig()
+    config.apply_overrides(cfg, {"objective": "grpo", "data": FOVEAL["data"],
+                                 "grpo": {"encoder": str(foveal_ckpts[0]), "group": 2, "steps": 3,
+                                          "policy": {"dim": 16, "heads": 2}}})
+    torch.manual_seed(0)
+    torch.save(train.checkpoint(cfg, train.build_objective(cfg), step=1), tmp_path / "grpo.pt")
+    res = ev.main(["--ckpt", str(tmp_path / "grpo.pt"), "--out_dir", str(tmp_path / "o"), "--n_val", "6",
+                   "--batch_size", "3", "--repeats", "1", "--res_factors", "1"])
+    r1 = res["resolution"]["1x"]
+    assert len(r1["policy"]["top1"]) == len(r1["policy_sampled"]["top1"]) == 3
+    assert set(r1["on_badge"]) == {"random", "fixed", "policy", "policy_sampled"}
+    assert all(0 <= v <= 100 for v in r1["on_badge"]["policy"])
+    assert [Path(p).name for p in res["pictures"]] == ["gazes.png", "policy_gazes.png"]
+    md = (tmp_path / "o" / "tables.md").read_text()
+    assert "learned policy, top-1" in md and "| ViT | Rand | Policy |" in md
+    # The deterministic episode, recomputed: the policy's heaviest mean at every step.
+    model = ev.load_foveal(torch.load(foveal_ckpts[0], weights_only=False))
+    policy = fovea.load_frozen(tmp_path / "grpo.pt", "policy", grpo.GazePolicy)
+    ds = data.SyntheticScenes(12, 32, split="val")
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0)).tolist()[:6]
+    batch = data.collate([ds[j] for j in order])
+    hits = 0.0
+    with torch.no_grad():
+        state, table = None, fovea.integral_image(batch["image"])
+        means, weights = policy([model.init_state(6)])
+        gaze = grpo.mixture_mode(means, weights).clamp(-1, 1)
+        state = model(table, None, model.glimpse(gaze, (32, 32), sum(model.cfg.grid_z) / 2))
+        hits = (model.classify(state).argmax(-1) == batch["label"]).float().sum().item()
+    assert r1["policy"]["top1"][0] == pytest.approx(100 * hits / 6, abs=0.01)

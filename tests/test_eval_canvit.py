@@ -2,8 +2,6 @@
 import dataclasses
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ import fovea
 import grpo
 import config
 import train
-from conftest import ROOT, TINY_DISTILL_SECTION
+from conftest import TINY_DISTILL_SECTION
 
 # A distillation run as train.py would save it: 64 px scenes, 4 x 4 canvas, 32 px glimpses.
 TINY = {
@@ -113,7 +111,7 @@ def test_cell_targets_match_brute_force():
                 cell = masks[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4]
                 for c in range(5):
                     assert q[b, c, i, j] == pytest.approx(float((cell == c).sum()) / 16)
-    with pytest.raises(ev.EvalError, match="whole number of cells"):
+    with pytest.raises(ec.EvalError, match="whole number of cells"):
         ec.cell_targets(masks, 5, 5)
 
 
@@ -135,7 +133,7 @@ def test_policy_metrics_match_a_brute_force_recomputation(tiny):
     preds, masks = [[] for _ in range(3)], []
     correct, zero_shot, cos = np.zeros(3), np.zeros(3), np.zeros(3)
     with torch.no_grad():
-        for batch in ev.batches(t["val_ds"], 7, 3):
+        for batch in ec.batches(t["val_ds"], 7, 3):
             images, B = batch["image"], len(batch["image"])
             t_patches = t["teacher"](images)["patches"]
             state = model.init_state(B, G)
@@ -177,7 +175,7 @@ def test_probes_train_on_frozen_features(tiny):
     for probe, loss_fn, whole in ((seg_probe, ec.seg_loss, (feats["cells"], feats["q"])),
                                   (cls_probe, ec.cls_loss, (feats["cls"], feats["label"]))):
         before = loss_fn(probe.eval(), *whole).item()          # the loss on all 16 cached scenes
-        ev.train_probe(probe, loss_fn, whole, cfg, seed=0)
+        ec.train_probe(probe, loss_fn, whole, cfg, seed=0)
         after = loss_fn(probe.eval(), *whole).item()
         assert after < 0.7 * before, (loss_fn.__name__, before, after)
     # a probe learns what the features hold: labels planted in the recurrent-CLS features
@@ -185,7 +183,7 @@ def test_probes_train_on_frozen_features(tiny):
     labels = torch.arange(64) % 10
     planted = torch.randn(64, 3, 32) + 3 * F.one_hot(labels, 32)[:, None].float()
     probe = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 10))
-    losses = ev.train_probe(probe, ec.cls_loss, (planted, labels), cfg, seed=0)
+    losses = ec.train_probe(probe, ec.cls_loss, (planted, labels), cfg, seed=0)
     assert np.mean(losses[-10:]) < 0.3 * losses[0]
     assert (probe.eval()(planted[:, 0]).argmax(1) == labels).float().mean() > 0.9
 
@@ -193,7 +191,7 @@ def test_probes_train_on_frozen_features(tiny):
 def test_evaluation_leaves_the_frozen_model_bit_identical(tiny):
     t = tiny
     model, teacher = t["model"], t["teacher"]
-    before = ev.snapshot(model, teacher)
+    before = ec.snapshot(model, teacher)
     keys = set(model.state_dict())
     cfg = dataclasses.replace(t["cfg"], T=5, n_val=4, res_factors=(2,))
     for S, G in ((64, 4), (128, 8)):                              # a grid without standardizers too
@@ -203,14 +201,14 @@ def test_evaluation_leaves_the_frozen_model_bit_identical(tiny):
         stds, source = ec.fit_standardizers(model, feats, G)
         ec.evaluate_policies(model, teacher, probes, stds, val_ds, cfg, t["info"], S, G)
     assert source.startswith("fitted") and set(model.state_dict()) == keys   # nothing added
-    ev.check_unchanged((model, teacher), before)
-    after = ev.snapshot(model, teacher)
+    ec.check_unchanged((model, teacher), before)
+    after = ec.snapshot(model, teacher)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(before, after) for k in a)
     assert not model.training and all(p.grad is None and not p.requires_grad for p in model.parameters())
     broken = [dict(before[0]), before[1]]
     broken[0]["canvas_spatial_init"] = broken[0]["canvas_spatial_init"] + 1e-7
     with pytest.raises(RuntimeError, match="canvas_spatial_init"):
-        ev.check_unchanged((model, teacher), broken)
+        ec.check_unchanged((model, teacher), broken)
 
 
 def viewpoints(tiny, policy, seed, T=6):
@@ -263,15 +261,19 @@ def test_pca_rgb_separates_clusters_and_ignores_token_scale():
     assert np.abs(ec.pca_rgb(scaled).astype(int) - rgb).max() <= 1
 
 
-def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+def run_cli(capsys, *args):
+    """eval.py's command line in this process (`cli` is what `python eval.py` runs: test_eval.py
+    checks the wiring once): -> (the error message or None, stdout, stderr)."""
+    capsys.readouterr()
+    message = ev.cli([str(a) for a in args])
+    out = capsys.readouterr()
+    return message, out.out, out.err
 
 
-def test_cli_end_to_end(ckpt, tmp_path):
+def test_cli_end_to_end(ckpt, tmp_path, capsys):
     out = tmp_path / "eval"
-    res = run_cli("--ckpt", ckpt, "--out_dir", out, *FAST, "--res_factors", "1,2")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    message, stdout, _ = run_cli(capsys, "--ckpt", ckpt, "--out_dir", out, *FAST, "--res_factors", "1,2")
+    assert message is None, message
     results = json.loads((out / "results.json").read_text())
     assert results["step"] == 7 and results["frozen_check"].startswith("passed")
     assert [(r["scene_px"], r["canvas_grid"]) for r in results["resolutions"]] == [(64, 4), (128, 8)]
@@ -286,7 +288,7 @@ def test_cli_end_to_end(ckpt, tmp_path):
             assert Image.open(path).size[0] > 0
         assert len(r["pictures"]) == len(ev.EvalConfig().policies)
     tables = (out / "tables.md").read_text()
-    assert "mIoU" in tables and "| C2F | 128/8² |" in tables and tables in res.stdout
+    assert "mIoU" in tables and "| C2F | 128/8² |" in tables and tables in stdout
     row = next(line for line in tables.splitlines() if line.startswith("| C2F | 64/4² |"))
     assert len(re.findall(r"\d+\.\d", row)) >= 6                  # a number at every timestep
 
@@ -299,7 +301,7 @@ def test_default_glimpse_count_is_21_for_canvit(ckpt, tmp_path):
     assert "| t = 20 |" in (tmp_path / "tables.md").read_text()
 
 
-def test_official_hugging_face_folder(ckpt, tmp_path):
+def test_official_hugging_face_folder(ckpt, tmp_path, capsys):
     """A canvit-pytorch 0.1 folder (config.json + model.safetensors), with a DINOv3 teacher file."""
     pytest.importorskip("safetensors")
     from safetensors.torch import save_file
@@ -320,28 +322,28 @@ def test_official_hugging_face_folder(ckpt, tmp_path):
     out = tmp_path / "eval"
     hf_args = ["--ckpt", folder, "--out_dir", out, *FAST, "--res_factors", "1", "--scene_size", "64",
                "--glimpse_px", "32"]
-    res = run_cli(*hf_args, "--policies", "full,c2f", "--teacher_weights", tmp_path / "dinov3.pth")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    message, _, _ = run_cli(capsys, *hf_args, "--policies", "full,c2f", "--teacher_weights", tmp_path / "dinov3.pth")
+    assert message is None, message
     r = json.loads((out / "results.json").read_text())["resolutions"][0]
     assert r["standardizers"] == "checkpoint" and set(r["c2f"]) >= {"miou", "patch_cos", "top1_zero_shot"}
-    no_teacher = run_cli(*hf_args, "--policies", "full")
-    assert no_teacher.returncode == 0 and "no teacher" in no_teacher.stderr
+    message, _, stderr = run_cli(capsys, *hf_args, "--policies", "full")
+    assert message is None and "no teacher" in stderr
     r = json.loads((out / "results.json").read_text())["resolutions"][0]
     assert "miou" in r["full"] and "patch_cos" not in r["full"] and "teacher_top1" not in r
 
 
-def test_bad_inputs_fail_with_clear_messages(ckpt, tmp_path):
-    res = run_cli("--ckpt", tmp_path / "missing.pt", "--out_dir", tmp_path / "o")
-    assert res.returncode != 0 and "not found" in res.stderr and "Traceback" not in res.stderr
-    with pytest.raises(ev.EvalError, match="objective 'vit_sup'"):   # a baseline is evaluated beside
+def test_bad_inputs_fail_with_clear_messages(ckpt, tmp_path, capsys):
+    message, _, _ = run_cli(capsys, "--ckpt", tmp_path / "missing.pt", "--out_dir", tmp_path / "o")
+    assert "not found" in message
+    with pytest.raises(ec.EvalError, match="objective 'vit_sup'"):   # a baseline is evaluated beside
         other = save_tiny_checkpoint(tmp_path / "f.pt", "vit_sup")       # a foveal model, not alone
         ev.main(["--ckpt", str(other), "--out_dir", str(tmp_path)])
     torch.save({"weights": 1}, tmp_path / "junk.pt")
-    with pytest.raises(ev.EvalError, match="not a train.py checkpoint"):
+    with pytest.raises(ec.EvalError, match="not a train.py checkpoint"):
         ev.main(["--ckpt", str(tmp_path / "junk.pt"), "--out_dir", str(tmp_path)])
-    with pytest.raises(ev.EvalError, match="unknown policy"):
+    with pytest.raises(ec.EvalError, match="unknown policy"):
         ev.main(["--ckpt", str(ckpt), "--out_dir", "x", "--policies", "c2f,zigzag"])
-    with pytest.raises(ev.EvalError, match="entropy policy"):     # 3 x 3 canvas, 4 x 4 finest tiles
+    with pytest.raises(ec.EvalError, match="entropy policy"):     # 3 x 3 canvas, 4 x 4 finest tiles
         ev.main(["--ckpt", str(ckpt), "--out_dir", str(tmp_path), "--canvas_grid", "3", "--T", "21"])
 
 
@@ -381,25 +383,24 @@ def test_constant_prediction_floor(tiny):
     stds, _ = ec.fit_standardizers(t["model"], t["feats"], 4)
     res, _ = ec.evaluate_policies(t["model"], t["teacher"], t["probes"], stds, t["val_ds"], cfg,
                                   t["info"], 64, 4)
-    masks = np.stack([b for batch in ev.batches(t["val_ds"], 9, 4) for b in batch["mask"].numpy()])
-    labels = np.concatenate([batch["label"].numpy() for batch in ev.batches(t["val_ds"], 9, 4)])
+    masks = np.stack([b for batch in ec.batches(t["val_ds"], 9, 4) for b in batch["mask"].numpy()])
+    labels = np.concatenate([batch["label"].numpy() for batch in ec.batches(t["val_ds"], 9, 4)])
     K = t["val_ds"].num_segment_classes
     most = np.bincount(masks.ravel(), minlength=K).argmax()
     assert res["floor_miou"] == pytest.approx(brute_force_miou(np.full_like(masks, most), masks, K))
     assert res["floor_top1"] == pytest.approx(np.mean(labels == np.bincount(labels).argmax()))
 
 
-def test_same_seed_same_results_json(ckpt, tmp_path):
-    """Whole runs: policies, probes (initialisation, dropout, batches) all follow --seed."""
-    args = ["--ckpt", str(ckpt), *FAST, "--res_factors", "1", "--policies", "riid,c2f,entropy",
-            "--pictures", "0"]
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "config")}
-    torch.rand(3)                                                # a different global RNG state
-    first = strip(ev.main([*args, "--out_dir", str(tmp_path / "a")]))
-    torch.rand(5)
-    assert strip(ev.main([*args, "--out_dir", str(tmp_path / "b")])) == first
-    other = strip(ev.main([*args, "--out_dir", str(tmp_path / "c"), "--seed", "1"]))
-    assert other["resolutions"][0]["riid"] != first["resolutions"][0]["riid"]
+def test_probes_follow_the_seed(tiny):
+    """Probe initialisation, dropout and batches follow --seed (the policies' draws: the tests
+    above): the same seed gives the same probes, another seed other ones."""
+    t = tiny
+    weights = lambda seed: [p.detach().clone() for probe in ec.train_probes(
+        t["model"], t["feats"], t["train_ds"], dataclasses.replace(t["cfg"], seed=seed),
+        torch.device("cpu"))[0].values() for p in probe.parameters()]
+    first = weights(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, weights(0)))
+    assert any(not torch.equal(a, b) for a, b in zip(first, weights(1)))
 
 
 class TwoComponents(torch.nn.Module):
@@ -419,8 +420,8 @@ def test_learned_policy_rows_take_the_mode_or_a_sample_with_the_policy_std(tiny)
         with torch.inference_mode():
             return [vp for _, vp, _ in ec.rollout(tiny["model"], images, policy, 2, 4, 32,
                                                   torch.Generator().manual_seed(0),
-                                                  learned=(TwoComponents(), 0.05, std))]
-    mode = grpo.canvit_viewpoint(torch.tensor([[0.5, -0.25, 0.0]]), 0.05)
+                                                  learned=(TwoComponents(), 0.05, std, "policy"))]
+    mode = grpo.CanViTEncoder(tiny["model"], None, 4, 32, 0.05).viewpoint(torch.tensor([[0.5, -0.25, 0.0]]))
     for vp in rollout("learned"):                                  # the heaviest mean, every time
         assert torch.equal(vp.center_yx, mode.center_yx.expand(200, 2)) and torch.equal(vp.scale, mode.scale.expand(200))
     for vp in rollout("learned_sampled"):        # around it, spread by std: scale s_min + (1 - s_min)(u + 1) / 2
@@ -444,5 +445,5 @@ def test_a_learned_canvit_policy_joins_the_policy_tables(ckpt, tmp_path):
     assert len(r["learned"]["top1_zero_shot"]) == len(r["learned_sampled"]["top1_zero_shot"]) == 3
     tables = (tmp_path / "o" / "tables.md").read_text()
     assert "| Learned (GRPO) | 64/4² |" in tables and "| Learned (GRPO), sampled | 64/4² |" in tables
-    with pytest.raises(ev.EvalError, match="'learned' and 'learned_sampled' come from a grpo checkpoint"):
+    with pytest.raises(ec.EvalError, match="'learned' and 'learned_sampled' come from a grpo checkpoint"):
         ev.main(["--ckpt", str(ckpt), "--out_dir", str(tmp_path / "x"), "--policies", "learned"])

@@ -292,19 +292,6 @@ def test_multizoom_patches_are_concentric_and_halve_per_zoom_step():
     torch.testing.assert_close(pt.yxz[..., :2], gaze[:, None].expand(2, 5, 2))
 
 
-def test_paper002_coordinate_conversion():
-    xy = torch.tensor([[0.0, 0.0], [1.0, 0.25], [0.5, 0.5]])
-    yx = fovea.from_paper002(xy)
-    torch.testing.assert_close(yx, torch.tensor([[-1.0, -1.0], [-0.5, 1.0], [0.0, 0.0]]))
-    torch.testing.assert_close(fovea.to_paper002(yx), xy)
-    # Alg. 1: centre_y = center[1] * height, centre_x = center[0] * width.
-    pt = fovea.multizoom_patches(yx, (200, 100), num_patches=2, max_z=1.0)
-    cy, cx = centres_px(pt.boxes)
-    torch.testing.assert_close(cy[:, 0], xy[:, 1] * 200)
-    torch.testing.assert_close(cx[:, 0], xy[:, 0] * 100)
-    assert fovea.zoom_to_scale(2.0) == 0.25 and fovea.scale_to_zoom(0.125) == 3.0
-
-
 def test_foveal_grid_hand_worked_cases():
     """Eq. 5-6 worked by hand on a 256 x 384 image (S = 256 / 2^z)."""
     # Gaze at the centre (pixel 128, 192), g = 2, z = 3: S = 32, cells offset by -16 / +16.
@@ -559,13 +546,6 @@ def test_mixup_does_not_depend_on_the_number_of_processes():
         torch.testing.assert_close(torch.cat([h[k] for h in halves]), whole[k], rtol=0, atol=0)
 
 
-def test_mixup_lambda_follows_beta():
-    gen = torch.Generator().manual_seed(0)
-    lams = torch.tensor([fovea.mixup_lambda(gen, 0.8) for _ in range(4000)])
-    # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)) = 0.0962 for a = 0.8
-    assert abs(lams.mean() - 0.5) < 0.02 and abs(lams.var() - 1 / (4 * 2.6)) < 0.01
-
-
 def test_fixed_gazes():
     g = fovea.fixed_gazes(11)
     assert g.shape == (11, 2) and (g[0] == 0).all() and (g.abs() < 1).all()
@@ -664,7 +644,7 @@ def dino_checkpoint(path, objective="dino"):
 
 def test_the_probe_learns_only_its_head_on_the_dino_teacher(tmp_path):
     dino_obj = dino_checkpoint(tmp_path / "dino.pt")
-    probe = fovea.FovealProbe(fovea.ProbeConfig(backbone=str(tmp_path / "dino.pt"), num_classes=5, steps=2), seed=0)
+    probe = fovea.FovealSupervised.probe(fovea.ProbeConfig(backbone=str(tmp_path / "dino.pt"), num_classes=5, steps=2), seed=0)
     teacher = dino_obj.teacher.backbone.state_dict()
     for k, v in probe.model.state_dict().items():              # the EMA teacher's backbone, exactly
         if not k.startswith("head."):
@@ -679,16 +659,16 @@ def test_the_probe_learns_only_its_head_on_the_dino_teacher(tmp_path):
     after = probe.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith("head."))
     assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("head."))
-    again = fovea.FovealProbe(fovea.ProbeConfig(backbone=str(tmp_path / "dino.pt"), reinit=True, num_classes=5), seed=0)
+    again = fovea.FovealSupervised.probe(fovea.ProbeConfig(backbone=str(tmp_path / "dino.pt"), reinit=True, num_classes=5), seed=0)
     assert not torch.equal(again.model.blocks[0].qk.weight, probe.model.blocks[0].qk.weight)   # random
 
 
 def test_a_probe_needs_a_dino_backbone_and_says_what_it_got(tmp_path):
     dino_checkpoint(tmp_path / "sup.pt", objective="foveal_sup")
     with pytest.raises(fovea.CheckpointError, match=r"is a 'foveal_sup' checkpoint; the probe stage takes .* 'dino'"):
-        fovea.FovealProbe(fovea.ProbeConfig(backbone=str(tmp_path / "sup.pt"), num_classes=5), seed=0)
+        fovea.FovealSupervised.probe(fovea.ProbeConfig(backbone=str(tmp_path / "sup.pt"), num_classes=5), seed=0)
     with pytest.raises(fovea.CheckpointError, match="probe.backbone: set the checkpoint"):
-        fovea.FovealProbe(fovea.ProbeConfig(num_classes=5), seed=0)
+        fovea.FovealSupervised.probe(fovea.ProbeConfig(num_classes=5), seed=0)
     dino_checkpoint(tmp_path / "dino.pt")
     backbone = fovea.load_frozen(tmp_path / "dino.pt", "encoder", fovea.FovealViT)
     with pytest.raises(ValueError, match="no task head .* train one with the objective `probe`"):

@@ -11,7 +11,7 @@ SHIPPED = sorted(p.relative_to(REFERENCE) for p in REFERENCE.rglob("*.pt"))
 
 def test_every_shipped_file_is_described():
     readme = (REFERENCE / "README.md").read_text()
-    assert len(SHIPPED) == 6
+    assert len(SHIPPED) == 5
     for rel in SHIPPED:
         assert f"`{rel}`" in readme or f"`{rel.parent}/{rel.stem}" in readme, rel
 
