@@ -793,13 +793,15 @@ def load_fashion_mnist(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
         gz = os.path.join(root, name + ".gz")
         paths.append(gz if os.path.exists(gz) or not os.path.exists(gz[:-3]) else gz[:-3])
     stats = [os.stat(p) if os.path.exists(p) else None for p in paths]
-    key = (split, *((os.path.realpath(p), s and s.st_size, s and s.st_mtime_ns) for p, s in zip(paths, stats)))
+    key = (split, *((os.path.realpath(p), s and s.st_size, s and s.st_mtime_ns)
+                    for p, s in zip(paths, stats)))
     if key not in _FASHION_MNIST_LOADED:
         try:
             images = read_idx(paths[0], (n, ITEM_PX, ITEM_PX))
             labels = read_idx(paths[1], (n,))
-            if labels.max() >= len(FASHION_MNIST_CLASSES):
-                raise DataError(f"{paths[1]}: a label {labels.max()}, expected 0 to {len(FASHION_MNIST_CLASSES) - 1}")
+            K = len(FASHION_MNIST_CLASSES)
+            if labels.max() >= K:
+                raise DataError(f"{paths[1]}: a label {labels.max()}, expected 0 to {K - 1}")
         except DataError as e:
             raise DataError(f"{e}; {FASHION_MNIST_HOWTO}") from None
         _FASHION_MNIST_LOADED[key] = images, labels.astype(np.int64)
@@ -813,8 +815,8 @@ def sample_layout(index: int, n_items: int, seed: int = 0, split: str = "train",
 
     Item index % n_items is the scene's item, so a length above n_items shows the items again
     at new places. Returns item (int), box (cy, cx, h): the item's centre and half-side in scene
-    units (h is also its side as a fraction of the scene's), and fragments: a list of (item j,
-    top, left) crop corners in item pixels, (cy, cx) centres in scene units.
+    units (h is also its side as a fraction of the scene's), and fragments: a list of (j, top,
+    left, cy, cx): item j's crop at row top, column left (item pixels), centred at (cy, cx).
     """
     if scene not in SCENES:
         raise ValueError(f"scene must be one of {SCENES}, got {scene!r}")
@@ -835,8 +837,10 @@ def sample_layout(index: int, n_items: int, seed: int = 0, split: str = "train",
     return dict(item=item, box=(cy, cx, h), fragments=fragments)
 
 
-def _cell_edges(starts: list[float], sides: list[float], cells: list[int], lo: float, hi: float) -> np.ndarray:
-    """(C + 1,) sorted edges, within [lo, hi], of the cells of all layers along one axis."""
+def _cell_edges(starts: list[float], sides: list[float], cells: list[int], lo: float,
+                hi: float) -> np.ndarray:
+    """(C + 1,) sorted edges, within [lo, hi], of the cells of all layers along one axis: layer k
+    spans [starts[k], starts[k] + sides[k]] in cells[k] equal cells."""
     edges = [np.array([lo, hi])] + [s + w * np.arange(n + 1) / n for s, w, n in zip(starts, sides, cells)]
     return np.unique(np.clip(np.concatenate(edges), lo, hi))
 
@@ -854,16 +858,18 @@ def render_layers(layers: list[tuple[np.ndarray, float, float, float]], size: in
     square layers, each (values (n, n) in [0, 1], top y, left x, side in scene units), composited
     by their maximum. float64 throughout. Returns (size, size) float32."""
     y0, x0, y1, x1 = window
-    ey = _cell_edges([t for _, t, _, _ in layers], [s for *_, s in layers], [len(v) for v, *_ in layers], y0, y1)
-    ex = _cell_edges([l for _, _, l, _ in layers], [s for *_, s in layers], [len(v) for v, *_ in layers], x0, x1)
+    tops, lefts, sides = ([layer[k] for layer in layers] for k in (1, 2, 3))
+    cells = [len(layer[0]) for layer in layers]
+    ey, ex = _cell_edges(tops, sides, cells, y0, y1), _cell_edges(lefts, sides, cells, x0, x1)
     my, mx = (ey[:-1] + ey[1:]) / 2, (ex[:-1] + ex[1:]) / 2                   # (Cy,), (Cx,) cell centres
     scene = np.zeros((len(my), len(mx)))                                       # (Cy, Cx) constant cells
     for values, top, left, side in layers:
-        n = len(values)
-        iy, ix = np.floor((my - top) / side * n).astype(np.int64), np.floor((mx - left) / side * n).astype(np.int64)
+        n = len(values)                                                        # the layer's cells i, j
+        iy = np.floor((my - top) / side * n).astype(np.int64)                  # (Cy,)
+        ix = np.floor((mx - left) / side * n).astype(np.int64)                 # (Cx,)
         in_y, in_x = (iy >= 0) & (iy < n), (ix >= 0) & (ix < n)
-        cells = np.ix_(in_y, in_x)
-        scene[cells] = np.maximum(scene[cells], values[np.ix_(iy[in_y], ix[in_x])])
+        covered = np.ix_(in_y, in_x)
+        scene[covered] = np.maximum(scene[covered], values[np.ix_(iy[in_y], ix[in_x])])
     oy, ox = _overlaps(ey, y0, y1, size), _overlaps(ex, x0, x1, size)          # (S, Cy), (S, Cx)
     # einsum, not @: numpy's BLAS threads would fight the training loop's for the cores.
     rows = np.einsum("ic,cd->id", oy, scene)                                   # (S, Cx)
@@ -882,7 +888,8 @@ def render_fashion(images: np.ndarray, layout: dict, size: int, scene: str = "cl
         crop = images[j, top:top + fragment_px, left:left + fragment_px] / 255.0
         layers.append((crop, fy - side / 2, fx - side / 2, side))
     if scene == "crop":
-        return render_layers(layers, size, (cy - h, cx - h, cy + h, cx + h)), np.array([0, 0, 1], np.float32)
+        window = (cy - h, cx - h, cy + h, cx + h)                           # the item's square
+        return render_layers(layers, size, window), np.array([0, 0, 1], np.float32)
     return render_layers(layers, size), np.array([cy, cx, h], np.float32)
 
 
@@ -906,7 +913,8 @@ class FashionMNISTScenes(Dataset):
             raise ValueError(f"images must be (N, {ITEM_PX}, {ITEM_PX}) uint8 with (N,) labels, got "
                              f"{images.shape} {images.dtype} and {labels.shape}")
         if not 0 < item_size[0] <= item_size[1] <= 1:
-            raise ValueError(f"item_size {item_size}: sides must satisfy 0 < min <= max <= 1 of the scene side")
+            raise ValueError(f"item_size {item_size}: sides must satisfy 0 < min <= max <= 1 (of the "
+                             "scene side)")
         if clutter < 0 or not 1 <= fragment_px <= ITEM_PX or (clutter and len(images) < 2):
             raise ValueError(f"clutter = {clutter} fragments of {fragment_px} px: need clutter >= 0, "
                              f"1 <= fragment_px <= {ITEM_PX} and, with clutter, at least 2 items")
@@ -924,7 +932,8 @@ class FashionMNISTScenes(Dataset):
             raise IndexError(f"index {i} out of range for {self.length} scenes")
         layout = sample_layout(i, len(self.images), self.seed, self.split, self.scene, self.item_size,
                                self.clutter, self.fragment_px)
-        grey, target = render_fashion(self.images, layout, size or self.image_size, self.scene, self.fragment_px)
+        grey, target = render_fashion(self.images, layout, size or self.image_size, self.scene,
+                                      self.fragment_px)
         return grey, int(self.labels[layout["item"]]), target
 
     def __getitem__(self, i: int) -> dict:
@@ -1021,10 +1030,11 @@ def save_grid(path: str, n: int = 6, size: int = 256, seed: int = 0) -> None:
     Image.fromarray((np.concatenate(rows, 0) * 255).round().astype(np.uint8)).save(path)
 
 
-def save_fashion_grid(path: str, root: str = "", n: int = 6, scene_px: int = 64, size: int = 128) -> list[str]:
+def save_fashion_grid(path: str, root: str = "", n: int = 6, scene_px: int = 64,
+                      size: int = 128) -> list[str]:
     """One row per scene kind (plain, cluttered, object-centric, crop) of the first n val
     scenes, each rendered at `size` px (2x the scene_px scenes the tiny configs train on), the
-    item's square outlined in grey. -> the labels of the cluttered row."""
+    item's square outlined in olive on the cluttered rows. -> the classes of the cluttered row."""
     images, labels = load_fashion_mnist(root, "val")
     kinds = (("plain", {}), ("cluttered", {}), ("cluttered", OBJECT_CENTRIC), ("crop", {}))
     rows, names = [], []
