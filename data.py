@@ -1,4 +1,5 @@
-"""Datasets: built-in synthetic scenes, ImageNet-style folders, ADE20K (papers 002, 000, 003).
+"""Datasets: built-in synthetic scenes, Fashion-MNIST scenes, ImageNet-style folders, ADE20K
+(papers 002, 000, 003).
 
 Papers
   [002] Prisadnikov et al., "Vision encoders should be image size agnostic and task driven",
@@ -6,13 +7,15 @@ Papers
   [000] "Self-supervised pretraining for an iterative image size agnostic vision transformer",
         arXiv 2604.20392.
   [003] Berreby et al., "CanViT: Toward Active-Vision Foundation Models".
+  [RAM] Mnih et al., "Recurrent Models of Visual Attention", NIPS 2014 (cluttered translated MNIST).
 
 Every dataset returns a dict per item, and `collate` batches them:
   image  (3, H, W) float32, ImageNet-normalised (IMAGENET_MEAN, IMAGENET_STD)
   label  () int64 (classification datasets)
   mask   (H, W) int64 per-pixel labels (segmentation datasets)
   index  int, the item's index
-  target (3,) float32 (synthetic only): the target's centre (y, x) in [-1, 1] and radius
+  target (3,) float32 (synthetic, fashion_mnist): the target's centre (y, x) in [-1, 1] and its
+         radius (synthetic: the badge's) or half-side (fashion_mnist: the item's square)
 A file that cannot be decoded yields {"index": i, "bad": "<path>: <reason>"} instead; `collate`
 drops it and reports `n_bad` and the `bad` reasons per batch, so a training loop can sum and log
 them. This works unchanged with multi-process DataLoader workers.
@@ -23,6 +26,10 @@ Datasets
                    A small "badge" (a light disc with a dark rim) carries a glyph whose identity
                    is the label; it sits at a random place among textured clutter, so a low-
                    resolution view finds *where* it is but only a zoomed glimpse reads *what*.
+  FashionMNISTScenes  Fashion-MNIST's 28 x 28 grey items (its four IDX files; Debian's package
+                   dataset-fashion-mnist installs them offline) as plain scenes, cluttered
+                   translated scenes [RAM] or object-centric ones, deterministic per (seed, split,
+                   index) and exact at any resolution; train = the 60k file, val = the 10k file.
   ImageFolder      root/class/image.jpg, classes sorted; resize shorter side + centre crop
                    [003, Table 1 and App. D.2: Resize(512) + CenterCrop].
   ADE20K           ADEChallengeData2016 layout, resized directly to a square [003, App. F.2.1].
@@ -33,17 +40,22 @@ Paper -> code
   003 Table 1, App. D.2   Resize(S) + CenterCrop(S), ImageNet norm   resize_center_crop, ImageFolder
   003 App. F.2.1          square resize; random resized crop [0.5, 2] + flip    ADE20K
   DESIGN.md "Data"        the built-in synthetic scenes                         render_scene
+  RAM Sec. 4.1            cluttered translated scenes (here of Fashion-MNIST)   sample_layout, render_fashion
+  LeCun's IDX format      the Fashion-MNIST files, checked                      read_idx, load_fashion_mnist
 
-Run `python data.py` for a picture of sample scenes and masks, `python bench.py data` for the
+Run `python data.py` for pictures of sample scenes (out/*.png), `python bench.py data` for the
 rendering speed, `python -m pytest tests/test_data.py` for the tests.
 """
 from __future__ import annotations
 
 import argparse
 import colorsys
+import gzip
 import math
 import os
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -57,7 +69,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-DATASETS = ("synthetic", "imagefolder", "ade20k")
+DATASETS = ("synthetic", "imagefolder", "ade20k", "fashion_mnist")
 
 
 class DataError(ValueError):
@@ -68,14 +80,22 @@ class DataError(ValueError):
 @dataclass
 class DataConfig:
     dataset: str = "synthetic"  # one of DATASETS
-    root: str = ""              # imagefolder: holds train/ and val/ class folders; ade20k: ADEChallengeData2016
+    root: str = ""              # imagefolder: holds train/ and val/ class folders; ade20k: ADEChallengeData2016;
+                                # fashion_mnist: the four IDX files ('' = FASHION_MNIST_ROOT, Debian's)
     image_size: int = 128       # scene side S in pixels (paper 003: 512, Table 1)
-    num_classes: int = 10       # synthetic: glyph classes (at most len(GLYPHS)); imagefolder: must match (0: any)
-    length: int = 10_000        # synthetic: scenes in the train split
-    val_length: int = 1_000     # synthetic: scenes in the val split
-    seed: int = 0               # synthetic: scene seed
+    num_classes: int = 10       # synthetic: glyph classes (at most len(GLYPHS)); imagefolder: must match
+                                # (0: any); fashion_mnist: 10
+    length: int = 10_000        # synthetic, fashion_mnist: scenes in the train split
+    val_length: int = 1_000     # synthetic, fashion_mnist: scenes in the val split
+    seed: int = 0               # synthetic, fashion_mnist: scene seed
     target_min: float = 0.06    # synthetic: smallest target diameter, fraction of the image side
     target_max: float = 0.12    # synthetic: largest target diameter
+    scene: str = "cluttered"    # fashion_mnist: plain | cluttered | crop (see "Fashion-MNIST scenes")
+    item_min: float = 0.4375    # fashion_mnist: smallest item side, fraction of the scene side
+                                # (28 / 64: RAM's unscaled 28 px item on a 64 px scene)
+    item_max: float = 0.4375    # fashion_mnist: largest item side (object-centric scenes: 0.6-0.9)
+    clutter: int = 4            # fashion_mnist: fragments a scene (RAM: 4 on 60 px, 8 on 100 px)
+    fragment_px: int = 9        # fashion_mnist: fragment side in item pixels (RAM: 8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,6 +686,268 @@ def _random_resized_crop(im: Image.Image, ann: Image.Image, S: int, rng: np.rand
 
 
 # ----------------------------------------------------------------------------------------------
+# Fashion-MNIST scenes: the IDX files; plain, cluttered translated [RAM] and item-crop scenes
+# ----------------------------------------------------------------------------------------------
+#
+# Fashion-MNIST (Xiao, Rasul and Vollgraf, arXiv 1708.07747): 60,000 training and 10,000 test
+# photographs of clothing, 28 x 28 grey, 10 classes, in four IDX files. The train split's scenes
+# are made only of the 60k training items, the val split's only of the 10k test items, clutter
+# included: the two never share an item.
+#
+# A scene is defined in scene units (y, x) in [-1, 1]^2 (DESIGN.md) and is piecewise constant:
+# an item is a square of 28 x 28 constant cells, a clutter fragment a smaller square of them, the
+# background black; where layers overlap the scene is their maximum (a fragment never darkens the
+# item). A pixel is the exact area mean of the scene over the pixel's box: all layers' cell edges
+# cut the window into a non-uniform grid on which the scene is constant, and one (S, C) matrix of
+# overlaps per axis averages it onto the pixels. So a render at 2S box-downsampled 2 x 2 is the
+# render at S up to float rounding, and the resolution sweeps see one scene at every size.
+#
+# Scene kinds (data.scene):
+#   plain      the item fills the scene, nothing else: at 28 px the dataset's image itself, the
+#              sanity anchor against the dataset's own benchmark table.
+#   cluttered  the cluttered translated protocol of Mnih et al., "Recurrent Models of Visual
+#              Attention" (RAM, NIPS 2014, Sec. 4.1): the item, its side uniform in [item_min,
+#              item_max] of the scene side, at a uniformly random place fully inside the scene,
+#              plus `clutter` fragments: fragment_px x fragment_px crops (in item pixels, at a
+#              random place in the item) of other random items of the same split, each at a
+#              random place fully inside the scene. Defaults: a 28 px item and 4 fragments of
+#              9 px on a 64 px scene (RAM: 60 px and 4 fragments of 8 px; 100 px and 8).
+#              Object-centric scenes are cluttered ones with item sides 0.6-0.9 and 2 fragments
+#              (OBJECT_CENTRIC, dino_fmnist_tiny.yaml): the item fills most of any view, as an
+#              ImageNet photograph's object does, so self-supervised views share it.
+#   crop       the window of cluttered scene i on its item's square, fragments included, at S px:
+#              the input of an "upper bound" passive ViT that is told where the item is.
+# NOTE(paper): RAM's fragments are drawn at the digit's own scale; here too a fragment is drawn
+# at the item's scale (its side is fragment_px / 28 of the item's), so that the clutter has the
+# item's stroke widths whatever the item size.
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"   # Debian's package dataset-fashion-mnist
+FASHION_MNIST_FILES = {                                     # split: (images, labels, items)
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60_000),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_HOWTO = (
+    "get the files with `sudo apt-get install dataset-fashion-mnist` (Debian, Ubuntu: into "
+    f"{FASHION_MNIST_ROOT}), or download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz from "
+    "https://github.com/zalandoresearch/fashion-mnist (folder data/fashion) into one folder and set "
+    "data.root to it")
+ITEM_PX = 28                              # an item's side in its own pixels
+SCENES = ("plain", "cluttered", "crop")
+OBJECT_CENTRIC = dict(item_size=(0.6, 0.9), clutter=2)   # the object-centric cluttered scenes
+
+
+def read_idx(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The values of an IDX file of unsigned bytes that must hold an array of `shape`.
+
+    IDX (LeCun's MNIST format): 4 magic bytes 0, 0, the type code (0x08: unsigned byte) and the
+    number of dimensions; each dimension's size as a big-endian uint32; the values in C order.
+    A name ending in .gz is read through gzip. Returns a read-only uint8 array of `shape`; raises
+    DataError naming the file and what was expected when it is missing, unreadable, of another
+    type or shape, truncated or too long.
+    """
+    want = f"IDX of unsigned bytes, {' x '.join(map(str, shape))}"
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (expected {want})") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:   # a cut or damaged gzip stream
+        raise DataError(f"{path}: a truncated or damaged gzip file ({e}); expected {want}") from None
+    except OSError as e:                                     # a folder, no permission
+        raise DataError(f"{path}: cannot be read ({e}); expected {want}") from None
+    head = 4 + 4 * len(shape)
+    magic = bytes([0, 0, 0x08, len(shape)])
+    if raw[:4] != magic:
+        raise DataError(f"{path}: magic number 0x{raw[:4].hex()}, expected 0x{magic.hex()} ({want})")
+    if len(raw) < head:
+        raise DataError(f"{path}: {len(raw)} bytes, a truncated header (expected {want})")
+    dims = struct.unpack(f">{len(shape)}I", raw[4:head])
+    if dims != tuple(shape):
+        raise DataError(f"{path}: dimensions {' x '.join(map(str, dims))}, expected {want}")
+    n = math.prod(shape)
+    if len(raw) - head != n:
+        what = "truncated" if len(raw) - head < n else "longer than its header says"
+        raise DataError(f"{path}: {len(raw) - head} values, expected {n} ({want}): the file is {what}")
+    return np.frombuffer(raw, np.uint8, n, head).reshape(shape)
+
+
+_FASHION_MNIST_LOADED: dict = {}   # (split, the files' paths, sizes and times) -> (images, labels)
+
+
+def load_fashion_mnist(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The items of split "train" (the 60k file) or "val" (the 10k test file) in folder `root`
+    ('' = FASHION_MNIST_ROOT): images (N, 28, 28) uint8, labels (N,) int64 in 0..9.
+
+    Each file is NAME.gz or, unpacked, NAME. Loaded once per process (47 MB for the 60k items)
+    and kept; DataLoader workers inherit them. Raises DataError (path, what was expected, how
+    to get the files) when a file is missing or damaged.
+    """
+    if split not in FASHION_MNIST_FILES:
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    root = root or FASHION_MNIST_ROOT
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: not a folder (expected the four Fashion-MNIST IDX files in it); "
+                        f"{FASHION_MNIST_HOWTO}")
+    image_name, label_name, n = FASHION_MNIST_FILES[split]
+    paths = []
+    for name in (image_name, label_name):
+        gz = os.path.join(root, name + ".gz")
+        paths.append(gz if os.path.exists(gz) or not os.path.exists(gz[:-3]) else gz[:-3])
+    stats = [os.stat(p) if os.path.exists(p) else None for p in paths]
+    key = (split, *((os.path.realpath(p), s and s.st_size, s and s.st_mtime_ns)
+                    for p, s in zip(paths, stats)))
+    if key not in _FASHION_MNIST_LOADED:
+        try:
+            images = read_idx(paths[0], (n, ITEM_PX, ITEM_PX))
+            labels = read_idx(paths[1], (n,))
+            K = len(FASHION_MNIST_CLASSES)
+            if labels.max() >= K:
+                raise DataError(f"{paths[1]}: a label {labels.max()}, expected 0 to {K - 1}")
+        except DataError as e:
+            raise DataError(f"{e}; {FASHION_MNIST_HOWTO}") from None
+        _FASHION_MNIST_LOADED[key] = images, labels.astype(np.int64)
+    return _FASHION_MNIST_LOADED[key]
+
+
+def sample_layout(index: int, n_items: int, seed: int = 0, split: str = "train", scene: str = "cluttered",
+                  item_size: tuple[float, float] = (0.4375, 0.4375), clutter: int = 4,
+                  fragment_px: int = 9) -> dict:
+    """Where scene `index` puts what: a pure function of (seed, split, index) and the settings.
+
+    Item index % n_items is the scene's item, so a length above n_items shows the items again
+    at new places. Returns item (int), box (cy, cx, h): the item's centre and half-side in scene
+    units (h is also its side as a fraction of the scene's), and fragments: a list of (j, top,
+    left, cy, cx): item j's crop at row top, column left (item pixels), centred at (cy, cx).
+    """
+    if scene not in SCENES:
+        raise ValueError(f"scene must be one of {SCENES}, got {scene!r}")
+    item = index % n_items
+    if scene == "plain":
+        return dict(item=item, box=(0.0, 0.0, 1.0), fragments=[])
+    rng = np.random.default_rng([seed, ("train", "val", "test").index(split), index])
+    h = rng.uniform(*item_size)                              # half-side = side / scene side
+    cy, cx = rng.uniform(-1 + h, 1 - h, 2)                   # fully inside the scene
+    hf = h * fragment_px / ITEM_PX                           # a fragment at the item's scale
+    fragments = []
+    for _ in range(clutter):
+        j = int(rng.integers(n_items - 1))
+        j += j >= item                                       # another item of the split
+        top, left = (int(v) for v in rng.integers(0, ITEM_PX - fragment_px + 1, 2))
+        fy, fx = rng.uniform(-1 + hf, 1 - hf, 2)
+        fragments.append((j, top, left, fy, fx))
+    return dict(item=item, box=(cy, cx, h), fragments=fragments)
+
+
+def _cell_edges(starts: list[float], sides: list[float], cells: list[int], lo: float,
+                hi: float) -> np.ndarray:
+    """(C + 1,) sorted edges, within [lo, hi], of the cells of all layers along one axis: layer k
+    spans [starts[k], starts[k] + sides[k]] in cells[k] equal cells."""
+    edges = [np.array([lo, hi])] + [s + w * np.arange(n + 1) / n for s, w, n in zip(starts, sides, cells)]
+    return np.unique(np.clip(np.concatenate(edges), lo, hi))
+
+
+def _overlaps(edges: np.ndarray, lo: float, hi: float, size: int) -> np.ndarray:
+    """(size, C): the fraction of pixel i's interval (size pixels across [lo, hi]) in cell c."""
+    p = lo + (hi - lo) * np.arange(size + 1) / size                                  # (size + 1,)
+    inner = np.minimum(p[1:, None], edges[None, 1:]) - np.maximum(p[:-1, None], edges[None, :-1])
+    return np.clip(inner, 0.0, None) / (p[1:] - p[:-1])[:, None]                      # (size, C)
+
+
+def render_layers(layers: list[tuple[np.ndarray, float, float, float]], size: int,
+                  window: tuple[float, float, float, float] = (-1.0, -1.0, 1.0, 1.0)) -> np.ndarray:
+    """Area means over size x size pixels of the window (y0, x0, y1, x1) of a black scene of
+    square layers, each (values (n, n) in [0, 1], top y, left x, side in scene units), composited
+    by their maximum. float64 throughout. Returns (size, size) float32."""
+    y0, x0, y1, x1 = window
+    tops, lefts, sides = ([layer[k] for layer in layers] for k in (1, 2, 3))
+    cells = [len(layer[0]) for layer in layers]
+    ey, ex = _cell_edges(tops, sides, cells, y0, y1), _cell_edges(lefts, sides, cells, x0, x1)
+    my, mx = (ey[:-1] + ey[1:]) / 2, (ex[:-1] + ex[1:]) / 2                   # (Cy,), (Cx,) cell centres
+    scene = np.zeros((len(my), len(mx)))                                       # (Cy, Cx) constant cells
+    for values, top, left, side in layers:
+        n = len(values)                                                        # the layer's cells i, j
+        iy = np.floor((my - top) / side * n).astype(np.int64)                  # (Cy,)
+        ix = np.floor((mx - left) / side * n).astype(np.int64)                 # (Cx,)
+        in_y, in_x = (iy >= 0) & (iy < n), (ix >= 0) & (ix < n)
+        covered = np.ix_(in_y, in_x)
+        scene[covered] = np.maximum(scene[covered], values[np.ix_(iy[in_y], ix[in_x])])
+    oy, ox = _overlaps(ey, y0, y1, size), _overlaps(ex, x0, x1, size)          # (S, Cy), (S, Cx)
+    # einsum, not @: numpy's BLAS threads would fight the training loop's for the cores.
+    rows = np.einsum("ic,cd->id", oy, scene)                                   # (S, Cx)
+    return np.einsum("id,jd->ij", rows, ox).astype(np.float32)                 # (S, S)
+
+
+def render_fashion(images: np.ndarray, layout: dict, size: int, scene: str = "cluttered",
+                   fragment_px: int = 9) -> tuple[np.ndarray, np.ndarray]:
+    """The scene of `layout` (from `sample_layout`) made of `images` (N, 28, 28) uint8, at size
+    x size px. Returns grey (S, S) float32 in [0, 1] and target (3,) float32: the item's centre
+    (y, x) and half-side in the rendered window's [-1, 1] coordinates."""
+    cy, cx, h = layout["box"]
+    layers = [(images[layout["item"]] / 255.0, cy - h, cx - h, 2 * h)]
+    side = 2 * h * fragment_px / ITEM_PX
+    for j, top, left, fy, fx in layout["fragments"]:
+        crop = images[j, top:top + fragment_px, left:left + fragment_px] / 255.0
+        layers.append((crop, fy - side / 2, fx - side / 2, side))
+    if scene == "crop":
+        window = (cy - h, cx - h, cy + h, cx + h)                           # the item's square
+        return render_layers(layers, size, window), np.array([0, 0, 1], np.float32)
+    return render_layers(layers, size), np.array([cy, cx, h], np.float32)
+
+
+class FashionMNISTScenes(Dataset):
+    """Scenes of Fashion-MNIST items (see "Fashion-MNIST scenes" above) of one split.
+
+    images (N, 28, 28) uint8 and labels (N,) int64: that split's items only (load_fashion_mnist).
+    Item i: image (3, S, S) float32 normalised (grey in R, G and B), label () int64 (the item's
+    class; clutter never counts), index i, target (3,) float32 (the item's centre y, x and
+    half-side in [-1, 1] units). Deterministic per (seed, split, index) in any process; the same
+    index is the same scene at any image_size S. Not augmented: the random placement varies
+    the training views, and the plain scenes are the benchmark's unaugmented setting.
+    """
+    num_classes = len(FASHION_MNIST_CLASSES)
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, length: int, image_size: int,
+                 scene: str = "cluttered", item_size: tuple[float, float] = (0.4375, 0.4375),
+                 clutter: int = 4, fragment_px: int = 9, seed: int = 0, split: str = "train"):
+        if images.ndim != 3 or images.shape[1:] != (ITEM_PX, ITEM_PX) or images.dtype != np.uint8 \
+                or labels.shape != images.shape[:1]:
+            raise ValueError(f"images must be (N, {ITEM_PX}, {ITEM_PX}) uint8 with (N,) labels, got "
+                             f"{images.shape} {images.dtype} and {labels.shape}")
+        if not 0 < item_size[0] <= item_size[1] <= 1:
+            raise ValueError(f"item_size {item_size}: sides must satisfy 0 < min <= max <= 1 (of the "
+                             "scene side)")
+        if clutter < 0 or not 1 <= fragment_px <= ITEM_PX or (clutter and len(images) < 2):
+            raise ValueError(f"clutter = {clutter} fragments of {fragment_px} px: need clutter >= 0, "
+                             f"1 <= fragment_px <= {ITEM_PX} and, with clutter, at least 2 items")
+        sample_layout(0, len(images), seed, split, scene, item_size, clutter, fragment_px)  # validates
+        self.images, self.labels, self.length, self.image_size = images, labels, length, image_size
+        self.scene, self.item_size, self.clutter, self.fragment_px = scene, item_size, clutter, fragment_px
+        self.seed, self.split = seed, split
+
+    def __len__(self) -> int:
+        return self.length
+
+    def render(self, i: int, size: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
+        """Scene i at `size` px (default image_size): grey (S, S) float32, label, target (3,)."""
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {i} out of range for {self.length} scenes")
+        layout = sample_layout(i, len(self.images), self.seed, self.split, self.scene, self.item_size,
+                               self.clutter, self.fragment_px)
+        grey, target = render_fashion(self.images, layout, size or self.image_size, self.scene,
+                                      self.fragment_px)
+        return grey, int(self.labels[layout["item"]]), target
+
+    def __getitem__(self, i: int) -> dict:
+        grey, label, target = self.render(i)
+        image = _normalise(np.repeat(grey[:, :, None], 3, axis=2))                # (3, S, S)
+        return {"image": image, "label": torch.tensor(label, dtype=torch.int64), "index": i,
+                "target": torch.from_numpy(target)}
+
+
+# ----------------------------------------------------------------------------------------------
 # Batching and building from the config
 # ----------------------------------------------------------------------------------------------
 
@@ -701,8 +983,10 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = False, 
     synthetic: SyntheticScenes of cfg.length (train) or cfg.val_length (val) scenes, the val split
     drawn from its own random stream (never augmented: the scenes are endless already, and a
     mirrored glyph is not its class). imagefolder: ImageFolder(cfg.root/<split>). ade20k:
-    ADE20K(cfg.root, "training" / "validation"). augment (train split only): ImageFolder's random
-    resized crop + flip, ADE20K's F.2.1 augmentation, drawn from (seed, epoch, index).
+    ADE20K(cfg.root, "training" / "validation"). fashion_mnist: FashionMNISTScenes of the 60k
+    training items (train) or the 10k test items (val), never augmented. augment (train split
+    only): ImageFolder's random resized crop + flip, ADE20K's F.2.1 augmentation, drawn from
+    (seed, epoch, index).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -719,6 +1003,14 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = False, 
     elif cfg.dataset == "ade20k":
         return ADE20K(cfg.root, "training" if split == "train" else "validation", cfg.image_size,
                       augment=augment, seed=seed)
+    elif cfg.dataset == "fashion_mnist":
+        if cfg.num_classes != len(FASHION_MNIST_CLASSES):
+            raise DataError(f"data.num_classes = {cfg.num_classes}, but Fashion-MNIST has "
+                            f"{len(FASHION_MNIST_CLASSES)} classes")
+        images, labels = load_fashion_mnist(cfg.root, split)
+        return FashionMNISTScenes(images, labels, cfg.length if split == "train" else cfg.val_length,
+                                  cfg.image_size, cfg.scene, (cfg.item_min, cfg.item_max), cfg.clutter,
+                                  cfg.fragment_px, cfg.seed, split)
     raise DataError(f"data.dataset = {cfg.dataset!r}: one of {', '.join(DATASETS)}")
 
 
@@ -742,11 +1034,46 @@ def save_grid(path: str, n: int = 6, size: int = 256, seed: int = 0) -> None:
     Image.fromarray((np.concatenate(rows, 0) * 255).round().astype(np.uint8)).save(path)
 
 
+def save_fashion_grid(path: str, root: str = "", n: int = 6, scene_px: int = 64,
+                      size: int = 128) -> list[str]:
+    """One row per scene kind (plain, cluttered, object-centric, crop) of the first n val
+    scenes, each rendered at `size` px (2x the scene_px scenes the tiny configs train on), the
+    item's square outlined in olive on the cluttered rows. -> the classes of the cluttered row."""
+    images, labels = load_fashion_mnist(root, "val")
+    kinds = (("plain", {}), ("cluttered", {}), ("cluttered", OBJECT_CENTRIC), ("crop", {}))
+    rows, names = [], []
+    for scene, kw in kinds:
+        ds = FashionMNISTScenes(images, labels, n, scene_px, scene, split="val", **kw)
+        tiles = []
+        for i in range(n):
+            grey, label, (cy, cx, h) = ds.render(i, size)
+            tile = np.repeat(grey[:, :, None], 3, axis=2)
+            if scene == "cluttered":                    # outline the item's square
+                box = (np.array([cy - h, cx - h, cy + h, cx + h]) + 1) / 2 * size
+                y0, x0, y1, x1 = np.clip(box.round().astype(int), 0, size - 1)
+                tile[[y0, y1], x0:x1 + 1] = tile[y0:y1 + 1, [x0, x1]] = (0.5, 0.5, 0.0)
+            tiles.append(np.pad(tile, ((2, 2), (2, 2), (0, 0)), constant_values=1))
+            if scene == "cluttered" and not kw:
+                names.append(FASHION_MNIST_CLASSES[label])
+        rows.append(np.concatenate(tiles, 1))
+    Image.fromarray((np.concatenate(rows, 0) * 255).round().astype(np.uint8)).save(path)
+    return names
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="out/synthetic_scenes.png", help="where the sample grid goes")
+    parser.add_argument("--out", default="out", help="the folder the sample pictures go into")
+    parser.add_argument("--root", default="", help=f"Fashion-MNIST's folder ('' = {FASHION_MNIST_ROOT})")
     args = parser.parse_args()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    save_grid(args.out)
-    print(f"wrote {os.path.abspath(args.out)}: scene | mask | 64 px view | zoom on the target; "
+    os.makedirs(args.out, exist_ok=True)
+    out = os.path.join(args.out, "synthetic_scenes.png")
+    save_grid(out)
+    print(f"wrote {os.path.abspath(out)}: scene | mask | 64 px view | zoom on the target; "
           f"labels {[GLYPHS[sample_scene(i)['label']][0] for i in range(6)]}")
+    out = os.path.join(args.out, "fashion_mnist_scenes.png")
+    try:
+        names = save_fashion_grid(out, args.root)
+    except DataError as e:
+        raise SystemExit(f"data.py: no Fashion-MNIST picture: {e}")
+    print(f"wrote {os.path.abspath(out)}: rows plain, cluttered, object-centric (the item outlined), crop; "
+          f"val scenes 0-5 at 128 px (2x the 64 px training scenes); items {names}")

@@ -205,6 +205,22 @@ def check_config(cfg: TrainConfig, world: int) -> None:
              f"a badge diameter in (0, {data.TARGET_MAX:.3f}] of the side (it must fit in the scene)")
         need(d.target_min <= d.target_max <= data.TARGET_MAX, "data.target_max",
              f"from data.target_min ({d.target_min}) to {data.TARGET_MAX:.3f} of the side")
+    elif d.dataset == "fashion_mnist":
+        n = len(data.FASHION_MNIST_CLASSES)
+        need(d.num_classes == n, "data.num_classes", f"{n} (Fashion-MNIST's classes)")
+        need(d.scene in data.SCENES, "data.scene", f"one of {', '.join(data.SCENES)} (object-centric scenes "
+             "are cluttered ones with data.item_min=0.6, data.item_max=0.9, data.clutter=2)")
+        need(d.length >= cfg.batch_size, "data.length", f">= batch_size ({cfg.batch_size}) scenes")
+        need(d.val_length >= 1, "data.val_length", "an integer >= 1 (scenes)")
+        need(0 < d.item_min <= 1, "data.item_min", "an item side in (0, 1] of the scene side (it must fit)")
+        need(d.item_min <= d.item_max <= 1, "data.item_max", f"from data.item_min ({d.item_min}) to 1")
+        need(d.clutter >= 0, "data.clutter", "an integer >= 0 (fragments a scene)")
+        need(1 <= d.fragment_px <= data.ITEM_PX, "data.fragment_px", f"1 to {data.ITEM_PX} item pixels")
+        try:                                     # the files, read once: the dataset reuses them
+            for split in ("train", "val"):
+                data.load_fashion_mnist(d.root, split)
+        except data.DataError as e:
+            problems.append(f"data.root = {d.root!r}: {e}")
     elif d.dataset in data.DATASETS:
         folder = "ADEChallengeData2016" if d.dataset == "ade20k" else "images (train/<class>/...)"
         need(bool(d.root) and Path(d.root).is_dir(), "data.root", f"a folder: set --data.root=/path/to/{folder}")

@@ -1,10 +1,13 @@
-"""Tests of data.py: synthetic scenes, ImageFolder decoding and bad files, ADE20K, collate.
+"""Tests of data.py: synthetic scenes, ImageFolder decoding and bad files, ADE20K, Fashion-MNIST
+(IDX files written here, and the real files where installed), collate.
 
 Each test compares against an independent fact: a supersampled or re-rendered scene, a fresh
 Python process, Pillow's own resize + crop, images whose content is known by construction.
 """
+import gzip
 import hashlib
 import io
+import os
 import math
 import struct
 import subprocess
@@ -496,5 +499,271 @@ def test_build_dataset(image_folder, ade_root):
     with pytest.raises(data.DataError, match="data.num_classes = 10, but .* has 1 class folders"):
         data.build_dataset(data.DataConfig(dataset="imagefolder", root=str(root)), "train")
     assert len(data.build_dataset(data.DataConfig(dataset="imagefolder", root=str(root), num_classes=1))) == 1
-    with pytest.raises(data.DataError, match="data.dataset = 'imagenet': one of synthetic, imagefolder"):
+    with pytest.raises(data.DataError, match="data.dataset = 'imagenet': one of synthetic, imagefolder, ade20k, fashion_mnist"):
         data.build_dataset(data.DataConfig(dataset="imagenet"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST: the IDX parser on files written here, scenes, splits, the real files
+# ----------------------------------------------------------------------------------------------
+
+def write_idx(path: Path, values: np.ndarray, magic: bytes | None = None, cut: int = 0) -> Path:
+    """An IDX file of `values` (uint8) written from the format's description: magic 0 0 8 ndim,
+    big-endian uint32 sizes, the bytes; gzip when the name ends in .gz. cut: bytes dropped at
+    the end (of the compressed stream for .gz)."""
+    head = (magic or bytes([0, 0, 8, values.ndim])) + struct.pack(f">{values.ndim}I", *values.shape)
+    payload = head + values.astype(np.uint8).tobytes()
+    if path.suffix == ".gz":
+        payload = gzip.compress(payload, compresslevel=1)
+    path.write_bytes(payload[:len(payload) - cut])
+    return path
+
+
+def test_read_idx_reads_what_was_written(tmp_path):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (5, 28, 28)), rng.integers(0, 10, 5)
+    for name in ("a.gz", "a"):
+        got = data.read_idx(str(write_idx(tmp_path / name, images)), (5, 28, 28))
+        assert got.dtype == np.uint8 and np.array_equal(got, images)
+    assert np.array_equal(data.read_idx(str(write_idx(tmp_path / "l.gz", labels)), (5,)), labels)
+
+
+@pytest.mark.parametrize("damage, says", [
+    (dict(cut=100), "truncated or damaged gzip"),                                   # a cut download
+    (dict(name="x", cut=100), "values, expected 3920 (IDX of unsigned bytes, 5 x 28 x 28): the file is truncated"),
+    (dict(magic=bytes([0, 0, 8, 1])), "magic number 0x00000801, expected 0x00000803"),   # a labels file
+    (dict(magic=bytes([0, 0, 0x0D, 3])), "magic number 0x00000d03, expected 0x00000803"),  # floats
+    (dict(magic=b"\x1f\x8b\x08\x03"), "magic number 0x1f8b0803"),                   # gzip twice
+    (dict(shape=(5, 27, 28)), "dimensions 5 x 27 x 28, expected IDX of unsigned bytes, 5 x 28 x 28"),
+    (dict(shape=(6, 28, 28)), "dimensions 6 x 28 x 28"),
+    (dict(name="x", extra=1), "the file is longer than its header says"),
+    (dict(name="missing.gz", write=False), "not found (expected IDX of unsigned bytes, 5 x 28 x 28)"),
+    (dict(name="folder.gz", folder=True), "cannot be read"),
+])
+def test_read_idx_refuses_a_damaged_file_naming_it(tmp_path, damage, says):
+    name = damage.get("name", "x.gz")
+    path = tmp_path / name
+    values = np.zeros(damage.get("shape", (5, 28, 28)), np.uint8)
+    if damage.get("folder"):
+        path.mkdir()
+    elif damage.get("write", True):
+        write_idx(path, values, damage.get("magic"), damage.get("cut", 0))
+        if damage.get("extra"):
+            path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(data.DataError) as e:
+        data.read_idx(str(path), (5, 28, 28))
+    message = str(e.value)
+    assert message.startswith(str(path)) and says in message and "\n" not in message
+
+
+def test_a_missing_fashion_mnist_folder_says_how_to_get_the_files(tmp_path):
+    for root, says in ((tmp_path / "nowhere", "not a folder"),
+                       (tmp_path, str(tmp_path / "train-images-idx3-ubyte.gz") + ": not found")):
+        with pytest.raises(data.DataError) as e:
+            data.load_fashion_mnist(str(root), "train")
+        message = str(e.value)
+        assert says in message and "\n" not in message
+        assert "apt-get install dataset-fashion-mnist" in message and "zalandoresearch/fashion-mnist" in message
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((10_000, 28, 28), np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.full(10_000, 10, np.uint8))
+    with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte.gz: a label 10, expected 0 to 9"):
+        data.load_fashion_mnist(str(tmp_path), "val")
+
+
+TRAIN_GREY, TEST_GREY = 102, 204          # every pixel of every item of the fake files' splits
+
+
+@pytest.fixture(scope="module")
+def fake_fashion_mnist(tmp_path_factory) -> Path:
+    """The four files at their real sizes, each split's items one grey level (train 102, test
+    204), labels i % 10; the label files unpacked (NAME, not NAME.gz), as some downloads are."""
+    root = tmp_path_factory.mktemp("fashion")
+    for split, (images, labels, n) in data.FASHION_MNIST_FILES.items():
+        grey = TRAIN_GREY if split == "train" else TEST_GREY
+        write_idx(root / (images + ".gz"), np.full((n, 28, 28), grey, np.uint8))
+        write_idx(root / labels, np.arange(n) % 10)
+    return root
+
+
+@pytest.mark.parametrize("scene", ["plain", "cluttered", "crop"])
+def test_fashion_train_and_val_never_share_an_item(fake_fashion_mnist, scene):
+    """Val scenes are made of test items only and train scenes of training items only, clutter
+    included: on the fake files, a training item's grey never shows in a val scene, nor the other
+    way. (Pixels fully inside one item are exactly its grey; an edge pixel mixes it with black.)"""
+    cfg = data.DataConfig(dataset="fashion_mnist", root=str(fake_fashion_mnist), image_size=256,
+                          scene=scene, length=60_000, val_length=10_000, item_max=0.6, clutter=8)
+    for split, own, other in (("train", TRAIN_GREY, TEST_GREY), ("val", TEST_GREY, TRAIN_GREY)):
+        ds = data.build_dataset(cfg, split)
+        assert len(ds) == (60_000 if split == "train" else 10_000) and len(ds.images) == len(ds)
+        for i in (0, 1, 2, len(ds) - 1):
+            grey, label, _ = ds.render(i)
+            level = np.round(grey.astype(np.float64) * 255, 3)
+            assert (level == own).sum() > 1000 and (level == other).sum() == 0
+            assert label == i % 10 and ds[i]["label"] == i % 10
+
+
+def _fashion_items(n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n items of random grey with a black border, as Fashion-MNIST's; labels i % 10."""
+    items = np.random.default_rng(seed).integers(0, 256, (n, 28, 28)).astype(np.uint8)
+    items[:, :2], items[:, -2:], items[:, :, :2], items[:, :, -2:] = 0, 0, 0, 0
+    return items, np.arange(n) % 10
+
+
+SCENE_KINDS = [("plain", {}), ("cluttered", {}), ("cluttered", data.OBJECT_CENTRIC),
+               ("cluttered", dict(item_size=(0.2, 0.7), clutter=8, fragment_px=5)), ("crop", {})]
+
+
+@pytest.mark.parametrize("scene, kw", SCENE_KINDS)
+def test_fashion_scenes_are_resolution_consistent(scene, kw):
+    """A scene rendered at 2S (and 4S), box-downsampled 2 x 2 (4 x 4), is the render at S within
+    1e-6: pixels are exact area means of one scene defined in scene units (float64 inside, float32
+    out: rounding only)."""
+    images, labels = _fashion_items()
+    ds = data.FashionMNISTScenes(images, labels, 20, 48, scene, **kw)
+    for i in range(6):
+        small, label, target = ds.render(i)
+        for k in (2, 4):
+            large, label_k, target_k = ds.render(i, 48 * k)
+            assert np.abs(_area_pool(large.astype(np.float64), k) - small).max() < 1e-6
+            assert label_k == label and np.array_equal(target_k, target)
+        assert small.std() > 0.05                  # not a blank scene
+
+
+def test_fashion_scenes_are_deterministic_and_distinct():
+    images, labels = _fashion_items()
+    a = data.FashionMNISTScenes(images, labels, 30, 64)
+    b = data.FashionMNISTScenes(images.copy(), labels.copy(), 30, 64)
+    for i in (0, 7, 29):
+        assert torch.equal(a[i]["image"], b[i]["image"]) and torch.equal(a[i]["target"], b[i]["target"])
+    assert np.abs(a.render(3)[0] - a.render(4)[0]).mean() > 0.01
+    # Item 3 again (index 43 = 3 mod 40): the same item at another place.
+    c = data.FashionMNISTScenes(images, labels, 80, 64)
+    assert c.render(43)[1] == c.render(3)[1] and not np.array_equal(c.render(43)[2], c.render(3)[2])
+    for other in (data.FashionMNISTScenes(images, labels, 30, 64, seed=1),
+                  data.FashionMNISTScenes(images, labels, 30, 64, split="val")):
+        assert not np.array_equal(other.render(3)[2], a.render(3)[2])
+    x = a[5]
+    assert x["image"].shape == (3, 64, 64) and x["image"].dtype == torch.float32 and x["index"] == 5
+    assert x["label"].dtype == torch.int64 and x["target"].dtype == torch.float32 and "mask" not in x
+    batches = {w: list(DataLoader(a, batch_size=8, num_workers=w, collate_fn=data.collate)) for w in (0, 2)}
+    for b0, b2 in zip(batches[0], batches[2]):
+        for k in ("image", "label", "index", "target"):
+            assert torch.equal(b0[k], b2[k]), k
+
+
+def test_fashion_plain_scene_is_the_item():
+    """28 px: the item's own pixels, grey in R, G and B, ImageNet-normalised; 56 px: each pixel
+    2 x 2 (the item is piecewise constant in scene units)."""
+    images, labels = _fashion_items()
+    ds = data.FashionMNISTScenes(images, labels, 40, 28, "plain")
+    x = ds[7]
+    expect = (images[7].astype(np.float64)[:, :, None] / 255 - MEAN) / STD           # (28, 28, 3)
+    assert np.allclose(x["image"].permute(1, 2, 0).numpy(), expect, atol=1e-5)
+    assert x["label"] == 7 and x["target"].tolist() == [0, 0, 1]
+    assert np.abs(ds.render(7, 56)[0] - np.kron(images[7] / 255, np.ones((2, 2)))).max() < 1e-6
+
+
+def test_fashion_target_is_the_items_square():
+    """Without clutter, the scene's ink is the item's, moved to its box and scaled: its total is
+    the item's times the box's area, its centroid the item's mapped into the box. So the target's
+    (y, x) order, its (-1, -1) top-left corner and its half-side are those of the rendered item."""
+    images, labels = _fashion_items()
+    ds = data.FashionMNISTScenes(images, labels, 40, 96, "cluttered", (0.3, 0.8), clutter=0)
+    for i in range(5):
+        grey, label, (cy, cx, h) = ds.render(i)
+        assert label == labels[i] and 0.3 <= h <= 0.8 and max(abs(cy), abs(cx)) <= 1 - h + 1e-6
+        item = images[i].astype(np.float64) / 255
+        pixel = (2 / 96) ** 2                                                       # scene units^2
+        assert grey.sum() * pixel == pytest.approx(item.sum() * (2 * h / 28) ** 2, rel=1e-5)
+        c = (np.arange(96) + 0.5) / 96 * 2 - 1                                      # pixel centres
+        ci = (np.arange(28) + 0.5) / 28 * 2 - 1                                     # item cell centres
+        assert (grey.sum(1) @ c) / grey.sum() == pytest.approx(cy + h * (item.sum(1) @ ci) / item.sum(), abs=1e-4)
+        assert (grey.sum(0) @ c) / grey.sum() == pytest.approx(cx + h * (item.sum(0) @ ci) / item.sum(), abs=1e-4)
+    # The crop is the window on that square: without clutter, at 28 px, the item itself.
+    crop = data.FashionMNISTScenes(images, labels, 40, 28, "crop", (0.3, 0.8), clutter=0)
+    assert np.abs(crop.render(3)[0] - images[3] / 255).max() < 1e-6
+    assert crop.render(3)[2].tolist() == [0, 0, 1]
+
+
+def test_fashion_clutter_is_fragments_of_other_items():
+    """Each item of its own grey level (item k: 5 k + 5): a cluttered scene shows the main item's
+    level and, where fragments lie fully on black, other items' levels, never its own as clutter;
+    with clutter = 0 it shows only its own. Where a fragment overlaps the item, the brighter wins."""
+    n = 40
+    images, labels = np.repeat((np.arange(n, dtype=np.uint8) * 5 + 5)[:, None, None], 28, 1).repeat(28, 2), np.arange(n) % 10
+    for clutter in (0, 6):
+        ds = data.FashionMNISTScenes(images, labels, n, 256, "cluttered", (0.25, 0.25), clutter, 9)
+        for i in range(8):
+            layout = data.sample_layout(i, n, 0, "train", "cluttered", (0.25, 0.25), clutter, 9)
+            assert len(layout["fragments"]) == clutter and all(f[0] != i for f in layout["fragments"])
+            levels, counts = np.unique(np.round(ds.render(i)[0].astype(np.float64) * 255, 3), return_counts=True)
+            # Levels of whole pixels inside one item (an edge pixel mixes a level with black).
+            full = {level for level in levels[counts > 20].tolist() if level in range(5, 5 * n + 5, 5)}
+            assert 5 * i + 5 in full
+            assert full - {5 * i + 5} <= {5 * f[0] + 5 for f in layout["fragments"]}
+            if clutter == 0:
+                assert full == {5 * i + 5}
+            # Layers combine by their maximum: no fragment darkens the item's square.
+            (cy, cx, h), grey = layout["box"], ds.render(i)[0]
+            inside = lambda c: np.abs((np.arange(256) + 0.5) / 128 - 1 - c) < h - 2 / 256     # whole pixels
+            assert grey[np.ix_(inside(cy), inside(cx))].min() * 255 >= 5 * i + 5 - 1e-3
+
+
+def test_fashion_fragments_are_at_the_items_scale():
+    """A fragment is a fragment_px x fragment_px crop of another item drawn at the item's scale:
+    on constant items (item k: grey 5 k + 5), a scene whose one fragment misses the item holds
+    ink level_i (2 h)^2 + level_j (2 h fragment_px / 28)^2 in scene units."""
+    n, S = 40, 128
+    images = np.repeat((np.arange(n, dtype=np.uint8) * 5 + 5)[:, None, None], 28, 1).repeat(28, 2)
+    ds = data.FashionMNISTScenes(images, np.arange(n) % 10, 200, S, "cluttered", (0.2, 0.5), 1, 7)
+    checked = 0
+    for i in range(200):
+        layout = data.sample_layout(i, n, 0, "train", "cluttered", (0.2, 0.5), 1, 7)
+        (cy, cx, h), (j, _, _, fy, fx) = layout["box"], layout["fragments"][0]
+        hf = h * 7 / 28
+        if max(abs(cy - fy), abs(cx - fx)) < h + hf:                   # overlapping: not additive
+            continue
+        ink = ds.render(i)[0].astype(np.float64).sum() * (2 / S) ** 2 * 255
+        assert ink == pytest.approx((5 * (i % n) + 5) * (2 * h) ** 2 + (5 * j + 5) * (2 * hf) ** 2, rel=1e-5)
+        checked += 1
+    assert checked > 50
+
+
+def test_fashion_scene_settings_are_checked():
+    images, labels = _fashion_items()
+    for kw, says in ((dict(scene="object"), "scene must be one of"), (dict(item_size=(0.5, 1.2)), "item_size"),
+                     (dict(clutter=-1), "clutter = -1"), (dict(fragment_px=29), "fragment_px")):
+        with pytest.raises(ValueError, match=says):
+            data.FashionMNISTScenes(images, labels, 10, 64, **kw)
+    with pytest.raises(ValueError, match="data.num_classes = 5"):
+        data.build_dataset(data.DataConfig(dataset="fashion_mnist", num_classes=5))
+
+
+# The real files: Debian's dataset-fashion-mnist (.ci/run installs it and sets
+# REQUIRE_FASHION_MNIST=1, so that they are never skipped there).
+
+def _real_root() -> str:
+    files = [os.path.join(data.FASHION_MNIST_ROOT, name + ".gz")
+             for images, labels, _ in data.FASHION_MNIST_FILES.values() for name in (images, labels)]
+    if not all(os.path.isfile(f) for f in files) and not os.environ.get("REQUIRE_FASHION_MNIST"):
+        pytest.skip(f"Fashion-MNIST is not in {data.FASHION_MNIST_ROOT} (apt-get install dataset-fashion-mnist)")
+    return data.FASHION_MNIST_ROOT
+
+
+def test_real_fashion_mnist_files():
+    """The installed files: 60k / 10k items, 6,000 / 1,000 of each class (the dataset's own
+    description), and the val split's plain 28 px scenes are the test file's images, read here
+    with gzip and numpy alone."""
+    root = _real_root()
+    cfg = data.DataConfig(dataset="fashion_mnist", root=root, image_size=28, scene="plain",
+                          length=60_000, val_length=10_000)
+    train, val = data.build_dataset(cfg, "train"), data.build_dataset(cfg, "val")
+    assert (len(train.images), len(val.images)) == (60_000, 10_000)
+    assert np.bincount(train.labels).tolist() == [6000] * 10 and np.bincount(val.labels).tolist() == [1000] * 10
+    raw = gzip.decompress((Path(root) / "t10k-images-idx3-ubyte.gz").read_bytes())
+    test_images = np.frombuffer(raw[16:], np.uint8).reshape(10_000, 28, 28)
+    test_labels = np.frombuffer(gzip.decompress((Path(root) / "t10k-labels-idx1-ubyte.gz").read_bytes())[8:], np.uint8)
+    for i in (0, 1, 9_999):
+        grey, label, _ = val.render(i)
+        assert np.abs(grey - test_images[i] / 255).max() < 1e-6 and label == test_labels[i]
+    assert not np.array_equal(train.render(0)[0], val.render(0)[0])

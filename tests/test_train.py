@@ -6,6 +6,7 @@ processes against 1, and as real `python train.py` / `torchrun` subprocesses whe
 SIGKILL, a signal, a second process asking for the lock, the launcher itself).
 """
 import contextlib
+import gzip
 import io
 import json
 import math
@@ -13,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
+import data
 import eval as ev
 import train
 from conftest import ROOT, TINY_DISTILL_SECTION
@@ -199,7 +202,10 @@ def test_the_config_list_gives_each_config_one_complete_line():
 
 def test_paper_recipes_hold_the_papers_values(tmp_path):
     """The shipped recipes against the papers' numbers, typed in from the papers."""
-    cfg = lambda name: train.parse_config(["--cfg", name, f"--data.root={tmp_path}"])[0]
+    # (the Fashion-MNIST configs read their files' default folder: Debian's package)
+    cfg = lambda name: train.parse_config(["--cfg", name] + ([] if "fmnist" in name else [f"--data.root={tmp_path}"]))[0]
+    fmnist = all((Path(data.FASHION_MNIST_ROOT) / (f + ".gz")).is_file() for *names, _ in
+                 data.FASHION_MNIST_FILES.values() for f in names) or os.environ.get("REQUIRE_FASHION_MNIST")
     c = cfg("canvit.yaml")                                           # [003] Tables 1 and 2
     assert (c.objective, c.batch_size, c.max_steps, c.dtype) == ("distill", 64, 2_000_000, "bfloat16")
     assert (c.optim.lr, c.optim.init_lr, c.optim.warmup_steps, c.optim.weight_decay) == (4e-4, 1e-7, 100_000, 1e-4)
@@ -229,6 +235,8 @@ def test_paper_recipes_hold_the_papers_values(tmp_path):
     assert g.max_steps == 4 * (1_281_167 // 4096)
     # Every shipped config builds its objective (model sizes, geometry and zoom range agree).
     for p in sorted((ROOT / "configs").glob("*.yaml")):
+        if "fmnist" in p.name and not fmnist:
+            continue                                  # no Fashion-MNIST here (CI installs it)
         built = cfg(p.name)
         # (the DINOv3 teacher of distill is big; probe and grpo read another run's checkpoint,
         # and are built in their own tests)
@@ -579,6 +587,24 @@ def test_bad_values_are_refused_before_any_work_in_one_message(tmp_path):
                   expect_error=True)                                  # a badge that cannot fit
     assert "data.target_max = 0.95: from data.target_min (0.8) to 0.909 of the side" in message
     assert not out.exists()
+
+
+def test_fashion_mnist_files_and_settings_are_checked_before_any_work(tmp_path):
+    """A missing or damaged Fashion-MNIST file, or a scene setting out of range: one refusal
+    naming the key, the file and how to get the files; no traceback, nothing made."""
+    out = tmp_path / "never"
+    (tmp_path / "cut").mkdir()
+    whole = gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 60_000, 28, 28) + bytes(47_040_000), 1)
+    (tmp_path / "cut" / "train-images-idx3-ubyte.gz").write_bytes(whole[:-1000])
+    for root, says in ((tmp_path / "none", "none: not a folder"),
+                       (tmp_path / "cut", "train-images-idx3-ubyte.gz: a truncated or damaged gzip file")):
+        message = run(tmp_path, ROOT / "configs" / "foveal_fmnist_tiny.yaml", f"--out_dir={out}",
+                      f"--data.root={root}", "--data.item_min=0", "--data.item_max=1.5", "--data.clutter=-1",
+                      "--data.fragment_px=29", "--data.scene=object", "--data.num_classes=5", expect_error=True)
+        for key in (says, "apt-get install dataset-fashion-mnist", "data.item_min = 0", "data.item_max = 1.5",
+                    "data.clutter = -1", "data.fragment_px = 29", "data.scene = 'object'", "data.num_classes = 5"):
+            assert key in message, (key, message)
+        assert not out.exists()
 
 
 def test_a_yaml_error_names_the_file_and_line(tmp_path):
