@@ -39,13 +39,11 @@ Paper -> code
   DINOv3 [28]            teacher ViT                         DINOv3ViT, load_dinov3
   official checkpoints   0.1 / 0.2 keys, Hugging Face dir    from_official, load_hf_folder
 
-State-dict names are the official canvit-pytorch 0.1 ones (`canvas_read.0.q_proj.weight`,
-`scene_standardizers.32.mean`, ...) and, for the teacher, the official DINOv3 ones; 0.2 names
-are mapped by `_v02_to_v01_keys`.
+State-dict names are the official canvit-pytorch 0.1 ones (`canvas_read.0.q_proj.weight`, ...;
+0.2 names are mapped back) and, for the teacher, the official DINOv3 ones.
 
-Run `python canvit.py` for a demo, `python bench.py canvit` for the latency benchmark and
-`python bench.py flops` for App. G's FLOP counts,
-`python -m pytest tests/test_canvit.py` for the tests.
+Run `python canvit.py` for a demo, `python bench.py canvit` (latency) and `python bench.py flops`
+(App. G), `python -m pytest tests/test_canvit.py` for the tests.
 """
 from __future__ import annotations
 
@@ -132,11 +130,8 @@ def rope_periods(head_dim: int, base: float, device=None) -> Tensor:
 
 
 def grid_centers(rows: int, cols: int, device=None) -> Tensor:
-    """(rows*cols, 2) float32 (y, x) cell centres (i + 0.5) / n * 2 - 1 of a grid tiling [-1, 1]^2.
-
-    Row-major. For an h x w image this is DINOv3's RoPE grid with per-axis ("separate")
-    normalisation: y by h, x by w, whatever the aspect ratio.
-    """
+    """(rows*cols, 2) float32 (y, x) cell centres (i + 0.5) / n * 2 - 1 of a grid tiling [-1, 1]^2,
+    row-major: for an h x w image, DINOv3's RoPE grid with per-axis ("separate") normalisation."""
     y = (torch.arange(rows, dtype=torch.float32, device=device) + 0.5) / rows * 2 - 1
     x = (torch.arange(cols, dtype=torch.float32, device=device) + 0.5) / cols * 2 - 1
     return torch.stack(torch.meshgrid(y, x, indexing="ij"), -1).reshape(rows * cols, 2)
@@ -149,11 +144,8 @@ def glimpse_positions(center_yx: Tensor, scale: Tensor, grid: int) -> Tensor:
 
 
 def rope_tables(positions: Tensor, periods: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, N, 2) positions -> (sin, cos), each (B, 1, N, 4 * len(periods)), float32.
-
-    Angles 2 pi pos / period: all y frequencies then all x frequencies, tiled twice so that
-    channel i pairs with channel i + hd/2 (rotate-half).
-    """
+    """(B, N, 2) positions -> (sin, cos), each (B, 1, N, 4 * len(periods)), float32: angles
+    2 pi pos / period, all y then all x frequencies, tiled twice (rotate-half pairs i, i + hd/2)."""
     angles = 2 * math.pi * positions.float()[..., None] / periods.float()        # (B, N, 2, hd/4)
     angles = angles.flatten(-2).tile(2)                                           # (B, N, hd)
     return angles.sin()[:, None], angles.cos()[:, None]
@@ -190,10 +182,8 @@ def rw_schedule(n_blocks: int, rw_stride: int, enable_reads: bool = True
 
 def vpe_coordinates(center_yx: Tensor, scale: Tensor) -> Tensor:
     """App. C, Eq. (9): the scale-invariant viewpoint (y/s, x/s, log s), (B, 3) float32.
-
-    NOTE(paper): Eq. (9) lists (x/s, y/s, log s); the official code (and so the checkpoints)
-    uses (y, x) order, which we follow.
-    """
+    NOTE(paper): Eq. (9) lists (x/s, y/s, log s); we follow the official code's (and so the
+    checkpoints') (y, x) order."""
     s = scale.float()
     return torch.stack([center_yx[:, 0].float() / s, center_yx[:, 1].float() / s, s.log()], -1)
 
@@ -230,11 +220,9 @@ class Mlp(nn.Module):
 
 
 class MaskedKeyBiasLinear(nn.Linear):
-    """The fused qkv projection with its key bias masked to zero (DINOv3's LinearKMaskedBias).
-
-    `bias_mask` is saved in DINOv3 checkpoints (persistent=True) and not in CanViT ones; either
-    way the forward is F.linear(x, W, bias * bias_mask), as in both official codes.
-    """
+    """The fused qkv projection with its key bias masked to zero (DINOv3's LinearKMaskedBias):
+    F.linear(x, W, bias * bias_mask) as in both official codes. `bias_mask` is saved in DINOv3
+    checkpoints (persistent), not in CanViT ones."""
     def __init__(self, dim: int, persistent_mask: bool):
         super().__init__(dim, 3 * dim)
         mask = torch.ones(3 * dim)
@@ -287,11 +275,8 @@ class RopeEmbed(nn.Module):
 
 
 class ViTBackbone(nn.Module):
-    """Patch-16 embedding and pre-norm RoPE blocks; no absolute position embedding.
-
-    CanViT drives the blocks itself (reads and writes sit between them); `DINOv3ViT` adds the
-    CLS and register tokens and the final norm of a passive ViT.
-    """
+    """Patch-16 embedding and pre-norm RoPE blocks, no absolute position embedding. CanViT drives
+    the blocks itself (reads and writes between them); `DINOv3ViT` adds CLS, registers, norm."""
     def __init__(self, cfg: BackboneConfig, dinov3_buffers: bool = False):
         super().__init__()
         if cfg.embed_dim % cfg.num_heads:
@@ -353,7 +338,6 @@ class DINOv3ViT(ViTBackbone):
         return {"cls": xn[:, 0], "registers": xn[:, 1:r], "patches": xn[:, r:], "prenorm": x}
 
 
-
 class ViTClassifier(nn.Module):
     """The passive, bottom-up patch-16 ViT baseline: DINOv3ViT and a linear head on its CLS.
     (B, 3, H, W) -> (B, K) logits; a larger image means more, finer patches."""
@@ -411,11 +395,8 @@ class PassiveViTSupervised(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 class VPE(nn.Module):
-    """Sec. 4, App. C: random Fourier features of (y/s, x/s, log s), then LayerNorm.
-
-    The RFF matrix `B` (D/2, 3) ~ N(0, sigma^2) is a frozen buffer. The whole encoding runs in
-    float32 with autocast off (App. D.3).
-    """
+    """Sec. 4, App. C: random Fourier features of (y/s, x/s, log s), then LayerNorm. The RFF
+    matrix `B` (D/2, 3) ~ N(0, sigma^2) is a frozen buffer; float32, autocast off (App. D.3)."""
     def __init__(self, dim: int, sigma: float = 1.0):
         super().__init__()
         g = torch.Generator().manual_seed(VPE_SEED)
@@ -558,11 +539,9 @@ class Predictions(NamedTuple):
 
 
 class CanViT(nn.Module):
-    """Canvas Vision Transformer; one call processes one glimpse (Fig. 2).
-
-    state = model.init_state(B, G); out = model(glimpse, state, center_yx, scale);
-    preds = model.predict(out.state). Nothing is modified in place.
-    """
+    """Canvas Vision Transformer; one call processes one glimpse (Fig. 2): state =
+    model.init_state(B, G); out = model(glimpse, state, center_yx, scale); preds =
+    model.predict(out.state). Nothing is modified in place."""
     def __init__(self, cfg: CanViTConfig):
         super().__init__()
         self.cfg = cfg
@@ -647,11 +626,9 @@ class CanViT(nn.Module):
     # -- decoding (Sec. 5.1, Eq. 2) and standardization ----------------------------------------
 
     def predict(self, state: State, destandardize: bool = False) -> Predictions:
-        """Eq. (2): Z_t = W_spatial LN(C_t) over the canvas patches, z_t = W_global LN(h_t).
-
-        Standardized (the space of the loss, Eq. 3) unless destandardize, which maps back to
-        DINOv3 space with the standardizers of this canvas grid (App. F.2).
-        """
+        """Eq. (2): Z_t = W_spatial LN(C_t) over the canvas patches, z_t = W_global LN(h_t), in
+        the loss's standardized space (Eq. 3), or mapped back to DINOv3's by destandardize with
+        the standardizers of this canvas grid (App. F.2)."""
         patches = self.scene_patches_head(state.canvas[:, self.cfg.n_canvas_registers:])
         cls = self.scene_cls_head(state.recurrent_cls[:, 0])
         if destandardize:
@@ -694,12 +671,10 @@ class CanViT(nn.Module):
         cls_std, patch_std = self.standardizers(math.isqrt(teacher_patches.shape[1]))
         return cls_std.standardize(teacher_cls), patch_std.standardize(teacher_patches)
 
-
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Strict by default; creates the standardizers of every canvas grid the dict holds."""
         for key in state_dict:
-            m = re.match(r"(?:cls|scene)_standardizers\.(\d+)\.", key)
-            if m:
+            if m := re.match(r"(?:cls|scene)_standardizers\.(\d+)\.", key):
                 self.add_standardizers(int(m[1]))
         if strict:
             _check_state_dict(self, state_dict, "CanViT")
@@ -728,12 +703,9 @@ def _check_state_dict(module: nn.Module, state_dict: dict, what: str) -> None:
 _V02_TO_V01 = [
     (r"^canvit\.", ""),
     (r"^canvas_reads\.", "canvas_read."), (r"^canvas_writes\.", "canvas_write."),
-    (r"^(canvas_(?:read|write)\.\d+)\.q_map\.", r"\1.q_proj."),
-    (r"^(canvas_(?:read|write)\.\d+)\.k_map\.", r"\1.k_proj."),
-    (r"^(canvas_(?:read|write)\.\d+)\.v_map\.", r"\1.v_proj."),
-    (r"^(canvas_(?:read|write)\.\d+)\.o_map\.", r"\1.out_proj."),
-    (r"^(canvas_(?:read|write)\.\d+)\.ln_q\.", r"\1.q_norm."),
-    (r"^(canvas_(?:read|write)\.\d+)\.ln_kv\.", r"\1.kv_norm."),
+    *((rf"^(canvas_(?:read|write)\.\d+)\.{old}\.", rf"\1.{new}.") for old, new in (
+        ("q_map", "q_proj"), ("k_map", "k_proj"), ("v_map", "v_proj"), ("o_map", "out_proj"),
+        ("ln_q", "q_norm"), ("ln_kv", "kv_norm"))),
     (r"^init_canvas_registers$", "canvas_register_init"),
     (r"^init_canvas_patch$", "canvas_spatial_init"),
     (r"^init_recurrent_cls$", "recurrent_cls_init"),
@@ -1008,13 +980,12 @@ class EntropyGuidedC2F:
 # Demo (`python canvit.py`); benchmarks and App. G's FLOP counts are in bench.py
 # ----------------------------------------------------------------------------------------------
 
-def demo() -> None:
-    """A C2F rollout of a small random CanViT on a random scene: how much each glimpse writes."""
+if __name__ == "__main__":
+    # A C2F rollout of a small random CanViT on a random scene: how much each glimpse writes.
     torch.manual_seed(0)
-    cfg = CanViTConfig(backbone=BackboneConfig(embed_dim=64, num_heads=2, n_blocks=4),
-                       n_backbone_registers=2, n_canvas_registers=4, canvas_num_heads=2,
-                       canvas_head_dim=48, rw_stride=1, teacher_dim=40)
-    model = CanViT(cfg).eval()
+    model = CanViT(CanViTConfig(backbone=BackboneConfig(embed_dim=64, num_heads=2, n_blocks=4),
+                                n_backbone_registers=2, n_canvas_registers=4, canvas_num_heads=2,
+                                canvas_head_dim=48, rw_stride=1, teacher_dim=40)).eval()
     scene, vps = torch.randn(2, 3, 256, 256), policy_viewpoints("c2f", 5, 2)
     state = model.init_state(2, 16)
     with torch.no_grad():
@@ -1025,7 +996,3 @@ def demo() -> None:
             print(f"t={t} viewpoint y,x={vps.center_yx[t, 0].tolist()} s={vps.scale[t, 0]:.3f} "
                   f"relative canvas update {delta:.3f}")
             state = new
-
-
-if __name__ == "__main__":
-    demo()
