@@ -7,16 +7,16 @@ Papers
         arXiv 2604.20392.
   [003] Berreby, Du, Durand, Krishna, "CanViT: Toward Active-Vision Foundation Models".
 
-A patch is *top-down*: its size is a fraction of the image, not a number of pixels, so the same
-gaze sees the same part of the scene at any resolution. This module turns gazes into pixel
-boxes (the geometry) and boxes into fixed-size patches (the extraction). The extraction of
-choice is a box filter over a summed-area table built once per image [000, App. A]: its cost
-per output pixel does not depend on the image or the box size, and it does not alias.
+A patch is *top-down*: its size is a fraction of the image, not a number of pixels, so a gaze
+sees the same part of the scene at any resolution. Gazes become pixel boxes (the geometry), and
+boxes fixed-size patches (the extraction: a box filter over a summed-area table built once per
+image [000, App. A], whose cost per output pixel does not depend on the image or the box size,
+and which does not alias).
 
-The foveal iterative ViT [002, Sec. 5.2] looks at an image through such patches, one gaze a
-step: N state tokens and the glimpse's patch tokens go through ViT blocks, the state tokens come
-out as the new state, and no gradient crosses steps. Task heads read the state; stage 1 of
-[002] trains it all with random gazes (an objective of train.py).
+The foveal iterative ViT [002, Sec. 5.2] looks through such patches, one gaze a step: N state
+tokens and the glimpse's patch tokens go through ViT blocks, the state tokens come out as the
+new state, no gradient crosses steps. Task heads read the state; stage 1 of [002] trains it all
+with random gazes (an objective of train.py).
 
 Conventions (one geometry for all three papers)
   * A point is (y, x) = (row, col) in [-1, 1]^2, (-1, -1) the top-left corner of the image.
@@ -44,19 +44,18 @@ Paper -> code
   002 A.3.2; 000 Sec. 4  task heads                     CombineMLPHead; LinearHead, TransformerHead
   002 A.3.4              random gazes, MixUp, stage 1   FovealSupervised, episode_patches, mixup
   002 Sec. 6.1           shuffled ViT-patch groups      episode_patches (glimpse "shuffled_vit")
-  000 Sec. 5.1           stage 2: a probe on a frozen
-                         dino backbone                  FovealSupervised.probe
+  000 Sec. 5.1           stage 2, frozen dino backbone  FovealSupervised.probe
   (train.py checkpoints) checkpoint -> frozen model     read_checkpoint, load_frozen
 
-Run `python fovea.py` for a picture of the patches, `python bench.py extraction` for the
-extraction benchmark (`python bench.py foveal` times a training step),
-`python train.py --cfg foveal_tiny.yaml` to train the model, and
-`python -m pytest tests/test_fovea.py` for the tests.
+Run `python fovea.py` for a picture of the patches, `python bench.py extraction` (`foveal`) to
+time the extraction (a training step), `python train.py --cfg foveal_tiny.yaml` to train the
+model, and `python -m pytest tests/test_fovea.py` for the tests.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import random
 import typing
@@ -74,11 +73,9 @@ from torch import Tensor, nn
 # ----------------------------------------------------------------------------------------------
 
 class Patches(NamedTuple):
-    """Where the patches of a glimpse lie.
-
-    boxes: (B, P, 4) float32 pixel rectangles (y0, x0, y1, x1) of the image they were made for.
-    yxz:   (B, P, 3) float32 patch centre (y, x) in [-1, 1] and zoom level z (side = min(H, W) / 2^z).
-    """
+    """Where the patches of a glimpse lie: boxes (B, P, 4) float32 pixel rectangles (y0, x0, y1,
+    x1) of the image they were made for; yxz (B, P, 3) float32 patch centre (y, x) in [-1, 1]
+    and zoom level z (side = min(H, W) / 2^z)."""
     boxes: Tensor
     yxz: Tensor
 
@@ -115,12 +112,9 @@ def _to_unit(py: Tensor, px: Tensor, image_hw: tuple[int, int]) -> Tensor:
 
 def multizoom_patches(center_yx: Tensor, image_hw: tuple[int, int], num_patches: int = 16,
                       max_z: float = 4.0) -> Patches:
-    """[002] Sec. 5.1, Alg. 1: M concentric square crops around each gaze.
-
-    center_yx: (B, 2) gaze (y, x) in [-1, 1]. Zoom levels z = linspace(0, max_z, M); the crop of
-    zoom z has side min(H, W) / 2^z, so z = 0 spans the shorter side and each unit of z halves it.
-    Returns Patches with P = M, coarsest first.
-    """
+    """[002] Sec. 5.1, Alg. 1: M concentric square crops around each gaze (B, 2) (y, x) in
+    [-1, 1], of zoom z = linspace(0, max_z, M) and side min(H, W) / 2^z (z = 0 spans the shorter
+    side, each unit of z halves it). Returns Patches with P = M, coarsest first."""
     _check_centres(center_yx)
     B, dev = center_yx.shape[0], center_yx.device
     H, W = image_hw
@@ -136,11 +130,9 @@ def multizoom_patches(center_yx: Tensor, image_hw: tuple[int, int], num_patches:
 def foveal_grid(center_yx: Tensor, image_hw: tuple[int, int], grid: int,
                 z: Tensor | float) -> Patches:
     """[000] App. B, Eq. 5-6: a g x g grid of square patches of zoom z centred on the gaze.
-
     Eq. 5: each patch has side S = min(H, W) / 2^z. Eq. 6: patch (i, j) is centred at
     gaze + ((i, j) - (g - 1) / 2) * S, so the grid (side g * S) is centred on the gaze.
-    center_yx: (B, 2); z: a float or (B,). Returns Patches with P = g^2, row-major.
-    """
+    center_yx: (B, 2); z: a float or (B,). Returns Patches with P = g^2, row-major."""
     _check_centres(center_yx)
     B, dev = center_yx.shape[0], center_yx.device
     z = torch.as_tensor(z, dtype=torch.float32, device=dev).expand(B)             # (B,)
@@ -166,12 +158,9 @@ def foveal_context(center_yx: Tensor, image_hw: tuple[int, int], num_zoom: int =
 
 def vit_grid(batch: int, image_hw: tuple[int, int], grid: int,
              device: torch.device | str | None = None) -> Patches:
-    """[000] Sec. 5.3 "ViT mode": a static g x g grid tiling the whole image.
-
-    Cells are H/g x W/g pixels (square for a square image, where the zoom is log2(g)).
-    NOTE(paper): for a non-square image the paper does not say; tiling the whole image keeps
-    every pixel in view, and z = log2(g) is the zoom of the shorter side's cells.
-    """
+    """[000] Sec. 5.3 "ViT mode": a static g x g grid tiling the whole image, cells H/g x W/g
+    px (zoom log2(g)). NOTE(paper): the paper does not say for a non-square image; tiling it keeps
+    every pixel in view, and z = log2(g) is the zoom of the shorter side's cells."""
     H, W = image_hw
     centres = (torch.arange(grid, device=device, dtype=torch.float32) + 0.5) / grid * 2 - 1
     gy, gx = torch.meshgrid(centres, centres, indexing="ij")                      # (g, g)
@@ -202,11 +191,9 @@ def area_to_zoom(area: Tensor | float, grid: int,
 def random_grid_crops(batch: int, image_hw: tuple[int, int], grid: int,
                       area_range: tuple[float, float], generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> Patches:
-    """[000] App. B: a DINO random-resized crop done top-down, as a g x g foveal grid.
-
-    The grid's total area is a fraction a ~ U(area_range) of the image (DINO: (0.32, 1) for
-    global views, (0.05, 0.32) for local ones); its zoom follows from Eq. 7 and its centre is
-    uniform over the positions that keep the whole grid inside the image.
+    """[000] App. B: a DINO random-resized crop done top-down, as a g x g foveal grid covering a
+    ~ U(area_range) of the image (DINO: (0.32, 1) global, (0.05, 0.32) local views), its zoom from
+    Eq. 7, its centre uniform where the whole grid stays inside the image.
     NOTE(paper): the paper picks "the zoom level range" from the area range; we draw the area
     uniformly, as torchvision's RandomResizedCrop (the augmentation being imitated) does.
     """
@@ -239,14 +226,12 @@ def viewpoint_boxes(center_yx: Tensor, scale: Tensor, image_hw: tuple[int, int])
 # ----------------------------------------------------------------------------------------------
 
 class SummedAreaTable(NamedTuple):
-    """The summed-area tables of B images [000, App. A], made by `integral_image`.
-
+    """The summed-area tables of B images [000, App. A], made by `integral_image`; a type of its
+    own, so that an image passed where a table is expected fails with a message.
     sums: (B, C, H+1, W+1) float64 (int64 for integer images), channels-last, with
           sums[..., i, j] = the sum of image[..., :i, :j].
-    rows: (R,) int64 or None: the table each of R logical rows reads. G traces (or V views) of
-          one image share its table (`select`): B * G rows over B tables, without copying
-          them. None: row b reads table b (R = B).
-    A separate type, so that an image passed where a table is expected fails with a message.
+    rows: (R,) int64 or None (row b reads table b): the table each of R logical rows reads; the
+          G traces (or V views) of an image share its table (`select`) without copies.
     """
     sums: Tensor
     rows: Tensor | None = None
@@ -270,13 +255,10 @@ class SummedAreaTable(NamedTuple):
 
 
 def integral_image(images: Tensor) -> SummedAreaTable:
-    """[000] App. A, Eq. 3: the summed-area table of each image, with a zero first row and column.
-
-    images: (B, C, H, W), float or integer. Returns a SummedAreaTable whose sums (B, C, H+1, W+1)
-    hold sums[..., i, j] = sum of images[..., :i, :j], float64 for float input and int64 for
-    integer input (a float32 running sum over a 4096^2 image has lost the low bits a small box
-    needs), stored channels-last, so the C values of one corner are read together.
-    """
+    """[000] App. A, Eq. 3: the summed-area table of images (B, C, H, W), float or integer, with
+    a zero first row and column (see SummedAreaTable). float64 (int64 for integers): a float32
+    running sum over a 4096^2 image has lost the low bits a small box needs. Channels-last, so
+    the C values of one corner are read together."""
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a (B, C, H, W) tensor, got {_describe(images)}")
     acc = torch.float64 if images.is_floating_point() else torch.int64
@@ -298,14 +280,13 @@ def check_table(table) -> SummedAreaTable:
 
 
 def _corner_sums(sums: Tensor, rows: Tensor, ys: Tensor, xs: Tensor, exact: bool) -> Tensor:
-    """Integral of the zero-extended image over [0, y) x [0, x) at every pair (ys[a], xs[b]).
-
-    sums: (B, C, H+1, W+1); rows: (R,) the table of each row; ys: (R, P, Ny), xs: (R, P, Nx)
-    pixel coordinates (float64). Returns (R, P, Ny, Nx, C) float64.
-    exact=True: the integral of the piecewise-constant pixel image is exactly the bilinear
-    interpolation of the table between integer corners, so 4 weighted lookups give it at
-    sub-pixel positions. exact=False: ys and xs are already integers, 1 lookup each.
-    Outside the image the image is zero, so clamping a corner to [0, H] x [0, W] is exact.
+    """Integral of the zero-extended image over [0, y) x [0, x) at every pair (ys[a], xs[b]):
+    sums (B, C, H+1, W+1), rows (R,) the table of each row, ys (R, P, Ny), xs (R, P, Nx) pixel
+    coordinates (float64) -> (R, P, Ny, Nx, C) float64. exact=True: the integral of the
+    piecewise-constant pixel image is exactly the bilinear interpolation of the table between
+    integer corners, so 4 weighted lookups give it at sub-pixel positions. exact=False: ys and
+    xs are already integers, 1 lookup each. Outside the image the image is zero, so clamping a
+    corner to [0, H] x [0, W] is exact.
     """
     B, C, H1, W1 = sums.shape
     flat = sums.permute(0, 2, 3, 1).reshape(B, H1 * W1, C)                      # (B, N, C) view
@@ -359,16 +340,11 @@ def box_patches_eager(sums: Tensor, rows: Tensor, boxes: Tensor, patch_px: int,
     return (cells / area).permute(0, 1, 4, 2, 3).to(torch.float32)                # (R,P,C,p,p)
 
 
-_compiled_box_patches = None
-
-
-def _box_patches_compiled(*args):
-    """`box_patches_eager` through torch.compile, compiled on first use (importing fovea stays
+@functools.cache
+def _box_patches_compiled():
+    """`box_patches_eager` through torch.compile, made on first use (importing fovea stays
     fast). Static shapes: new box values never recompile."""
-    global _compiled_box_patches
-    if _compiled_box_patches is None:
-        _compiled_box_patches = torch.compile(box_patches_eager, dynamic=False, fullgraph=True)
-    return _compiled_box_patches(*args)
+    return torch.compile(box_patches_eager, dynamic=False, fullgraph=True)
 
 
 def box_patches(table: SummedAreaTable, boxes: Tensor, patch_px: int, exact: bool = True,
@@ -380,10 +356,10 @@ def box_patches(table: SummedAreaTable, boxes: Tensor, patch_px: int, exact: boo
     (outside counts as zero). Output pixel (i, j) is the mean of the image over cell (i, j) of
     its box. Returns (R, P, C, p, p) float32.
 
-    exact=True: corners at their sub-pixel positions (bilinear lookups in the table), which is
-    the exact area mean of the pixel image. exact=False: the paper's nearest-pixel corners.
-    The cost per output pixel is a fixed number of table lookups, whatever the box or image
-    size. compiled=True runs the `torch.compile`d twin; compiled=False the eager one.
+    exact=True: corners at their sub-pixel positions (bilinear lookups in the table), the exact
+    area mean of the pixel image; exact=False: the paper's nearest-pixel corners. A fixed number
+    of table lookups per output pixel, whatever the box or image size. compiled=False: the
+    eager twin of the `torch.compile`d function.
     """
     table = check_table(table)
     if boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != len(table):
@@ -393,7 +369,7 @@ def box_patches(table: SummedAreaTable, boxes: Tensor, patch_px: int, exact: boo
     ok = ((boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])).all()
     torch._assert_async(ok, "box_patches: every box needs y1 > y0 and x1 > x0 (and no NaN)")
     rows = table.rows if table.rows is not None else torch.arange(len(table), device=boxes.device)
-    fn = _box_patches_compiled if compiled else box_patches_eager
+    fn = _box_patches_compiled() if compiled else box_patches_eager
     return fn(table.sums, rows, boxes, patch_px, exact)
 
 
@@ -403,12 +379,11 @@ def box_patches(table: SummedAreaTable, boxes: Tensor, patch_px: int, exact: boo
 
 def bilinear_glimpse(images: Tensor, center_yx: Tensor, scale: Tensor, glimpse_px: int) -> Tensor:
     """[003] Sec. 3: the glimpse at viewpoint (centre, scale), resampled to gp x gp pixels.
-
-    images: (B, C, H, W); center_yx: (B, 2) in [-1, 1]; scale: (B,) in (0, 1], the crop side as
-    a fraction of the shorter image side. Output pixel (i, j) samples the image bilinearly at
-    centre + scale * cell_centre(i, j) (align_corners=False, zeros outside), which for a square
-    scene is the official CanViT `sample_at_viewpoint`. Returns (B, C, gp, gp) float32.
-    Cheap, but it aliases when the crop is much larger than gp pixels: see `box_patches`.
+    images (B, C, H, W); center_yx (B, 2) in [-1, 1]; scale (B,) in (0, 1], the crop side as a
+    fraction of the shorter image side. Output pixel (i, j) samples the image bilinearly at
+    centre + scale * cell_centre(i, j) (align_corners=False, zeros outside): for a square scene,
+    the official CanViT `sample_at_viewpoint`. Returns (B, C, gp, gp) float32. Cheap, but it
+    aliases when the crop is much larger than gp pixels: see `box_patches`.
     """
     _check_centres(center_yx)
     B, _, H, W = images.shape
@@ -463,7 +438,6 @@ class FovealConfig:
 class Block(nn.Module):
     """Pre-norm ViT block (DINOv2 style, LayerScale). `query_pos` (B, n, D) is added to the
     inputs of the attention's queries and keys, as DETR adds its object queries [002, A.3.1]."""
-
     def __init__(self, dim: int, heads: int, mlp_ratio: float, layerscale: float):
         super().__init__()
         self.heads = heads
@@ -492,7 +466,6 @@ class Block(nn.Module):
 
 class CombineMLPHead(nn.Module):
     """[002] A.3.2: a learned linear combination of the N state vectors, then an MLP."""
-
     def __init__(self, dim: int, num_state: int, num_classes: int):
         super().__init__()
         self.weights = nn.Parameter(torch.full((num_state,), 1.0 / num_state))
@@ -504,7 +477,6 @@ class CombineMLPHead(nn.Module):
 
 class LinearHead(nn.Module):
     """[000] Sec. 4: a linear layer on the first state token."""
-
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
         self.fc = nn.Linear(dim, num_classes)
@@ -516,7 +488,6 @@ class LinearHead(nn.Module):
 class TransformerHead(nn.Module):
     """[000] Sec. 4: one transformer layer pooling all state tokens into a learned token, then
     a linear layer. NOTE(paper): the pooling token and its LayerNorm are our reading."""
-
     def __init__(self, dim: int, heads: int, num_classes: int):
         super().__init__()
         self.token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -534,18 +505,14 @@ class FovealViT(nn.Module):
     """The iterative transformer of [002] Sec. 5.2: N state tokens evolve over glimpses.
 
     Each step embeds the glimpse's top-down patches (linear patch embedding + an MLP of the
-    patch's (x, y, z)), runs the ViT blocks on [state; patches] and keeps the state outputs.
-    The first step starts from the learned task prompt s_1, which trains with that step's loss
-    [002, Sec. 4; 000, Sec. 2.1]; a state from an earlier step is detached: no gradient crosses
-    steps (no BPTT).
+    patch's (x, y, z)), runs the ViT blocks on [state; patches] and keeps the state outputs
+    (see `forward` for the first step and why no gradient crosses steps).
 
     Zoom levels enter the position MLP as z / Z_max [002, A.3.1], so every zoom the model meets
-    must lie in [0, Z_max] (`cfg.z_max`): the multi-zoom patches (max_z), the foveal grid
-    (grid_z), ViT mode (log2 g) and, in pretraining, DINO's views. Geometry the config can
-    produce is checked here and where it is made (`check_zoom`); any other patch with z outside
-    that range stops the run with a device-side assert.
+    must lie in [0, Z_max] (`cfg.z_max`): multi-zoom (max_z), the foveal grid (grid_z), ViT mode
+    (log2 g), DINO's views. What the config can produce is checked here and where it is made
+    (`check_zoom`); any other z out of range stops the run with a device-side assert.
     """
-
     def __init__(self, cfg: FovealConfig):
         super().__init__()
         self.cfg = cfg
@@ -613,9 +580,9 @@ class FovealViT(nn.Module):
                 transform=None) -> Tensor:
         """One step: the state (B, N, D) and the patches of one glimpse -> new state (B, N, D).
 
-        state None: the first step, from the learned prompt s_1, which receives this step's
-        gradient. A state from an earlier step is detached (no BPTT [002, Sec. 5.2]).
-        transform: an augmentation of the extracted pixels (see `embed`)."""
+        state None: the first step, from the learned task prompt s_1, which trains with this
+        step's loss [002, Sec. 4; 000, Sec. 2.1]. A state from an earlier step is detached: no
+        gradient crosses steps (no BPTT [002, Sec. 5.2]). transform: see `embed`."""
         B = patches.boxes.shape[0]
         state = self.state_prompt.expand(B, -1, -1) if state is None else state.detach()
         tokens = self.embed(table, patches, transform)                            # (B, P, D)
@@ -709,12 +676,10 @@ def fixed_gazes(T: int) -> Tensor:
 def episode_patches(model: FovealViT, cfg: FovealTrainConfig, gen: torch.Generator | None,
                     batch: int, image_hw: tuple[int, int], device) -> list[Patches]:
     """The patches of every step of an episode for `batch` images, one Patches per step.
-
-    glimpse "foveal" [002, A.3.4]: gaze centres uniform over the image at every step, the
-    foveal grid's zoom uniform in grid_z. "shuffled_vit" [002, Sec. 6.1]: the g^2 patches of a
-    ViT grid, shuffled into `steps` groups, one group a step. gen None: a fixed episode, the
-    same for every image (`fixed_gazes` at the middle grid zoom, or the grid in raster order).
-    """
+    glimpse "foveal" [002, A.3.4]: gaze centres uniform over the image at every step, the foveal
+    grid's zoom uniform in grid_z; "shuffled_vit" [002, Sec. 6.1]: the g^2 patches of a ViT grid,
+    shuffled into `steps` groups, one a step. gen None: a fixed episode, the same for every
+    image (`fixed_gazes` at the middle grid zoom, or the grid in raster order)."""
     T = cfg.steps
     if cfg.glimpse == "shuffled_vit":
         g = cfg.vit_grid
@@ -749,9 +714,8 @@ class FovealSupervised(nn.Module):
     (train.py's `probe`: `FovealSupervised.probe`, only the new task head learns).
 
     Randomness (gazes, grid zooms, patch shuffles, MixUp's lambda) is drawn for the global batch
-    from a generator seeded by (seed, step), and each process takes its contiguous share: a run
-    is the same on any number of processes and after a resume.
-    """
+    from a generator seeded by (seed, step), each process taking its contiguous share: a run is
+    the same on any number of processes and after a resume."""
     augment = True                 # ImageNet's random resized crop + flip ([002] Sec. 2; data.py)
     classes_key = "foveal.model.num_classes"
 
@@ -831,12 +795,10 @@ class FovealSupervised(nn.Module):
 # Checkpoints of train.py -> frozen models (one home, used by distill, dino, grpo and eval)
 # ----------------------------------------------------------------------------------------------
 #
-# A train.py checkpoint is a dict with the run's "config", its trained "model" (for resuming) and
-# "export": named parts for downstream use, each {"class", "args", "state_dict"} made by
-# `export_part` (a foveal_sup run exports its "encoder", a vit_sup run its "classifier" and
-# "backbone", ...). A consumer asks for a part by name and class, and `rebuild` calls the class
-# with the saved constructor arguments. The reading lives here, in the module every other one
-# imports, so that no module needs train.py (which nothing imports) or another objective's keys.
+# A train.py checkpoint: the run's "config", its trained "model" (for resuming) and "export",
+# named parts for downstream use (`export_part`: a foveal_sup run's "encoder", a vit_sup run's
+# "classifier" and "backbone", ...), asked for by name and class (`load_frozen`). It is read here,
+# in the module every other one imports, so no module needs train.py or another objective's keys.
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: the message names the file and what to do."""
@@ -938,8 +900,7 @@ def _demo(out_path: str, size: int = 512) -> None:
     scene = to_pil(img[0])
     draw = ImageDraw.Draw(scene)
     for i, b in enumerate(mz.boxes[0].tolist()):
-        shade = int(255 * i / 7)
-        draw.rectangle([b[1], b[0], b[3], b[2]], outline=(255, shade, 0), width=2)
+        draw.rectangle([b[1], b[0], b[3], b[2]], outline=(255, int(255 * i / 7), 0), width=2)
     for b in fg.boxes[0].tolist():
         draw.rectangle([b[1], b[0], b[3], b[2]], outline=(0, 255, 255), width=1)
     canvas.paste(scene, (0, 0))
