@@ -12,38 +12,33 @@ Papers
 teacher's output distribution over K prototypes, the teacher's targets come from DINOv2's
 Sinkhorn-Knopp online clustering instead of DINO v1's centring [000, Sec. 5.2], and a KoLeo term
 spreads the student's features [000, App. C]. The projection head reads only the first state
-token [000, Sec. 3.1]. This module first holds those DINO pieces as small pure functions and one
-head module, each reproducing what the official DINO / DINOv2 code computes (pinned by
-`tests/reference/dino`, see tests/test_dino.py); the sequential-to-global objective of
-[000, Sec. 3.1] is assembled from them further down (train.py's objective `dino`).
+token [000, Sec. 3.1]. The DINO pieces come first, small pure functions and one head module, each
+computing what the official DINO / DINOv2 code does (pinned by `tests/reference/dino`); the
+sequential-to-global objective (train.py's `dino`) is assembled from them further down.
 
 Shapes
-  B batch (rows of logits; the *global* batch where a function says so), K prototypes
-  (the head's out_dim, 65,536 in [000] and DINOv2), D width (of the features fed to the head or
-  to KoLeo).
+  B batch (rows of logits; the *global* batch where a function says so), K prototypes (the
+  head's out_dim, 65,536 in [000] and DINOv2), D width (of the features fed to the head or KoLeo).
 
 Paper -> code
   000 Sec. 3.1; DINO Sec. 3.1       projection head, weight-normed prototypes   DINOHead
   DINO Eq. 1-3                      cross-entropy H(P_t, P_s), student side     cross_entropy
-  DINO Sec. 3.1, Eq. 4 (centring)   teacher softmax((t - c) / tau_t), centre EMA
-                                                            centered_probs, update_center
+  DINO Sec. 3.1, Eq. 4 (centring)   teacher softmax((t - c) / tau_t), its EMA   centered_probs,
+                                                                                update_center
   000 Sec. 3.1, 5.2; v2 Sec. 4      Sinkhorn-Knopp teacher                      sinkhorn_knopp
   000 App. C; v2 Sec. 4             KoLeo regulariser                           koleo_loss
-  000 Sec. 5.2 (as DINO)            momentum / tau_t schedules (lr, wd: train.py)
-                                                            teacher_temperature, teacher_momentum
+  000 Sec. 5.2 (as DINO)            momentum / tau_t schedules (lr, wd: train)  teacher_momentum,
+                                                                                teacher_temperature
   000 Sec. 3.1, App. B              global / local views (top-down implicit crops),
                                     the sequential view      DINOSequentialToGlobal.draw_views
-  DINO (multi-crop augmentation)    flip, colour jitter, grey, blur, solarise
-                                    on extracted patches     Augment, ViewAugment
-  000 Sec. 3.1, 4; App. C           every student output against every teacher
-                                    output, head on the first state token, KoLeo,
-                                    EMA teacher, no gradient across glimpses
-                                                            DINOModel, DINOSequentialToGlobal
-  (collapse)                        teacher entropy, prototypes in use      collapse_stats
+  DINO (multi-crop augmentation)    flip, jitter, grey, blur, solarise patches  Augment, ViewAugment
+  000 Sec. 3.1, 4; App. C           all student vs all teacher outputs, head    DINOModel,
+                                    on the first state token, KoLeo, EMA        DINOSequentialToGlobal
+                                    teacher, no gradient across glimpses
+  (collapse)                        teacher entropy, prototypes in use          collapse_stats
 
-Run `python train.py --cfg dino_tiny.yaml` (then dino_probe_tiny.yaml and eval.py) on the built-in
-scenes, `python bench.py dino` for the training throughput, `python -m pytest tests/test_dino.py`
-for the tests.
+Run `python train.py --cfg dino_tiny.yaml` (then dino_probe_tiny.yaml and eval.py), `python
+bench.py dino` (throughput), `python -m pytest tests/test_dino.py` (tests).
 """
 from __future__ import annotations
 
@@ -65,11 +60,8 @@ import fovea
 
 def _trunc_normal_(w: Tensor, std: float, a: float = -2.0, b: float = 2.0) -> Tensor:
     """Fill w in place with N(0, std^2) truncated to [a, b] (absolute bounds), by inverse CDF.
-
-    NOTE(paper): official DINO draws its trunc-normal init this way (uniform -> erfinv); recent
-    PyTorch's nn.init.trunc_normal_ samples differently (rejection), so the same seed would give
-    other weights. This keeps a seeded head identical to the official one.
-    """
+    NOTE(paper): as official DINO (uniform -> erfinv), so a seeded head is identical to the
+    official one; recent PyTorch's nn.init.trunc_normal_ samples otherwise (rejection)."""
     def cdf(v: float) -> float:                    # standard normal CDF
         return (1.0 + math.erf(v / math.sqrt(2.0))) / 2.0
     with torch.no_grad():
@@ -84,15 +76,11 @@ def _distributed() -> bool:
 
 
 class _WeightNormLinear(nn.Module):
-    """A bias-free Linear(in_features, out_features) whose rows are weight-normalised (dim 0):
-    effective row k = g_k * v_k / ||v_k||.
-
-    The parameter names and shapes are those of the old `nn.utils.weight_norm` API, so official
-    DINO heads load with strict=True: `weight_g` (out, 1), `weight_v` (out, in).
-    NOTE(paper): official DINO wraps a Linear with the deprecated `nn.utils.weight_norm`; this
-    module is the same computation without its hooks (and without its FutureWarning).
-    """
-
+    """A bias-free Linear(in_features, out_features) with weight-normalised rows (dim 0):
+    row k = g_k * v_k / ||v_k||. NOTE(paper): official DINO wraps a Linear with the deprecated
+    `nn.utils.weight_norm`; this is the same computation without its hooks (and FutureWarning),
+    with its parameter names and shapes (`weight_g` (out, 1), `weight_v` (out, in)), so official
+    DINO heads load with strict=True."""
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
@@ -105,29 +93,22 @@ class _WeightNormLinear(nn.Module):
         """(out, in) effective weight g * v / ||v||, recomputed from g and v on every call."""
         return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(..., in) -> (..., out)."""
+    def forward(self, x: Tensor) -> Tensor:                       # (..., in) -> (..., out)
         return F.linear(x, self.weight)
 
 
 class DINOHead(nn.Module):
-    """DINO v1's projection head: MLP -> L2-normalised bottleneck -> weight-normed prototypes.
+    """DINO v1's projection head: MLP -> L2-normalised bottleneck -> weight-normed prototypes;
+    x (B, in_dim) -> (B, out_dim) logits, the state-dict keys those of the official v1 head.
 
     MLP: Linear(in_dim, hidden_dim), GELU, Linear(hidden_dim, hidden_dim), GELU,
-    Linear(hidden_dim, bottleneck_dim) (v1's defaults: 3 layers, no BatchNorm). The bottleneck
-    is L2-normalised and scored against K = out_dim prototypes, a weight-normalised bias-free
-    Linear (`last_layer.weight_g` (K, 1), `last_layer.weight_v` (K, bottleneck_dim)). The
-    state-dict keys are exactly those of the official v1 head.
-
-    Init, as official: trunc-normal(std 0.02) weights and zero biases for the MLP Linears only;
-    the prototypes keep PyTorch's default Linear init for v and g = 1, so at init every prototype
-    is a unit vector and every logit is a cosine in [-1, 1]. norm_last_layer=True freezes g
-    (DINO v1's default; DINOv2's head behaves as norm_last_layer=False).
+    Linear(hidden_dim, bottleneck_dim) (v1's defaults: 3 layers, no BatchNorm); the prototypes:
+    K = out_dim rows of a _WeightNormLinear. Init, as official: trunc-normal(std 0.02) weights
+    and zero biases for the MLP Linears only; the prototypes keep PyTorch's default Linear init
+    for v and g = 1: at init every prototype is a unit vector, every logit a cosine in [-1, 1].
+    norm_last_layer=True freezes g (DINO v1's default; DINOv2's head trains it).
     NOTE(paper): DINOv3's head has no weight norm at all; [000] follows DINO / DINOv2 here.
-
-    forward: x (B, in_dim) -> (B, out_dim) logits.
     """
-
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, norm_last_layer: bool = True):
         super().__init__()
@@ -155,10 +136,9 @@ class DINOHead(nn.Module):
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"DINOHead expects (B, {self.in_dim}) inputs, got {tuple(x.shape)}")
         y = self.mlp(x)
-        # NOTE(paper): official DINO normalises with F.normalize's eps 1e-12 in the activations'
-        # dtype; DINOv2 raises eps to 1e-6 for fp16, where 1e-12 underflows to 0 and a zero row
-        # gives 0/0. Here the norm is always taken in float32 with eps 1e-12 (same value in fp32,
-        # safe under bf16/fp16 autocast or half weights), then cast back to the input's dtype.
+        # NOTE(paper): official DINO normalises with eps 1e-12 in the activations' dtype; DINOv2
+        # raises it to 1e-6 for fp16, where 1e-12 underflows (a zero row gives 0/0). Here: float32
+        # with eps 1e-12 (safe under bf16/fp16 autocast or half weights), cast back after.
         return F.normalize(y.float(), p=2, dim=-1, eps=1e-12).to(y.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -167,11 +147,9 @@ class DINOHead(nn.Module):
 
 
 def cross_entropy(student_logits: Tensor, teacher_probs: Tensor, student_temp: float) -> Tensor:
-    """DINO Eq. 1-3: batch mean of H(q, p_s) = -sum_k q_k log softmax(s / tau_s)_k, in float32.
-
-    student_logits: (B, K); teacher_probs: (B, K) targets q (rows sum to 1, no gradient wanted);
-    student_temp tau_s (0.1 in DINO and [000]). Returns a float32 scalar.
-    """
+    """DINO Eq. 1-3: batch mean of H(q, p_s) = -sum_k q_k log softmax(s / tau_s)_k, a float32
+    scalar. student_logits (B, K); teacher_probs (B, K) targets q (rows sum to 1, no gradient
+    wanted); student_temp tau_s (0.1 in DINO and [000])."""
     if student_logits.shape != teacher_probs.shape or student_logits.dim() != 2:
         raise ValueError(f"expected two (B, K) tensors, got {tuple(student_logits.shape)} and "
                          f"{tuple(teacher_probs.shape)}")
@@ -181,10 +159,8 @@ def cross_entropy(student_logits: Tensor, teacher_probs: Tensor, student_temp: f
 
 @torch.no_grad()
 def centered_probs(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
-    """DINO v1's teacher targets softmax((t - c) / tau_t), float32, without gradient.
-
-    teacher_logits: (B, K); center: (1, K) or (K,); teacher_temp tau_t. Returns (B, K).
-    """
+    """DINO v1's teacher targets softmax((t - c) / tau_t), (B, K) float32 without gradient, from
+    teacher_logits (B, K), center (1, K) or (K,), teacher_temp tau_t."""
     if teacher_logits.dim() != 2 or center.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(f"expected (B, K) logits and a (1, K) centre, got "
                          f"{tuple(teacher_logits.shape)} and {tuple(center.shape)}")
@@ -195,12 +171,11 @@ def centered_probs(teacher_logits: Tensor, center: Tensor, teacher_temp: float) 
 def update_center(center: Tensor, teacher_logits: Tensor, momentum: float) -> Tensor:
     """DINO Eq. 4, v1's centre EMA: c <- m c + (1 - m) mean_rows(t), over the global batch.
 
-    center: (1, K) or (K,); teacher_logits: (B, K) raw teacher logits (before the temperature),
-    every teacher row of the step (both global crops); momentum m (0.9 in DINO).
-    Returns a new float32 centre of `center`'s shape; the arguments are left as they are.
-    NOTE(paper): DINO v1 calls all_reduce unconditionally; here it runs only when a process group
-    is up, so one process works without one. Official order: the loss of a step uses the centre
-    from before that step, then the centre is updated with the step's teacher logits.
+    center (1, K) or (K,); teacher_logits (B, K) raw (before the temperature), every teacher row
+    of the step (both global crops); momentum m (0.9 in DINO). Returns a new float32 centre of
+    `center`'s shape. Official order: a step's loss uses the centre from before the step, then
+    the centre is updated. NOTE(paper): DINO v1 calls all_reduce unconditionally; here only when
+    a process group is up, so one process works without one.
     """
     if teacher_logits.dim() != 2 or center.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(f"expected (B, K) logits and a (1, K) centre, got "
@@ -222,12 +197,11 @@ def update_center(center: Tensor, teacher_logits: Tensor, momentum: float) -> Te
 def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
     """DINOv2's Sinkhorn-Knopp teacher: targets with (roughly) equal mass on every prototype.
 
-    teacher_logits: (B_local, K) teacher logits of this rank; teacher_temp tau_t. Works on the
-    global batch when a process group is up: B counts the samples of all ranks, the total sum and
-    the per-prototype sums are all-reduced, the per-sample sums are local. Returns (B_local, K)
-    float32 probabilities without gradient: each row sums to 1 (the last step normalises samples),
-    each prototype gets about B / K of the mass in all (exactly only after many iterations).
-    """
+    teacher_logits (B_local, K) of this rank; teacher_temp tau_t. On the global batch when a
+    process group is up (B counts all ranks' samples; the total and per-prototype sums are
+    all-reduced, per-sample sums local). Returns (B_local, K) float32 probabilities without
+    gradient: rows sum to 1, each prototype gets about B / K of the mass (exactly only after
+    many iterations)."""
     if teacher_logits.dim() != 2:
         raise ValueError(f"expected (B, K) teacher logits, got {tuple(teacher_logits.shape)}")
     distributed = _distributed()
@@ -265,11 +239,9 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
 
 def koleo_loss(x: Tensor) -> Tensor:
     """DINOv2's KoLeo regulariser: -mean_i log(d_i + eps), d_i the distance from z_i to its
-    nearest neighbour in the batch, z the L2-normalised rows of x.
-
-    x: (B, D), B >= 2 (in DINOv2 and [000]: the student's pre-head CLS / first state token of one
-    global crop; applied per crop and summed, weight 0.1). Returns a float32 scalar. The neighbour
-    is picked by cosine without gradient; the gradient flows through the distances.
+    nearest neighbour in the batch (picked by cosine, without gradient), z the L2-normalised rows
+    of x (B, D), B >= 2 (DINOv2 and [000]: the student's pre-head CLS / first state token of one
+    global crop, per crop and summed, weight 0.1). Returns a float32 scalar.
     NOTE(paper): DINOv2's eps are kept exactly: normalize eps 1e-8; nn.PairwiseDistance eps 1e-8,
     which is added to the difference vector (identical rows give 1e-8 * sqrt(D), not 0); 1e-8
     inside the log. As there, autocast is off; unlike there, a half input is cast to float32.
@@ -440,7 +412,6 @@ class DINOConfig:
 class DINOModel(nn.Module):
     """A foveal ViT with DINO's head on its first state token [000, Sec. 3.1, 4]; the student
     and the EMA teacher are two of them."""
-
     def __init__(self, cfg: DINOConfig):
         super().__init__()
         self.backbone = fovea.FovealViT(cfg.model)
@@ -459,7 +430,6 @@ class DINOModel(nn.Module):
 class _GatherRows(torch.autograd.Function):
     """All processes' rows (B, D) -> (B_global, D), in rank order; the backward sums the
     gradients of every process and returns this process's rows (public collectives only)."""
-
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
@@ -497,22 +467,19 @@ class DINOSequentialToGlobal(nn.Module):
     """[000] Sec. 3.1, App. C: sequential-to-global DINO; train.py's objective `dino`.
 
     Views of each image, all top-down implicit crops of the image as it is (App. B): global (a
-    16 x 16 grid over 32-100% of the area), local (a 7 x 7 grid over 5-32%) and sequential (8
-    random foveal glimpses carried through the state). The EMA teacher sees a global and a
-    sequential view, its target taken after the last glimpse only; the student sees another
-    global view, 8 local views and another sequential view, with an output after every glimpse.
-    Every student output is matched with every teacher output by DINO's cross-entropy, the
-    teacher's targets from Sinkhorn-Knopp over the global batch, the head on the first state
-    token only. No gradient crosses glimpses: each step's loss is backpropagated on its own,
-    so memory does not grow with the number of steps.
+    16 x 16 grid over 32-100% of the area), local (7 x 7 over 5-32%) and sequential (8 random
+    foveal glimpses carried through the state). The EMA teacher sees a global and a sequential
+    view (its target after the last glimpse only); the student another global view, 8 local
+    views and another sequential view (an output after every glimpse). Every student output is
+    matched with every teacher output by DINO's cross-entropy, the teacher's targets from
+    Sinkhorn-Knopp over the global batch, the head on the first state token only. Each step's
+    loss is backpropagated on its own: no gradient crosses glimpses, memory is flat in steps.
 
     NOTE(paper): KoLeo [000, App. C] "as DINOv2": weight 0.1 on the student's pre-head first
-    state token of its global view. DINOv2 takes the nearest neighbours within each GPU's
-    batch; here they are searched over the global batch (as DINOv3's distributed KoLeo), so
-    that the run does not depend on the number of processes.
-
-    Randomness (views, augmentations) is drawn for the global batch from a generator seeded by
-    (seed, step); each process takes its contiguous share.
+    state token of its global view, the neighbours searched over the global batch (as DINOv3's
+    distributed KoLeo; DINOv2: within each GPU's batch), so the run does not depend on the
+    number of processes. Randomness (views, augmentations) is drawn for the global batch from a
+    generator seeded by (seed, step); each process takes its contiguous share.
     """
     augment = False                # the views are its own augmentation (the data: one fixed view)
 
@@ -586,8 +553,8 @@ class DINOSequentialToGlobal(nn.Module):
         mine, L = torch.arange(run.rank * B, (run.rank + 1) * B), cfg.n_local
         mine_local = (mine[:, None] * L + torch.arange(L)).reshape(-1)          # (B * L,)
         aug = lambda name, rows: None if views["augs"][name] is None else views["augs"][name].take(rows)
-        take = lambda name, rows: (fovea.Patches(views["patches"][name].boxes[rows.to(dev)],
-                                                 views["patches"][name].yxz[rows.to(dev)]), aug(name, rows))
+        pick = lambda p, rows: fovea.Patches(p.boxes[rows.to(dev)], p.yxz[rows.to(dev)])
+        take = lambda name, rows: (pick(views["patches"][name], rows), aug(name, rows))
         table = fovea.integral_image(images)
         temp = teacher_temperature(cfg, step, run.steps_per_epoch)
 
@@ -597,8 +564,7 @@ class DINOSequentialToGlobal(nn.Module):
             t_logits = [self.teacher.head(tok)]
             state, seq_aug = None, aug("seq_t", mine)
             for patches in views["patches"]["seq_t"]:
-                state, tok = self.teacher.view(table, fovea.Patches(patches.boxes[mine.to(dev)],
-                                                                   patches.yxz[mine.to(dev)]), seq_aug, state)
+                state, tok = self.teacher.view(table, pick(patches, mine), seq_aug, state)
             t_logits.append(self.teacher.head(tok))
         t_logits = torch.cat(t_logits).float()                                     # (2B, K)
         q = self.targets(t_logits, temp).view(2, B, -1)                           # (2, B, K)
@@ -619,8 +585,7 @@ class DINOSequentialToGlobal(nn.Module):
         state, seq_aug = None, aug("seq_s", mine)
         for patches in views["patches"]["seq_s"]:                              # no BPTT
             with run.autocast():
-                state, tok = self.model.view(table, fovea.Patches(patches.boxes[mine.to(dev)],
-                                                                 patches.yxz[mine.to(dev)]), seq_aug, state)
+                state, tok = self.model.view(table, pick(patches, mine), seq_aug, state)
                 loss_t = ce(self.model.head(tok), 1)
             (loss_t / n_terms).backward()
             losses.append(loss_t.detach())
