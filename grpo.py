@@ -8,23 +8,21 @@ Papers
   [003] Berreby, Du, Durand, Krishna, "CanViT: Toward Active-Vision Foundation Models".
 
 A frozen iterative encoder (the foveal ViT of fovea.py, or CanViT) carries a state from glimpse
-to glimpse; the policy reads that state and says where to look next. It is a small DETR-like
-transformer: K + 1 learned queries cross-attend to the state, the first K give the means of a
-K-component Gaussian mixture over the gaze and the last one the mixture weights; the std is
-fixed, or follows a fixed schedule, and is not learned [002, A.3.3; 000, Sec. 3.3]. It is
-trained with GRPO [002, A.2]: for each image the old policy draws G traces of T glimpses; each
-action is scored by what it did to the task head's belief in the true class; the scores are
-normalised over the G traces of the image separately at each step; and the clipped ratio
-objective is maximised for several inner epochs. There is no critic.
+to glimpse; the policy reads it and says where to look next: a small DETR-like transformer whose
+K + 1 learned queries cross-attend to the state, the first K giving the means of a K-component
+Gaussian mixture over the gaze, the last the mixture weights; the std is fixed or scheduled, not
+learned [002, A.3.3; 000, Sec. 3.3]. GRPO [002, A.2], no critic: the old policy draws G traces of
+T glimpses per image; each action is scored by what it did to the task head's belief in the
+true class, normalised over the image's G traces at each step; the clipped ratio objective is
+maximised for several inner epochs.
 
 Conventions
   * An action is a gaze (y, x) = (row, col) in [-1, 1]^2, (-1, -1) the top-left corner, as in
-    fovea.py; [002] writes (x, y) in [0, 1]. Lengths in [0, 1] units (a std from another code)
-    are doubled here. A third coordinate (A = 3) can carry a CanViT scale; the caller maps it.
-  * Actions are drawn from the unbounded mixture and stored raw; old and new log-probs are both
-    taken at the raw sample; only the glimpse extraction clamps (`to_gaze`).
-  * Log-probs, ratios, advantages and the mixture parameters are float32; the policy runs with
-    autocast off (see GazePolicy.forward).
+    fovea.py; [002] writes (x, y) in [0, 1], so lengths in [0, 1] units (a std from another
+    code) are doubled here. A third coordinate (A = 3) can carry a CanViT scale.
+  * Actions are stored raw; both log-probs are taken at the raw sample; only the glimpse
+    extraction clamps (`to_gaze`; see sample_mixture).
+  * Log-probs, ratios, advantages and the mixture parameters are float32 (GazePolicy.forward).
 
 Shapes
   B images, G traces per image (a group), T steps (actions per trace), N state tokens,
@@ -49,9 +47,8 @@ Paper -> code
   002 A.2, A.3.4            G traces of T steps, B * G as a batch,
                             inner epochs on the stored states      GazeGRPO (rollout, train_step)
 
-Run `python train.py --cfg grpo_tiny.yaml` (after foveal_tiny.yaml) and `python eval.py --ckpt
-runs/grpo_tiny/ckpt.pt --out_dir DIR`, `python bench.py grpo` for the rollout throughput,
-`python -m pytest tests/test_grpo.py` for the tests.
+Run `python train.py --cfg grpo_tiny.yaml` (after foveal_tiny.yaml), `python eval.py --ckpt
+runs/grpo_tiny/ckpt.pt --out_dir DIR`, `python bench.py grpo`, `pytest tests/test_grpo.py`.
 """
 from __future__ import annotations
 
@@ -79,10 +76,8 @@ ADVANTAGE_KINDS = ("final", "improvement", "prob")
 
 
 def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
-    """Returns-to-go along the last dim: (..., T) -> (..., T), R_t = sum_{k >= t} gamma^(k-t) r_k.
-
-    gamma = 0 gives R = r, gamma = 1 the plain sum of the rewards still to come.
-    """
+    """Returns-to-go along the last dim: (..., T) -> (..., T), R_t = sum_{k >= t} gamma^(k-t) r_k
+    (gamma = 0: R = r; gamma = 1: the plain sum of the rewards still to come)."""
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     r = _float(rewards)
@@ -104,9 +99,8 @@ def raw_advantages(logp_true: Tensor, kind: str, gamma: float = 1.0) -> Tensor:
       "improvement"  [002] Eq. 3: (l_t - l_{t+1}) / (l_t + l_{t+1}) with l = -log P, in [-1, 1].
       "prob"         [000] Eq. 2: reward r_t = P(true class) after action t, then the
                      discounted returns with gamma ([000] Sec. 3.3 leaves gamma unstated).
-    gamma belongs to "prob" only: [002] defines its advantages without returns, so another
-    gamma with "final" or "improvement" is an error rather than silently ignored.
-    Any leading shape works; the result is float32 (float64 kept).
+    gamma belongs to "prob" only ([002] has no returns): another gamma with "final" or
+    "improvement" is an error, not ignored. Any leading shape; float32 (float64 kept).
     """
     if logp_true.dim() < 1 or logp_true.shape[-1] < 2:
         raise ValueError("logp_true needs T + 1 >= 2 entries on its last dim (states 0..T), "
@@ -127,11 +121,10 @@ def raw_advantages(logp_true: Tensor, kind: str, gamma: float = 1.0) -> Tensor:
         l = (-logp).clamp_min(0.0)
         num = l[..., :-1] - l[..., 1:]                                            # (..., T)
         den = l[..., :-1] + l[..., 1:]                                            # (..., T)
-        # NOTE(paper): den = 0 only when P = 1 at both states (float32 log_softmax returns
-        # exactly 0 for a confident enough head, common on easy images). There is no loss
-        # left to reduce and num = 0 as well, so we define 0 / 0 = 0 by dividing by
-        # max(den, tiny). For l >= 0, |num| <= den holds in floating point too (rounding is
-        # monotone), so the result stays in [-1, 1] and is never inf or nan.
+        # NOTE(paper): den = 0 only when P = 1 at both states (float32 log_softmax gives exactly
+        # 0 for a confident head, common on easy images): no loss left to reduce, num = 0 too,
+        # so 0 / 0 := 0 by dividing by max(den, tiny). For l >= 0, |num| <= den holds in floating
+        # point too (rounding is monotone): the result stays in [-1, 1], never inf or nan.
         return num / den.clamp_min(torch.finfo(den.dtype).tiny)
     # [000] Eq. (2): r_t = P(tau(s_{t+1}) = y), the true-class probability after action t.
     # NOTE(paper): our copy of [000] lost the formula; "the predicted probability of the
@@ -143,20 +136,17 @@ def group_advantages(alpha: Tensor, eps: float = 1e-6, scale: str = "group") -> 
     """[002] Eq. 4: normalise over the G traces of each image, separately at each step.
 
     alpha: (B, G, T) -> A (B, G, T), A = (alpha - mean_G) / (std_G + eps) in every (image, step)
-    cell. A cell whose G values are all equal gives exactly 0: no trace did better than another.
-    scale="none" only centres (Dr. GRPO, arXiv 2503.20783): dividing by a tiny std turns
-    noise-level differences (late steps, saturated P) into unit-size advantages.
-    """
+    cell; a cell of G equal values gives exactly 0. scale="none" only centres (Dr. GRPO, arXiv
+    2503.20783): a tiny std turns noise (late steps, saturated P) into unit-size advantages."""
     if alpha.dim() != 3:
         raise ValueError(f"alpha must be (B, G, T), got shape {tuple(alpha.shape)}")
     a = _float(alpha)
     centred = a - a.mean(1, keepdim=True)                                         # (B, G, T)
     if scale == "group":
         # NOTE(paper): sigma-hat is "the standard deviation" [002]; we use the population std
-        # (divide by G). Bessel's (TRL, verl) is sqrt(G / (G - 1)) times larger: a constant
-        # factor, which in Eq. (1) only rescales the step size (min(rho cA, clip(rho) cA) =
-        # c min(rho A, clip(rho) A) for c > 0), and it is undefined for G = 1. With the
-        # population std every non-flat cell has exactly unit mean square, whatever G.
+        # (divide by G): every non-flat cell then has unit mean square, whatever G. Bessel's
+        # (TRL, verl), sqrt(G / (G - 1)) times larger, only rescales the step size in Eq. (1)
+        # (min(rho cA, clip(rho) cA) = c min(rho A, clip(rho) A), c > 0), and fails at G = 1.
         std = centred.square().mean(1, keepdim=True).sqrt()                       # (B, 1, T)
         adv = centred / (std + eps)
     elif scale == "none":
@@ -179,21 +169,18 @@ def _ratio(logp: Tensor, logp_old: Tensor) -> tuple[Tensor, Tensor]:
     """(rho, log rho), rho = pi / pi_old from log-probs, the log-ratio clamped to +-20."""
     if logp.shape != logp_old.shape:
         raise ValueError(f"logp {tuple(logp.shape)} and logp_old {tuple(logp_old.shape)} differ")
-    # Clamped as verl does: exp(20) ~ 5e8 stays finite in float32 (exp overflows past ~88), so a
-    # sample far out in the tail of the new policy cannot turn into inf * A or inf - inf = nan.
-    # Beyond the clamp the gradient is 0. It guards the numerics, not the size of rho: a cell
-    # with A < 0 and a large rho still takes the unclipped branch of Eq. (1).
+    # Clamped as verl does: exp(20) ~ 5e8 stays finite in float32, so a sample far in the new
+    # policy's tail cannot give inf * A or nan (no gradient beyond the clamp). It guards the
+    # numerics, not rho's size: A < 0 with a large rho still takes Eq. (1)'s unclipped branch.
     log_rho = (_float(logp) - _float(logp_old).detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return log_rho.exp(), log_rho
 
 
 def clipped_objective(logp: Tensor, logp_old: Tensor, advantages: Tensor, clip_eps: float,
                       clip_eps_high: float | None = None) -> Tensor:
-    """[002] Eq. 1, to MAXIMISE: mean of min(rho A, clip(rho, 1 - eps, 1 + eps) A) over cells.
-
-    logp (the current policy, with gradient), logp_old (the rollout's), advantages: one shape,
-    (B, G, T) here; logp_old and A are constants. clip_eps_high, when given, replaces the upper
-    bound (DAPO's "clip-higher"; [002] uses one eps). Returns a 0-dim float32 tensor.
+    """[002] Eq. 1, to MAXIMISE: mean of min(rho A, clip(rho, 1 - eps, 1 + eps) A) over cells, a
+    0-dim float32 tensor. logp (with gradient), logp_old (the rollout's), advantages: one shape,
+    (B, G, T) here. clip_eps_high replaces the upper bound (DAPO's "clip-higher"; [002]: one eps).
     """
     if advantages.shape != logp.shape:
         raise ValueError(f"advantages {tuple(advantages.shape)} and logp {tuple(logp.shape)} "
@@ -210,9 +197,7 @@ def clipped_objective(logp: Tensor, logp_old: Tensor, advantages: Tensor, clip_e
 @torch.no_grad()
 def ratio_stats(logp: Tensor, logp_old: Tensor, advantages: Tensor, clip_eps: float,
                 clip_eps_high: float | None = None) -> dict[str, Tensor]:
-    """What a log line needs about the ratio, from the inputs of clipped_objective.
-
-    0-dim float32 tensors (stack them for one .item() sync):
+    """What a log line needs about the ratio, from clipped_objective's inputs; 0-dim float32:
       clip_frac_low   fraction of cells with rho < 1 - eps and A < 0 (clipped: no gradient)
       clip_frac_high  fraction of cells with rho > 1 + eps and A > 0 (clipped: no gradient)
       clip_frac       their sum
@@ -250,12 +235,9 @@ def _check_mixture(means: Tensor, logits: Tensor) -> None:
 
 
 def mixture_log_prob(means: Tensor, logits: Tensor, std: float | Tensor, action: Tensor) -> Tensor:
-    """log pi(a) of the K-Gaussian mixture, float32: (..., K, A), (..., K), std, (..., A) -> (...).
-
-    log pi(a) = logsumexp_k [log_softmax(logits)_k + sum_d log N(a_d; mu_kd, std)]. std is a
-    float or a tensor broadcastable to the batch shape (...) (one std per row), the same for
-    every component and coordinate (isotropic). Evaluate it at the raw, unclamped action.
-    """
+    """log pi(a) of the K-Gaussian mixture, float32: (..., K, A), (..., K), std, (..., A) -> (...):
+    logsumexp_k [log_softmax(logits)_k + sum_d log N(a_d; mu_kd, std)], std a float or a tensor
+    broadcastable to (...) (one per row), isotropic. Evaluate it at the raw, unclamped action."""
     _check_mixture(means, logits)
     mu = means.float()
     s = _std_tensor(std, mu)
@@ -269,20 +251,17 @@ def mixture_log_prob(means: Tensor, logits: Tensor, std: float | Tensor, action:
 @torch.no_grad()
 def sample_mixture(means: Tensor, logits: Tensor, std: float | Tensor, u: Tensor,
                    noise: Tensor) -> tuple[Tensor, Tensor]:
-    """Draw k ~ Categorical(logits), then a = mu_k + std * noise; no gradient.
+    """Draw k ~ Categorical(logits) (the inverse CDF of the weights at u), then a = mu_k + std *
+    noise; no gradient. (..., K, A), (..., K), std (as mixture_log_prob), u (...) in [0, 1),
+    noise (..., A) ~ N(0, I) -> action (..., A) float32, component (...,) int64. The random
+    numbers are given: a caller draws them for the global batch and takes its rows (the traces
+    do not depend on the number of processes).
 
-    (..., K, A), (..., K), std, u (...) in [0, 1), noise (..., A) ~ N(0, I) -> action (..., A)
-    float32 and component (...,) int64. The random numbers are given, so that a caller can draw
-    them for a whole global batch and take its rows (the traces do not depend on the number of
-    processes): k is the inverse CDF of the weights at u. std is a float or a tensor
-    broadcastable to the batch shape (...).
-
-    NOTE(paper): the sample is not clamped. [002] wants actions "between 0 and 1"; we store the
-    raw sample, take the old and the new log-probs at it, and clamp only the glimpse centre
-    (to_gaze), as RAM does since its PR #30. That is an unbiased policy gradient for an
-    environment that clips its input. Clamping first and evaluating the density at the clamped
-    point (GFNet, AdaptiveNN) uses a density of a point that was never sampled: every sample
-    past the border collapses onto it, with the density there rather than the tail's mass.
+    NOTE(paper): not clamped. [002] wants actions "between 0 and 1"; we store the raw sample,
+    take both log-probs at it and clamp only the glimpse centre (to_gaze), as RAM since its PR
+    #30: an unbiased policy gradient for an environment that clips its input. Clamping first
+    (GFNet, AdaptiveNN) evaluates the density at a point never sampled, onto which every sample
+    past the border collapses, with the density there rather than the tail's mass.
     """
     _check_mixture(means, logits)
     K, A = means.shape[-2:]
@@ -294,11 +273,8 @@ def sample_mixture(means: Tensor, logits: Tensor, std: float | Tensor, u: Tensor
 
 def mixture_mode(means: Tensor, logits: Tensor) -> Tensor:
     """The deterministic action at inference [002, A.3.3]: (..., K, A), (..., K) -> (..., A).
-
-    NOTE(paper): "deterministic actions during inference" is read as the mean of the heaviest
-    component, the standard cheap proxy for the mixture's mode. The exact mode needs a search
-    and differs only where components overlap within about a std.
-    """
+    NOTE(paper): read as the mean of the heaviest component, the usual cheap proxy for the mode
+    (the exact mode needs a search, and differs only where components overlap within a std)."""
     _check_mixture(means, logits)
     k = logits.argmax(-1)                                                         # (...)
     idx = k[..., None, None].expand(*k.shape, 1, means.shape[-1])                 # (..., 1, A)
@@ -312,14 +288,11 @@ def mixture_weight_entropy(logits: Tensor) -> Tensor:
 
 
 def std_schedule(step: int, total: int, start: float, end: float, kind: str = "cosine") -> float:
-    """The policy std at a training step: start at step 0, end at step >= total.
-
-    [000] Sec. 3.3: "a fixed diagonal variance schedule"; [002] A.3.3: "a fixed parameter"
-    (kind="constant", which returns start).
-    NOTE(paper): neither gives values. AdaptiveNN schedules 0.25 -> 0.10 (cosine or linear) in
-    [0, 1] units; our coordinates span [-1, 1], twice the length, so that is 0.5 -> 0.2 here
-    (GazePolicyConfig's defaults). Keep the std of a rollout for all its inner epochs: the old
-    and the new log-probs must use the same std, or the first epoch's ratio is not 1.
+    """The policy std at a training step: start at step 0, end at step >= total. [000] Sec. 3.3:
+    "a fixed diagonal variance schedule"; [002] A.3.3: "a fixed parameter" (kind="constant").
+    NOTE(paper): neither gives values. AdaptiveNN's 0.25 -> 0.10 (cosine or linear) in [0, 1]
+    units is 0.5 -> 0.2 in our [-1, 1] (GazePolicyConfig's defaults). A rollout keeps its std for
+    all its inner epochs: old and new log-probs need the same std, or the first ratio is not 1.
     """
     if total <= 0:
         raise ValueError(f"total must be > 0, got {total}")
@@ -334,12 +307,8 @@ def std_schedule(step: int, total: int, start: float, end: float, kind: str = "c
 
 
 def to_gaze(action: Tensor) -> Tensor:
-    """The glimpse centre of a raw sampled action: (..., A) -> (..., A), clamped to [-1, 1].
-
-    (y, x) lands inside the image (a third scale coordinate inside the range the caller maps
-    to scales). NOTE: clamp only here, for the extraction; the log-probs of GRPO must be taken
-    at the stored raw action (see sample_mixture).
-    """
+    """The glimpse centre of a raw sampled action, (..., A) clamped to [-1, 1]: inside the image
+    (a scale coordinate inside the range the caller maps). The only clamp (see sample_mixture)."""
     return action.clamp(-1.0, 1.0)
 
 
@@ -365,12 +334,9 @@ class GazePolicyConfig:
 
 
 def anchor_grid(num_components: int, action_dim: int) -> Tensor:
-    """K anchor points spread over the image: (K, A) float32 in (-1, 1).
-
-    The first K cell centres, row-major, of the smallest r x c grid (r = ceil(sqrt(K))) holding
-    K cells; cell centres are (i + 0.5) / n * 2 - 1 as everywhere in the project. Coordinates
-    beyond (y, x) start at 0, the middle of their range. K = 4: (+-0.5, +-0.5).
-    """
+    """K anchor points spread over the image, (K, A) float32 in (-1, 1): the first K cell
+    centres, row-major, of the smallest r x c grid (r = ceil(sqrt(K))) holding K cells; beyond
+    (y, x) coordinates are 0, mid-range. K = 4: (+-0.5, +-0.5)."""
     rows = math.ceil(math.sqrt(num_components))
     cols = math.ceil(num_components / rows)
     cy = (torch.arange(rows, dtype=torch.float32) + 0.5) / rows * 2 - 1
@@ -382,7 +348,6 @@ def anchor_grid(num_components: int, action_dim: int) -> Tensor:
 
 class Attention(nn.Module):
     """Multi-head attention from queries (B, n, D) to keys and values (B, m, D). No dropout."""
-
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -400,11 +365,10 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """A pre-norm DETR decoder layer: self-attention among the queries, cross-attention from the
-    queries to the memory, MLP. `pos` (1, n, D), the learned queries, is added to the query and
-    key inputs of the self-attention and to the queries of the cross-attention in every layer,
-    as DETR adds its object queries, so the K + 1 queries stay distinct at any depth."""
-
+    """A pre-norm DETR decoder layer: self-attention among the queries, cross-attention to the
+    memory, MLP. `pos` (1, n, D), the learned queries, is added to the self-attention's query and
+    key inputs and the cross-attention's queries in every layer, as DETR adds its object queries:
+    the K + 1 queries stay distinct at any depth."""
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -424,13 +388,11 @@ class GazePolicy(nn.Module):
     """[002] A.3.3: K + 1 learned queries cross-attend to the encoder's state; the first K
     outputs give the component means, the last one the K mixture logits.
 
-    memory_dims: the width of each memory stream. The foveal ViT gives one stream, its state
-    tokens (B, N, D); CanViT gives two of different widths, its recurrent CLS (B, 1, D) and its
-    canvas (B, h*w, D_canvas). Each stream gets its own LayerNorm + Linear to `dim` (its bias
-    also tells the streams apart) and the streams are concatenated along the tokens.
-    No dropout anywhere: the rollout's log-probs and the update's must come from one function.
+    memory_dims: each memory stream's width: the foveal ViT's state tokens (B, N, D); CanViT's
+    recurrent CLS (B, 1, D) and canvas (B, h*w, D_canvas). Each stream gets its own LayerNorm +
+    Linear to `dim` (its bias tells the streams apart), then they are concatenated. No dropout:
+    the rollout's log-probs and the update's must come from one function.
     """
-
     def __init__(self, cfg: GazePolicyConfig, memory_dims: tuple[int, ...],
                  positional: tuple[bool, ...] | None = None):
         super().__init__()
@@ -456,14 +418,12 @@ class GazePolicy(nn.Module):
         self.norm = nn.LayerNorm(D)
         self.mean_head = nn.Linear(D, A)      # shared by the K mean queries (DETR's box head)
         self.logit_head = nn.Linear(D, K)     # on the last query
-        # Component k's mean is tanh(atanh(anchor_k) + mean_head(q_k)). NOTE(paper): the
-        # initialisation is ours. Small output weights (std head_init_std, zero bias) put the
-        # means within ~1e-2 of K anchors spread over the image and make the weights ~uniform:
-        # a policy whose components all sat at one point (small outputs alone put every mean
-        # at tanh(0), the centre) would explore one spot, and large random outputs would start
-        # means in tanh's flat tails and the weights peaked on one component. Not zero: a zero
-        # layer would pass no gradient to the layers before it on the first step. The anchors
-        # are a fixed buffer: a learned copy would duplicate the head's bias.
+        # Component k's mean is tanh(atanh(anchor_k) + mean_head(q_k)). NOTE(paper): our init.
+        # Small output weights (std head_init_std, zero bias) put the means within ~1e-2 of K
+        # anchors spread over the image and the weights ~uniform: without anchors every mean
+        # starts at tanh(0), one spot to explore; large outputs would start means in tanh's
+        # flat tails and the weights peaked. Not zero: a zero layer passes no gradient back on
+        # the first step. The anchors are a fixed buffer (a learned copy = the head's bias).
         self.register_buffer("mean_offsets", torch.atanh(anchor_grid(K, A)))   # (K, A)
         for head in (self.mean_head, self.logit_head):
             nn.init.normal_(head.weight, std=cfg.head_init_std)
@@ -545,12 +505,11 @@ class FovealEncoder(nn.Module):
 class CanViTEncoder(nn.Module):
     """A frozen distilled CanViT and a frozen classifier on its state (beyond the papers, [003]
     Sec. 7's future work). The policy reads the recurrent CLS and the canvas cells (with their
-    (y, x)); an action (y, x, u) is a viewpoint: centre (y, x) and scale s = s_min + (1 - s_min)
-    (u + 1) / 2, the crop kept inside the scene (|centre| <= 1 - s), as CanViT's random
-    viewpoints. NOTE: the scale is a third coordinate rather than a schedule, so that the policy
-    can choose between a coarse and a fine look at every step (C2F's lesson is that the order
-    of scales matters). The glimpse is the distillation's (bilinear, or box-filtered from the
-    summed-area table: method "integral"). The classifier is [003] F.2.2's zero-shot route:
+    (y, x)); an action (y, x, u) is a viewpoint: scale s = s_min + (1 - s_min) (u + 1) / 2 and
+    centre (y, x) (1 - s), the crop inside the scene as CanViT's random viewpoints. NOTE: a scale
+    coordinate rather than a schedule lets the policy choose a coarse or a fine look at every
+    step (C2F's lesson: the order of scales matters). The glimpse is the distillation's
+    (bilinear, or "integral": box-filtered). The classifier is [003] F.2.2's zero-shot route:
     W_global's prediction of the teacher's CLS, destandardized, through a linear probe trained
     on the teacher's CLS (None where only the policy's actions are needed)."""
     action_dim = 3
@@ -577,8 +536,7 @@ class CanViTEncoder(nn.Module):
         return [state.recurrent_cls, cells], [None, self.cells_yx.view(-1, 2)]
 
     def viewpoint(self, action: Tensor) -> canvit.Viewpoint:
-        """A raw action (R, 3) -> the viewpoint: scale s = s_min + (1 - s_min) (u + 1) / 2 and
-        the centre kept where the crop stays inside the scene (|centre| <= 1 - s)."""
+        """A raw action (R, 3) -> the viewpoint (see the class docstring)."""
         a = to_gaze(action)
         scale = self.min_scale + (1 - self.min_scale) * (a[:, 2] + 1) / 2
         return canvit.Viewpoint(a[:, :2] * (1 - scale)[:, None], scale)
@@ -614,12 +572,10 @@ def load_encoder(path: str) -> tuple[nn.Module, dict]:
 def episode(policy: GazePolicy, encoder: nn.Module, source, state, n: int, T: int, choose,
             first_gaze: str = "policy"):
     """T glimpses of a gaze policy through a frozen encoder, as GRPO trains it and eval.py
-    evaluates it. Yields (observation, means, logits, action, new state) per glimpse.
-
-    source, state: from encoder.start (state None: the encoder's initial one, of n rows);
-    choose(means, logits, t) -> the action of glimpse t (sampled in training; the deterministic
-    rule or a sample at evaluation). first_gaze "centre": glimpse 0 looks at the centre, the
-    policy is not asked (observation, means, logits None)."""
+    evaluates it: yields (observation, means, logits, action, new state) per glimpse. source,
+    state: from encoder.start (state None: the initial one, of n rows); choose(means, logits, t)
+    -> glimpse t's action (sampled, or the deterministic rule). first_gaze "centre": glimpse 0
+    looks at the centre, the policy is not asked (observation, means, logits None)."""
     for t in range(T):
         if t == 0 and first_gaze == "centre":
             observed, means, logits = None, None, None
@@ -659,12 +615,11 @@ class GRPOConfig:
 class GazeGRPO(nn.Module):
     """train.py's objective `grpo`: a Gaussian-mixture gaze policy on a frozen encoder.
 
-    Each step: for the batch's B images, G traces of T glimpses each, all B * G traces one
-    batch through the frozen encoder (each image's summed-area table shared by its G traces),
-    actions sampled from the policy without gradient; the task head's log P(true class) after
-    every glimpse gives the rewards; advantages normalised per image and step [002 Eq. 4];
-    then `inner_epochs` optimizer steps of the clipped objective [002 Eq. 1] on the stored
-    states and log-probabilities (the first epoch's ratio is exactly 1).
+    Each step: G traces of T glimpses for each of the B images, one batch of B * G through the
+    frozen encoder (an image's summed-area table shared by its traces), actions sampled without
+    gradient; the rewards from the task head's log P(true class) after every glimpse, normalised
+    per image and step [002 Eq. 4]; then `inner_epochs` optimizer steps of the clipped objective
+    [002 Eq. 1] on the stored states and log-probs (the first epoch's ratio is exactly 1).
     """
     augment = True                 # the task head's training view
     updates_per_step: int
