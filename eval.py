@@ -18,17 +18,14 @@ The checkpoint's objective chooses the protocol:
 Both write results.json, tables.md and PNG pictures into --out_dir, and check that the frozen
 models are bit-identical after evaluation.
 
-The foveal protocol: a frozen foveal model and its task head, top-1 / top-5 after every step of
-an episode with random gazes ([002] Table 2's layout) and with a fixed gaze sequence; "ViT mode",
-one step on a static grid over the whole scene ([000] Sec. 5.3); the resolution sweep of [000]
-Fig. 1: the same frozen model on scenes 2x, 4x, 8x larger than in training (the same gazes in
-scene coordinates), beside a passive ViT baseline (`--baseline`, a `vit_sup` checkpoint) whose
-patches shrink as the scene grows; k-NN on the first state token of a dino or probe backbone;
-a learned policy (a grpo checkpoint) rolled out through grpo's own encoder wrapper, as trained.
+The foveal protocol (evaluate_foveal): top-1 / top-5 after every step with random gazes ([002]
+Table 2's layout) and a fixed gaze sequence; "ViT mode" ([000] Sec. 5.3); [000] Fig. 1's sweep
+over scenes 2x, 4x, 8x larger than in training (the same gazes in scene units), beside a passive
+ViT baseline (`--baseline`, a `vit_sup` checkpoint) whose patches shrink as the scene grows;
+k-NN on a dino or probe backbone; a grpo checkpoint's policy, rolled out as trained.
 
-Config: EvalConfig below, with train.py's config system (config.py): an optional YAML file
-(--cfg), then `--key=value` or `--key value` (lists as `a,b,c`); unknown keys and bad values stop
-before any work.
+Config: EvalConfig below, through config.py: an optional YAML file (--cfg), then `--key=value`
+or `--key value` (lists as `a,b,c`); unknown keys and bad values stop before any work.
 
 Shapes
   B scenes, T steps, K classes, S scene side (px).
@@ -65,6 +62,7 @@ import fovea
 import grpo
 from eval_canvit import EvalError, Progress, batches, cell, check_unchanged, device_of, merge, snapshot
 
+
 def _opt(default, help: str):
     if isinstance(default, tuple):
         return field(default_factory=lambda: default, metadata={"help": help})
@@ -75,14 +73,12 @@ def _opt(default, help: str):
 class EvalConfig:
     ckpt: str = _opt("", "train.py checkpoint (ckpt.pt) or official Hugging Face folder (required)")
     out_dir: str = _opt("", "where results.json, tables.md and the PNGs go (required)")
-    T: int = _opt(0, "glimpses per rollout (0: 21 for CanViT, [003] F.2; the training episode "
-                     "for a foveal model)")
+    T: int = _opt(0, "glimpses per rollout (0: CanViT's 21, [003] F.2; a foveal model's episode)")
     data: str = _opt("", "synthetic | ade20k | imagefolder ('' = the checkpoint's dataset)")
     root: str = _opt("", "ADEChallengeData2016 folder, or an ImageFolder root with train/ val/")
     scene_size: int = _opt(0, "scene side S in px (0 = the checkpoint's; 512 for an HF folder)")
-    res_factors: tuple[int, ...] = _opt((), "evaluate at k S (and k G) for each k (none: 1,2 for "
-                                        "CanViT, [003] 512/32 and 1024/64; 1,2,4,8 for a foveal "
-                                        "model, [000] Fig. 1)")
+    res_factors: tuple[int, ...] = _opt((), "evaluate at k S (and k G) for each k (none: CanViT 1,2, "
+                                        "[003] 512/32, 1024/64; foveal 1,2,4,8, [000] Fig. 1)")
     n_val: int = _opt(256, "held-out scenes every policy is evaluated on")
     batch_size: int = _opt(64, "scenes per frozen-model batch")
     pictures: int = _opt(3, "scenes shown in each picture (0 = none)")
@@ -137,7 +133,6 @@ def parse_args(argv: list[str]) -> EvalConfig:
     return cfg
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and metrics
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +154,6 @@ def read_checkpoint(path: str) -> tuple[str, dict | Path]:
 def hits(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     """(B,) 1.0 where the label is among the k highest logits (top-k accuracy per image)."""
     return (logits.topk(min(k, logits.shape[-1]), -1).indices == labels[:, None]).any(-1).float()
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,10 +257,9 @@ def per_step(model: fovea.FovealViT, images: Tensor, glimpses: list[fovea.Patche
 @torch.inference_mode()
 def policy_episode(model: fovea.FovealViT, policy: grpo.GazePolicy, images: Tensor, T: int,
                    first_gaze: str, std: float, gen: torch.Generator | None) -> tuple[list, list]:
-    """An episode whose gazes the learned policy chooses from the state, through grpo's own
-    encoder wrapper and episode (what GRPO trained on): -> (Patches, logits) per step. gen None:
-    the deterministic action (the mean of the heaviest component [002, A.3.3]); else actions
-    sampled with the given std."""
+    """An episode whose gazes the learned policy chooses, through grpo's encoder wrapper and
+    episode (as GRPO trained it) -> (Patches, logits) per step: the deterministic action (gen
+    None: the heaviest component's mean [002, A.3.3]), or actions sampled with the given std."""
     B, hw = images.shape[0], tuple(images.shape[-2:])
     enc = grpo.FovealEncoder(model)
     source, state = enc.start(images, torch.arange(B, device=images.device))
@@ -309,7 +302,6 @@ class Trace:
     """The gazes of the first scenes of an episode, for the pictures: per step the gaze (y, x),
     the extent of what it saw sharply (the foveal grid, else the finest multi-zoom patch) and
     whether the prediction after that step was right."""
-
     def __init__(self, model: fovea.FovealViT, glimpses: list[fovea.Patches], logits: list[Tensor],
                  labels: Tensor, n: int):
         g, M = model.cfg.grid, model.cfg.num_zoom
@@ -352,11 +344,8 @@ def save_gaze_picture(images: Tensor, traces: dict[str, Trace], path: Path, tile
 
 
 def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
-    """[002] Table 2's layout (top-1 / top-5 after each step, random gazes), a fixed gaze
-    sequence, [000] Sec. 5.3's ViT mode, and [000] Fig. 1's resolution robustness: the same
-    frozen model on scenes 2x, 4x, 8x larger than in training, beside a passive ViT baseline;
-    for a grpo checkpoint, its learned policy beside them (deterministic and sampled actions).
-    -> (results, markdown tables); pictures of the gazes go into out_dir."""
+    """The foveal protocol (see the module's docstring) -> (results, markdown tables); pictures
+    of the gazes go into out_dir. A grpo checkpoint's policy: deterministic and sampled."""
     device = device_of(cfg)
     policy, grpo_cfg = None, None
     if ckpt["config"]["objective"] == "grpo":                   # the policy, and its encoder's run
