@@ -5,9 +5,9 @@ Paper
         App. A, E (Table 4), F (Tables 6, 7). Official code: m2b3/CanViT-eval (evaluation) and
         m2b3/CanViT-specialize (probe training).
 
-The checkpoint's CanViT (objective "distill", or an official Hugging Face folder) is frozen (eval
-mode, no gradient, its weights checked bit-identical at the end) and rolled out on held-out
-scenes under each viewing policy for T glimpses. After every glimpse t we measure
+The checkpoint's CanViT (objective "distill", or an official Hugging Face folder), frozen and
+checked bit-identical at the end, is rolled out on held-out scenes under each viewing policy for
+T glimpses. After every glimpse t we measure
   * reconstruction: per-position cosine similarity between the destandardized W_spatial /
     W_global predictions and the teacher's patch / CLS features (Table 4's metric), and the same
     in the z-scored space of the loss (Eq. 3);
@@ -33,14 +33,12 @@ Paper -> code
   App. A         canvas PCA pictures                           pca_rgb, save_pictures
   Tables 4, 6, 7 markdown tables                               tables
 
-The pieces of an evaluation that do not depend on the model (held-out batches, progress lines,
-the frozen-weight check, several runs' numbers as mean (min-max)) live here too: eval.py, the
-command and the foveal protocol, imports this module and never the other way round. `cfg` is
-eval.py's EvalConfig (any object with its fields).
+What does not depend on the model (held-out batches, progress lines, the frozen-weight check,
+several runs as mean (min-max)) lives here too: eval.py (the command, the foveal protocol)
+imports this module, never the other way round. `cfg` is eval.py's EvalConfig.
 
-Run `python eval.py --ckpt runs/canvit_tiny/ckpt.pt --out_dir runs/canvit_tiny/eval` (a train.py
-checkpoint, or an official Hugging Face folder with config.json + model.safetensors); tests:
-`python -m pytest tests/test_eval_canvit.py`.
+Run `python eval.py --ckpt runs/canvit_tiny/ckpt.pt --out_dir runs/canvit_tiny/eval` (or an
+official Hugging Face folder: config.json + model.safetensors); tests: tests/test_eval_canvit.py.
 """
 from __future__ import annotations
 
@@ -111,7 +109,6 @@ def check_unchanged(modules, snaps: list[dict]) -> None:
 
 class Progress:
     """A line about every `every` seconds (and at the end): what, how far, elapsed, ETA."""
-
     def __init__(self, what: str, total: int, every: float = 20.0):
         self.what, self.total, self.every = what, total, every
         self.t0 = self.last = time.perf_counter()
@@ -146,7 +143,6 @@ def cell(x, scale: float = 1.0, spec: str = ".1f") -> str:
     if isinstance(x, dict):
         return f"{x['mean'] * scale:{spec}} ({x['min'] * scale:{spec}}-{x['max'] * scale:{spec}})"
     return f"{x * scale:{spec}}"
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +199,6 @@ def predict_masks(logits: Tensor, size: int) -> Tensor:
 class SegProbe(nn.Module):
     """F.2.1: LayerNorm + Dropout (0.1) + BatchNorm + Conv 1x1; (B, G, G, D) -> (B, K, G, G).
     NOTE(paper): as the official probe (and DINOv3's), the dropout drops whole channels."""
-
     def __init__(self, dim: int, num_classes: int, dropout: float = 0.1):
         super().__init__()
         self.ln, self.dropout = nn.LayerNorm(dim), nn.Dropout2d(dropout)
@@ -304,13 +299,11 @@ def rollout(model: canvit.CanViT, scenes: Tensor, policy: str, T: int, G: int, g
             gen: torch.Generator, method: str = "bilinear", seg_probe: nn.Module | None = None,
             learned: tuple | None = None):
     """Yield (t, Viewpoint (B, 2), (B,), State) after each of T glimpses of scenes (B, 3, S, S).
-
-    Static policies come from canvit.policy_viewpoints (drawn from `gen`); 'entropy' asks
-    EntropyGuidedC2F for the next tile given the seg probe's per-cell entropy on the canvas
-    before the glimpse (as the official evaluation); 'learned' and 'learned_sampled' roll a GRPO
-    policy out through grpo's own CanViT wrapper and episode, as in training (`learned` =
-    (policy, min_scale, std, first_gaze)): the deterministic action, or one sampled with that
-    std (from `gen`)."""
+    Static policies: canvit.policy_viewpoints (from `gen`); 'entropy': EntropyGuidedC2F on the
+    seg probe's per-cell entropy of the canvas before the glimpse (as the official evaluation);
+    'learned' / 'learned_sampled': a GRPO policy (`learned` = (policy, min_scale, std,
+    first_gaze)) through grpo's CanViT wrapper and episode, as trained, its deterministic action
+    or one sampled with that std (from `gen`)."""
     B, device = scenes.shape[0], scenes.device
     amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     if policy.startswith("learned"):
@@ -374,11 +367,10 @@ def collect_features(model, teacher, ds, cfg, info: dict, S: int, G: int) -> dic
     """Cache, for n_train scenes, the frozen canvas cells (N, T, G*G, Dc) float16 and recurrent
     CLS (N, T, D) after each glimpse of probe_T-step probe_policy rollouts, cell class fractions
     (N, K, G, G), labels (N,) and teacher CLS (N, Dt) / patches (N, G*G, Dt).
-
-    NOTE(paper): F.2.1 trains on "sequences of T = 10 timesteps" without naming their policy;
-    the official probe training draws R-IID viewpoints, one probe for all timesteps, its loss
-    averaged over them (seg_loss, cls_loss). One rollout per scene is cached (the official code
-    draws new viewpoints, and augmentations, at every step)."""
+    NOTE(paper): F.2.1 trains on "sequences of T = 10 timesteps", policy unnamed; the official
+    probe training draws R-IID viewpoints, one probe for all timesteps, its loss averaged over
+    them (seg_loss, cls_loss). One rollout per scene is cached (the official code draws new
+    viewpoints, and augmentations, at every step)."""
     device = model.canvas_spatial_init.device
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 999)
     out: dict[str, list] = {}
@@ -409,7 +401,6 @@ def collect_features(model, teacher, ds, cfg, info: dict, S: int, G: int) -> dic
 def train_probes(model, feats: dict, ds, cfg, device) -> tuple[dict, dict]:
     """Seg probe on canvas cells, linear probe on the recurrent CLS, and the teacher's probes
     (CLS: the zero-shot route of F.2.2; patches: a passive reference). -> (probes, loss logs).
-
     NOTE(paper): the paper classifies only zero-shot, with DINOv3's ImageNet-1k probe (App. H);
     here the teacher-CLS probe is trained on the same scenes' teacher CLS, and the probe on the
     recurrent CLS (LayerNorm + Linear: the CLS is a pre-norm residual stream) is our addition."""
@@ -456,10 +447,9 @@ def fit_standardizers(model, feats: dict, G: int) -> tuple[tuple, str]:
 def step_metrics(model, probes: dict, stds, state, truth: dict, S: int
                  ) -> tuple[dict, Tensor | None]:
     """Sums over a batch of every metric after one glimpse, and the predicted masks (B, S, S).
-
-    NOTE(paper): Table 4 does not say in which space its cosine is taken; the official
-    evaluation logs both, so both are kept: destandardized predictions vs the teacher's features
-    (F.2's decoding), and z-scores vs z-scored targets (the loss's space, Eq. 3)."""
+    NOTE(paper): Table 4 does not say in which space its cosine is; the official evaluation logs
+    both, so do we: destandardized predictions vs the teacher's features (F.2's decoding), and
+    z-scores vs z-scored targets (the loss's space, Eq. 3)."""
     sums, pred = {}, None
     if "t_cls" in truth:                                 # Table 4: destandardized vs teacher
         z = model.predict(state)                                             # z-scored (Eq. 3)
@@ -487,21 +477,11 @@ def correct(logits: Tensor, labels: Tensor) -> Tensor:
     return (logits.argmax(-1) == labels).sum()
 
 
-class Tally:
+class Tally(dict):
     """Sums over the held-out scenes, keyed by name or by (policy, metric, timestep)."""
-
-    def __init__(self):
-        self.sums: dict = {}
-
     def add(self, key, value) -> None:
         value = value.detach().cpu() if torch.is_tensor(value) else value
-        self.sums[key] = self.sums[key] + value if key in self.sums else value
-
-    def __contains__(self, key) -> bool:
-        return key in self.sums
-
-    def __getitem__(self, key):
-        return self.sums[key]
+        self[key] = self[key] + value if key in self else value
 
 
 # step_metrics' sums -> the results' keys (each a mean over the scenes, per timestep)
@@ -512,9 +492,8 @@ MEANS = {"patch_cos": "patch_cos", "cls_cos": "cls_cos", "patch_cos_z": "patch_c
 @torch.inference_mode()
 def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg, info: dict,
                       S: int, G: int, learned: tuple | None = None) -> tuple[dict, dict]:
-    """Every policy for T glimpses on the n_val held-out scenes. -> (results: per policy, each
-    metric per timestep, plus the passive teacher's and the floors; pictures: rollouts of the
-    first scenes)."""
+    """Every policy for T glimpses on the n_val held-out scenes -> (results: per policy, each metric
+    per timestep, the passive teacher's, the floors; pictures: the first scenes' rollouts)."""
     device, T = model.canvas_spatial_init.device, cfg.T
     policies = [p for p in cfg.policies if p != "entropy" or "seg" in probes]
     if len(policies) < len(cfg.policies):
