@@ -9,29 +9,20 @@ Papers
   [003] Berreby et al., "CanViT: Toward Active-Vision Foundation Models".
   [RAM] Mnih et al., "Recurrent Models of Visual Attention", NIPS 2014 (cluttered translated MNIST).
 
-Every dataset returns a dict per item, and `collate` batches them:
-  image  (3, H, W) float32, ImageNet-normalised (IMAGENET_MEAN, IMAGENET_STD)
-  label  () int64 (classification datasets)
-  mask   (H, W) int64 per-pixel labels (segmentation datasets)
-  index  int, the item's index
-  target (3,) float32 (synthetic, fashion_mnist): the target's centre (y, x) in [-1, 1] and its
-         radius (synthetic: the badge's) or half-side (fashion_mnist: the item's square)
-A file that cannot be decoded yields {"index": i, "bad": "<path>: <reason>"} instead; `collate`
-drops it and reports `n_bad` and the `bad` reasons per batch, so a training loop can sum and log
-them. This works unchanged with multi-process DataLoader workers.
+Every dataset returns a dict per item, batched by `collate`: image (3, H, W) float32,
+ImageNet-normalised; label () int64 (classification); mask (H, W) int64 (segmentation); index
+(int); target (3,) float32 (synthetic, fashion_mnist: the target's centre (y, x) in [-1, 1] and
+radius or half-side). A file that cannot be decoded yields {"index": i, "bad": "<path>: <reason>"}
+instead, which `collate` drops and reports (`n_bad`, `bad`), in DataLoader workers too.
 
 Datasets
   SyntheticScenes  the built-in default (no download possible on a fresh offline machine):
                    procedural scenes, deterministic per (seed, split, index), at any resolution.
-                   A small "badge" (a light disc with a dark rim) carries a glyph whose identity
-                   is the label; it sits at a random place among textured clutter, so a low-
-                   resolution view finds *where* it is but only a zoomed glimpse reads *what*.
-  FashionMNISTScenes  Fashion-MNIST's 28 x 28 grey items (its four IDX files; Debian's package
-                   dataset-fashion-mnist installs them offline) as plain scenes, cluttered
-                   translated scenes [RAM] or object-centric ones, deterministic per (seed, split,
-                   index) and exact at any resolution; train = the 60k file, val = the 10k file.
-  ImageFolder      root/class/image.jpg, classes sorted; resize shorter side + centre crop
-                   [003, Table 1 and App. D.2: Resize(512) + CenterCrop].
+                   A small "badge" carries a glyph, the label, among textured clutter: a low-
+                   resolution view finds *where* it is, only a zoomed glimpse reads *what*.
+  FashionMNISTScenes  Fashion-MNIST's items (Debian's dataset-fashion-mnist, offline) as plain,
+                   cluttered translated [RAM] or object-centric scenes, exact at any resolution.
+  ImageFolder      root/class/image.jpg; Resize + CenterCrop [003, Table 1 and App. D.2].
   ADE20K           ADEChallengeData2016 layout, resized directly to a square [003, App. F.2.1].
 
 Shapes: H x W image, S scene side (H = W = S unless a (H, W) size is given), B batch.
@@ -43,8 +34,8 @@ Paper -> code
   RAM Sec. 4.1            cluttered translated scenes (here of Fashion-MNIST)   sample_layout, render_fashion
   LeCun's IDX format      the Fashion-MNIST files, checked                      read_idx, load_fashion_mnist
 
-Run `python data.py` for pictures of sample scenes (out/*.png), `python bench.py data` for the
-rendering speed, `python -m pytest tests/test_data.py` for the tests.
+Run `python data.py` (pictures of sample scenes, out/*.png), `python bench.py data` (rendering
+speed), `python -m pytest tests/test_data.py` (tests).
 """
 from __future__ import annotations
 
@@ -107,23 +98,19 @@ class DataConfig:
 # is an anti-aliased view of the same scene: `render(i, 4S)` area-pooled 4x4 is `render(i, S)`
 # up to the edge approximation below. Drawn in order, each later layer on top:
 #   1. background: a random base colour plus 6 colour gratings cos(2 pi f.p + phi), |f| log-uniform
-#      in [0.25, 16] cycles per unit. The area mean of a grating over a pixel box of size
-#      (hy, hx) is the grating times sinc(fy hy) sinc(fx hx), exactly; sums of gratings stay exact.
-#   2. clutter: 3 to 8 objects, each an ellipse, rectangle, triangle or star (segment classes
-#      1-4), of random size (radius 3%-17% of the side), aspect, rotation, saturated colour and
-#      0-2 fine gratings of its own; they may overlap each other and leave the image.
-#   3. the target: a badge (light disc, dark rim) of diameter target_size (default 6%-12% of the
-#      side), fully inside the image, never occluded, holding a dark glyph (GLYPHS[label]) rotated
-#      by up to +-15 degrees. Its strokes are 0.5%-2.6% of the side wide (the fewer strokes, the
-#      wider), so at a low resolution the badge is visible (where to look) but the glyph is not
-#      (what it is): at 128 px the larger glyphs are just legible, at 64 px none is. Every glyph
-#      covers the same ink area, so the badge's mean colour does not give the label away.
-#      Clutter never has a glyph: only the target defines the label.
+#      in [0.25, 16] cycles per unit (a grating's mean over a pixel (hy, hx) is the grating times
+#      sinc(fy hy) sinc(fx hx), exactly).
+#   2. clutter: 3 to 8 objects, each an ellipse, rectangle, triangle or star (mask classes 1-4;
+#      0 is the background), of random size (radius 3%-17% of the side), aspect, rotation,
+#      saturated colour and 0-2 fine gratings of its own, overlapping and leaving the image.
+#   3. the target (mask class 5 + label): a badge (light disc, dark rim) of diameter target_size
+#      (default 6%-12% of the side), fully inside the image, never occluded, holding a dark glyph
+#      (GLYPHS[label]; clutter has none) rotated by up to +-15 degrees. Its strokes are 0.5%-2.6%
+#      of the side wide (the fewer, the wider): at a low resolution the badge is visible (where
+#      to look) but not the glyph (what it is): at 128 px the larger glyphs are just legible, at
+#      64 px none is. Every glyph covers the same ink area: the mean colour gives nothing away.
 # Edges use the signed distance d to the shape and the pixel size h: coverage
 # clip(1/2 - d/h, 0, 1), the exact area fraction for a straight edge along a pixel axis.
-#
-# Segment classes of `mask`: 0 background, 1 ellipse, 2 rectangle, 3 triangle, 4 star,
-# 5 + label the target badge (so num_segment_classes = 5 + num_classes).
 
 CLUTTER_KINDS = ("ellipse", "rectangle", "triangle", "star")  # segment classes 1..4
 TARGET_SEGMENT = 1 + len(CLUTTER_KINDS)                       # segment of class c: TARGET_SEGMENT + c
@@ -194,10 +181,9 @@ def _gratings(ys: np.ndarray, xs: np.ndarray, hy: float, hx: float, f: np.ndarra
               phase: np.ndarray, amp: np.ndarray) -> np.ndarray:
     """Pixel-area means of sum_k amp_k cos(2 pi (f_k . (y, x)) + phase_k) on a pixel grid.
 
-    ys: (h,), xs: (w,) pixel centres; f: (K, 2) cycles per unit (fy, fx); phase: (K,); amp: (K, 3).
-    Separable: cos(a + b) = cos a cos b - sin a sin b, so one (3h, 2K) x (2K, w) product. The
-    box mean over a pixel of size (hy, hx) multiplies each grating by sinc(fy hy) sinc(fx hx).
-    Returns (3, h, w) float32.
+    ys: (h,), xs: (w,) pixel centres; f: (K, 2) cycles per unit (fy, fx); phase: (K,); amp: (K, 3)
+    -> (3, h, w) float32. Separable: cos(a + b) = cos a cos b - sin a sin b, so one (3h, 2K) x
+    (2K, w) product; the mean over a pixel (hy, hx) multiplies a grating by sinc(fy hy) sinc(fx hx).
     """
     att = np.sinc(f[:, 0] * hy) * np.sinc(f[:, 1] * hx)                           # (K,)
     ay = 2 * np.pi * f[:, 0, None] * ys[None, :]                                   # (K, h)
@@ -233,10 +219,8 @@ def _random_gratings(rng: np.random.Generator, k: int, f_lo: float, f_hi: float,
 def sample_scene(index: int, seed: int = 0, split: str = "train", num_classes: int = 10,
                  target_size: tuple[float, float] = (0.06, 0.12),
                  clutter: tuple[int, int] = (3, 8)) -> dict:
-    """The random parameters of scene `index`: a pure function of (seed, split, index).
-
-    Resolution never enters here, so every render of the scene shows the same content.
-    """
+    """The random parameters of scene `index`: a pure function of (seed, split, index), not of
+    the resolution, so every render of the scene shows the same content."""
     if not 1 <= num_classes <= len(GLYPHS):
         raise ValueError(f"num_classes must be in [1, {len(GLYPHS)}] (one glyph per class), got {num_classes}")
     if not 0 < target_size[0] <= target_size[1] <= TARGET_MAX:
@@ -316,12 +300,9 @@ class Scene(NamedTuple):
 
 def render_params(p: dict, size: int | tuple[int, int],
                   window: tuple[float, float, float, float] = (-1.0, -1.0, 1.0, 1.0)) -> Scene:
-    """Render sampled scene parameters `p` (from `sample_scene`) at `size` pixels.
-
-    size: S or (H, W). window: the scene rectangle (y0, x0, y1, x1) shown, by default the whole
-    scene; a smaller window is a zoomed glimpse rendered at full detail. A non-square size
-    stretches the window over the pixels, as the [-1, 1]^2 image coordinates of DESIGN.md do.
-    """
+    """Render sampled scene parameters `p` (from `sample_scene`) at `size` pixels, S or (H, W).
+    window: the scene rectangle (y0, x0, y1, x1) shown (a smaller one: a zoomed glimpse at full
+    detail); a non-square size stretches it, as DESIGN.md's [-1, 1]^2 image coordinates do."""
     H, W = (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
     y0, x0, y1, x1 = window
     hy, hx = (y1 - y0) / H, (x1 - x0) / W
@@ -395,7 +376,6 @@ class SyntheticScenes(Dataset):
     int64 in [0, num_segment_classes), index i, target (3,) float32 (badge centre y, x, radius).
     Deterministic per (seed, split, index) in any process; image_size S or (H, W).
     """
-
     def __init__(self, length: int, image_size: int | tuple[int, int], num_classes: int = 10,
                  seed: int = 0, split: str = "train", target_size: tuple[float, float] = (0.06, 0.12),
                  clutter: tuple[int, int] = (3, 8)):
@@ -522,20 +502,18 @@ class ImageFolder(Dataset):
     """root/<class>/**/<image> (classes are the sorted folder names), as torchvision's.
 
     Item i: image (3, S, S) float32 normalised, label () int64, index i; or, when the file cannot
-    be decoded (truncated, empty, not an image, too large), {"index": i, "bad": reason}, which
-    `collate` drops and counts. Files without an image extension are listed in `self.ignored`.
-    Paths and labels are numpy arrays (`paths` of UTF-8 bytes, `labels` int64), not lists of
-    Python objects, whose refcounts would copy them into every DataLoader worker's memory.
+    be decoded (truncated, empty, not an image, too large), {"index": i, "bad": reason}. Files
+    without an image extension are listed in `self.ignored`. Paths (UTF-8 bytes) and labels are
+    numpy arrays: lists of Python objects would be copied into every DataLoader worker (refcounts).
 
-    augment=False: Resize(S) + CenterCrop(S) [003, Table 1]. augment=True: the standard ImageNet
-    training view, RandomResizedCrop(S, scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip with
-    probability 1/2 ([002] Sec. 2 calls random resized crops "very important" for ViTs).
-    NOTE(paper): the papers do not give the transform's details; as DeiT, the crop is resized
-    bicubically, and nothing else of DeiT's recipe (RandAugment, random erasing, CutMix) is
-    applied: [002] A.3.4 names only MixUp. The draws are a function of (seed, epoch, index)
-    (`set_epoch`), not of the DataLoader worker, so a resumed run sees the same crops.
+    augment=False: Resize(S) + CenterCrop(S) [003, Table 1]. augment=True: ImageNet's training
+    view, RandomResizedCrop(S, scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip with p 1/2
+    ([002] Sec. 2 calls random resized crops "very important" for ViTs). NOTE(paper): the papers
+    give no details; as DeiT, the crop is resized bicubically, and nothing else of DeiT's recipe
+    (RandAugment, random erasing, CutMix) is applied: [002] A.3.4 names only MixUp. The draws are
+    a function of (seed, epoch, index) (`set_epoch`), not of the worker: a resumed run sees the
+    same crops.
     """
-
     def __init__(self, root: str, image_size: int, max_pixels: int = Image.MAX_IMAGE_PIXELS,
                  augment: bool = False, seed: int = 0):
         if not os.path.isdir(root):
@@ -705,16 +683,15 @@ def _random_resized_crop(im: Image.Image, ann: Image.Image, S: int, rng: np.rand
 # Scene kinds (data.scene):
 #   plain      the item fills the scene, nothing else: at 28 px the dataset's image itself, the
 #              sanity anchor against the dataset's own benchmark table.
-#   cluttered  the cluttered translated protocol of Mnih et al., "Recurrent Models of Visual
-#              Attention" (RAM, NIPS 2014, Sec. 4.1): the item, its side uniform in [item_min,
-#              item_max] of the scene side, at a uniformly random place fully inside the scene,
-#              plus `clutter` fragments: fragment_px x fragment_px crops (in item pixels, at a
-#              random place in the item) of other random items of the same split, each at a
-#              random place fully inside the scene. Defaults: a 28 px item and 4 fragments of
-#              9 px on a 64 px scene (RAM: 60 px and 4 fragments of 8 px; 100 px and 8).
-#              Object-centric scenes are cluttered ones with item sides 0.6-0.9 and 2 fragments
-#              (OBJECT_CENTRIC, dino_fmnist_tiny.yaml): the item fills most of any view, as an
-#              ImageNet photograph's object does, so self-supervised views share it.
+#   cluttered  [RAM] Sec. 4.1's cluttered translated protocol: the item, its side uniform in
+#              [item_min, item_max] of the scene side, at a uniformly random place fully inside
+#              the scene, plus `clutter` fragments (fragment_px x fragment_px crops, in item
+#              pixels at a random place, of other random items of the split), each at a random
+#              place fully inside the scene. Defaults: a 28 px item and 4 fragments of 9 px on a
+#              64 px scene (RAM: 60 px and 4 fragments of 8 px; 100 px and 8). Object-centric
+#              scenes are cluttered ones with item sides 0.6-0.9 and 2 fragments (OBJECT_CENTRIC,
+#              dino_fmnist_tiny.yaml): the item fills most of any view, as an ImageNet
+#              photograph's object does, so self-supervised views share it.
 #   crop       the window of cluttered scene i on its item's square, fragments included, at S px:
 #              the input of an "upper bound" passive ViT that is told where the item is.
 # NOTE(paper): RAM's fragments are drawn at the digit's own scale; here too a fragment is drawn
@@ -740,13 +717,12 @@ OBJECT_CENTRIC = dict(item_size=(0.6, 0.9), clutter=2)   # the object-centric cl
 
 
 def read_idx(path: str, shape: tuple[int, ...]) -> np.ndarray:
-    """The values of an IDX file of unsigned bytes that must hold an array of `shape`.
+    """The values of an IDX file of unsigned bytes that must hold an array of `shape` (.gz: read
+    through gzip), as a read-only uint8 array; DataError naming the file and what was expected
+    when it is missing, unreadable, of another type or shape, truncated or too long.
 
     IDX (LeCun's MNIST format): 4 magic bytes 0, 0, the type code (0x08: unsigned byte) and the
     number of dimensions; each dimension's size as a big-endian uint32; the values in C order.
-    A name ending in .gz is read through gzip. Returns a read-only uint8 array of `shape`; raises
-    DataError naming the file and what was expected when it is missing, unreadable, of another
-    type or shape, truncated or too long.
     """
     want = f"IDX of unsigned bytes, {' x '.join(map(str, shape))}"
     try:
@@ -898,14 +874,13 @@ def render_fashion(images: np.ndarray, layout: dict, size: int, scene: str = "cl
 
 
 class FashionMNISTScenes(Dataset):
-    """Scenes of Fashion-MNIST items (see "Fashion-MNIST scenes" above) of one split.
+    """Scenes of Fashion-MNIST items (see "Fashion-MNIST scenes" above) of one split: images
+    (N, 28, 28) uint8 and labels (N,) int64 of that split only (load_fashion_mnist).
 
-    images (N, 28, 28) uint8 and labels (N,) int64: that split's items only (load_fashion_mnist).
-    Item i: image (3, S, S) float32 normalised (grey in R, G and B), label () int64 (the item's
-    class; clutter never counts), index i, target (3,) float32 (the item's centre y, x and
-    half-side in [-1, 1] units). Deterministic per (seed, split, index) in any process; the same
-    index is the same scene at any image_size S. Not augmented: the random placement varies
-    the training views, and the plain scenes are the benchmark's unaugmented setting.
+    Item i: image (3, S, S) float32 normalised (grey in R, G and B), label () int64 (the item's;
+    clutter never counts), index i, target (3,) float32 (the item's centre y, x and half-side).
+    Deterministic per (seed, split, index); the same scene at any image_size S. Not augmented:
+    the random placement varies the views; plain scenes are the benchmark's unaugmented setting.
     """
     num_classes = len(FASHION_MNIST_CLASSES)
 
@@ -978,16 +953,10 @@ def collate(samples: list[dict | None]) -> dict:
 
 
 def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = False, seed: int = 0) -> Dataset:
-    """The dataset of `cfg` for split "train" or "val".
-
-    synthetic: SyntheticScenes of cfg.length (train) or cfg.val_length (val) scenes, the val split
-    drawn from its own random stream (never augmented: the scenes are endless already, and a
-    mirrored glyph is not its class). imagefolder: ImageFolder(cfg.root/<split>). ade20k:
-    ADE20K(cfg.root, "training" / "validation"). fashion_mnist: FashionMNISTScenes of the 60k
-    training items (train) or the 10k test items (val), never augmented. augment (train split
-    only): ImageFolder's random resized crop + flip, ADE20K's F.2.1 augmentation, drawn from
-    (seed, epoch, index).
-    """
+    """The dataset of `cfg` for split "train" or "val". augment (train split only): ImageFolder's
+    random resized crop + flip, ADE20K's F.2.1 augmentation, drawn from (seed, epoch, index).
+    The synthetic scenes (val: their own random stream) are never augmented: they are endless
+    already, and a mirrored glyph is not its class; nor are Fashion-MNIST's."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     augment = augment and split == "train"
