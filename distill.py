@@ -7,13 +7,11 @@ Paper
 A frozen DINOv3 teacher sees the whole scene once and gives a CLS token and one feature per
 16 px patch (after its final LayerNorm). CanViT sees the scene only through a random sequence of
 glimpses and must reconstruct, after every glimpse, the teacher's z-scored patch features from
-its canvas (W_spatial) and the teacher's CLS from its recurrent CLS (W_global). Two rollouts per
-scene, one starting from the full scene (F-IID) and one from a random crop (R-IID); truncated
-BPTT over chunks of K = 2 glimpses, the rollout going on after each chunk with probability 1/2.
-
-Teacher features come from the teacher run in the loop (small data), or from float16 shards
-precomputed once (`python train.py --cfg canvit.yaml --export_features DIR`), 4096 scenes a shard,
-shuffled at export, streamed shard by shard during training.
+its canvas (W_spatial) and its CLS from the recurrent CLS (W_global). Two rollouts per scene,
+from the full scene (F-IID) and from a random crop (R-IID); truncated BPTT over chunks of K = 2
+glimpses, the rollout going on after each chunk with probability 1/2. Teacher features come
+from the teacher run in the loop (small data), or from float16 shards precomputed once
+(`python train.py --cfg canvit.yaml --export_features DIR`), 4096 shuffled scenes a shard.
 
 Shapes
   B scenes (per process), T glimpses, K chunk length, S scene side (px), G = S / 16 canvas and
@@ -30,8 +28,7 @@ Paper -> code
   Table 2 hyperparameters                DistillConfig, train.OptimConfig
 
 Run: `python train.py --cfg canvit_tiny.yaml` (tiny CanViT and teacher on synthetic scenes),
-`python bench.py distill` (CanViT-B training step: throughput, memory vs rollout length);
-tests: `python -m pytest tests/test_distill.py`.
+`python bench.py distill` (throughput, memory vs rollout length), `pytest tests/test_distill.py`.
 """
 from __future__ import annotations
 
@@ -99,9 +96,8 @@ def make_teacher(cfg: TeacherConfig) -> canvit.DINOv3ViT:
 def teacher_features(teacher: canvit.DINOv3ViT, images: Tensor, grid: int | None = None
                      ) -> tuple[Tensor, Tensor]:
     """The teacher's CLS (B, Dt) and patch features (B, grid^2, Dt) after its final norm, in
-    float32 (bf16 autocast on CUDA). grid: the patch grid wanted; when it is not the scene's
-    (a canvas grid other than S / patch), the scene is resized to grid patches a side so that
-    both grids agree."""
+    float32 (bf16 autocast on CUDA). grid: the patch grid wanted; a grid other than the scene's
+    (S / patch) resizes the scene to grid patches a side."""
     if grid is not None and images.shape[-1] != grid * teacher.cfg.patch_size:
         px = grid * teacher.cfg.patch_size
         images = F.interpolate(images, size=(px, px), mode="bilinear", antialias=True, align_corners=False)
@@ -113,11 +109,9 @@ def teacher_features(teacher: canvit.DINOv3ViT, images: Tensor, grid: int | None
 def reconstruction_loss(pred: canvit.Predictions, cls_target: Tensor, patch_target: Tensor
                         ) -> tuple[Tensor, Tensor]:
     """Eq. (3) for one timestep: (patch term, CLS term), targets z-scored, in float32.
-
-    NOTE(paper): Eq. (3) writes squared norms (summed over features); the official code averages
-    over features too (mse_loss), which only rescales the loss by Dt but matters for the gradient
-    clipping at 1.0 (Table 2). We follow the official code.
-    """
+    NOTE(paper): Eq. (3) writes squared norms (summed over features); we follow the official
+    code, which averages over features too (mse_loss): a 1 / Dt scale, which matters for the
+    gradient clipping at 1.0 (Table 2)."""
     patch = F.mse_loss(pred.patches.float(), patch_target)          # (B, G*G, Dt)
     cls = F.mse_loss(pred.cls.float(), cls_target)                    # (B, Dt)
     return patch, cls
@@ -151,12 +145,9 @@ def rollout_viewpoints(gen: torch.Generator, T: int, batch: int, n_fiid: int, n_
 
 
 class Distillation(nn.Module):
-    """The objective of train.py for CanViT pretraining [003, Sec. 5].
-
-    Randomness (rollout length, viewpoints) is drawn for the global batch from a generator
-    seeded by (seed, step); each process takes its scenes: the result does not depend on the
-    number of processes, and a resumed run repeats it exactly.
-    """
+    """The objective of train.py for CanViT pretraining [003, Sec. 5]. Randomness (rollout
+    length, viewpoints) is drawn for the global batch from a generator seeded by (seed, step),
+    each process taking its scenes: the same on any number of processes and after a resume."""
     # One fixed view per scene, Resize + CenterCrop [003, Table 2; App. D.2], as the official
     # feature shards hold; the teacher run in the loop sees that same view, so the two modes
     # train on identical targets and precomputing changes only the speed.
@@ -302,14 +293,12 @@ def shard_path(folder: str | Path, k: int) -> Path:
 def export_features(teacher: nn.Module, dataset, folder: str | Path, shard_size: int = 4096,
                     seed: int = 0, rank: int = 0, world: int = 1, batch_size: int = 64,
                     num_workers: int = 4, collate=None) -> list[int]:
-    """Write the teacher's CLS and patch features of every scene of `dataset` into shards.
-
-    The scenes are shuffled once (seeded), so shard k holds scenes perm[k*n:(k+1)*n] and reading
-    shards in order is a random order of scenes. Shard k is written by process k % world, to a
-    temporary file then renamed (atomic); shards already on disk are kept, so an interrupted
-    export resumes. Each shard: {"index": (n,) int64 dataset indices, "cls": (n, Dt) float16,
-    "patches": (n, G*G, Dt) float16}. Returns the shards this process wrote.
-    """
+    """Write the teacher's CLS and patch features of every scene of `dataset` into shards, each
+    {"index": (n,) int64 dataset indices, "cls": (n, Dt) float16, "patches": (n, G*G, Dt)
+    float16}; returns the shards this process wrote. The scenes are shuffled once (seeded): shard
+    k holds perm[k*n:(k+1)*n], shards in order are a random order. Shard k is written by process
+    k % world, atomically (a temporary file renamed); shards on disk are kept: a cut export
+    resumes."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
@@ -352,13 +341,10 @@ def write_index(folder: str | Path, n_shards: int, meta: dict) -> None:
 
 
 class TeacherFeatures(torch.utils.data.Dataset):
-    """Scenes with their precomputed teacher features, addressed by position in the shards.
-
-    Item p is row p % n of shard p // n: the scene `dataset[index[row]]` plus `teacher_cls`
-    (Dt,) and `teacher_patches` (G*G, Dt) float16. Shards are memory-mapped, one open at a time
-    per worker: reading positions in order streams the shards.
-    """
-
+    """Scenes with their precomputed teacher features, by position in the shards: item p is row
+    p % n of shard p // n, the scene `dataset[index[row]]` plus `teacher_cls` (Dt,) and
+    `teacher_patches` (G*G, Dt) float16. Shards are memory-mapped, one open at a time per worker:
+    reading positions in order streams the shards."""
     def __init__(self, folder: str | Path, dataset):
         self.folder, self.dataset = Path(folder), dataset
         index_file = self.folder / "index.json"
@@ -398,7 +384,6 @@ class TeacherFeatures(torch.utils.data.Dataset):
 class ShardSampler(torch.utils.data.Sampler):
     """Positions in shard order: process r reads shards r, r + world, ... (their order shuffled
     per epoch), rows in order within a shard. `skip` starts into the epoch (resume)."""
-
     def __init__(self, counts: list[int], shard_size: int, rank: int, world: int, seed: int):
         if len(counts) < world:
             raise ValueError(f"{len(counts)} shards cannot feed {world} processes")
