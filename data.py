@@ -179,8 +179,7 @@ def _stroke_coverage(s: np.ndarray, w: float, h: float) -> np.ndarray:
 
 def _gratings(ys: np.ndarray, xs: np.ndarray, hy: float, hx: float, f: np.ndarray,
               phase: np.ndarray, amp: np.ndarray) -> np.ndarray:
-    """Pixel-area means of sum_k amp_k cos(2 pi (f_k . (y, x)) + phase_k) on a pixel grid.
-
+    """Pixel-area means of sum_k amp_k cos(2 pi (f_k . (y, x)) + phase_k) on a pixel grid:
     ys: (h,), xs: (w,) pixel centres; f: (K, 2) cycles per unit (fy, fx); phase: (K,); amp: (K, 3)
     -> (3, h, w) float32. Separable: cos(a + b) = cos a cos b - sin a sin b, so one (3h, 2K) x
     (2K, w) product; the mean over a pixel (hy, hx) multiplies a grating by sinc(fy hy) sinc(fx hx).
@@ -255,7 +254,6 @@ def sample_scene(index: int, seed: int = 0, split: str = "train", num_classes: i
 # ----------------------------------------------------------------------------------------------
 # Synthetic scenes: rendering
 # ----------------------------------------------------------------------------------------------
-
 def _span(c: float, rb: float, lo: float, step: float, n: int) -> slice:
     """Pixels whose centres lie within rb (+ one pixel) of c, along one axis starting at lo."""
     i0 = max(int(math.floor((c - rb - lo) / step - 1.5)), 0)
@@ -370,12 +368,10 @@ def _normalise(image: np.ndarray) -> Tensor:
 
 
 class SyntheticScenes(Dataset):
-    """The built-in synthetic scenes (see "Synthetic scenes: the generative process" above).
-
-    Item i: image (3, H, W) float32 normalised, label () int64 in [0, num_classes), mask (H, W)
-    int64 in [0, num_segment_classes), index i, target (3,) float32 (badge centre y, x, radius).
-    Deterministic per (seed, split, index) in any process; image_size S or (H, W).
-    """
+    """The built-in synthetic scenes (see "Synthetic scenes: the generative process" above),
+    deterministic per (seed, split, index) in any process; image_size S or (H, W). Item i: image
+    (3, H, W) float32 normalised, label () int64 in [0, num_classes), mask (H, W) int64 in
+    [0, num_segment_classes), index i, target (3,) float32 (badge centre y, x, radius)."""
     def __init__(self, length: int, image_size: int | tuple[int, int], num_classes: int = 10,
                  seed: int = 0, split: str = "train", target_size: tuple[float, float] = (0.06, 0.12),
                  clutter: tuple[int, int] = (3, 8)):
@@ -399,21 +395,17 @@ class SyntheticScenes(Dataset):
 # ----------------------------------------------------------------------------------------------
 # Decoding real images with Pillow: any mode -> RGB; bad files become "bad" items
 # ----------------------------------------------------------------------------------------------
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff",
                     ".webp", ".gif")
 ALPHA_BACKGROUND = (255, 255, 255)   # transparent pixels are composited on white, as viewers show them
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB.
-
-    16/32-bit grey ("I;16*", "I", "F") is scaled to 8 bits (Pillow's own convert would clip it):
-    "I;16*" by 1/257; "I" and "F" by 1/257 when within [0, 65535] but above 255, "F" by 255 when
-    within [0, 1], as-is when within [0, 255], else min-max. Alpha ("RGBA", "LA", "PA", palette
-    transparency) is composited on ALPHA_BACKGROUND. CMYK, YCbCr, palette, 1-bit and grey go
-    through Pillow's convert.
-    """
+    """Any Pillow mode -> RGB. 16/32-bit grey ("I;16*", "I", "F") is scaled to 8 bits (Pillow's
+    own convert would clip it): "I;16*" by 1/257; "I" and "F" by 1/257 when within [0, 65535] but
+    above 255, "F" by 255 when within [0, 1], as-is when within [0, 255], else min-max. Alpha
+    ("RGBA", "LA", "PA", palette transparency) is composited on ALPHA_BACKGROUND. CMYK, YCbCr,
+    palette, 1-bit and grey go through Pillow's convert."""
     if im.mode == "RGB":
         return im
     if im.mode.startswith("I") or im.mode == "F":
@@ -436,13 +428,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def load_image(path: str, min_side: int = 0, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode `path` fully (raises on any problem), in its own mode.
-
-    min_side > 0: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both
-    sides >= min_side ("draft" mode), which makes huge JPEGs cheap. Any other image with more
-    than max_pixels pixels raises instead of filling memory; one beyond twice Pillow's
-    MAX_IMAGE_PIXELS raises Image.DecompressionBombError when opened.
-    """
+    """Decode `path` fully (raises on any problem), in its own mode. min_side > 0: a JPEG is
+    decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= min_side ("draft"
+    mode: huge JPEGs are cheap). Any other image of more than max_pixels pixels raises instead of
+    filling memory; one beyond twice Pillow's MAX_IMAGE_PIXELS raises
+    Image.DecompressionBombError when opened."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # handled by the size check
         with Image.open(path) as im:
@@ -461,7 +451,6 @@ def _bad(index: int, path: str, e: BaseException) -> dict:
 # ----------------------------------------------------------------------------------------------
 # ImageFolder [003, Table 1, App. D.2]: Resize(S) + CenterCrop(S), ImageNet normalisation
 # ----------------------------------------------------------------------------------------------
-
 def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     """Shorter side -> size (bilinear, antialiased), then the centre size x size crop, as
     torchvision's Resize(size) + CenterCrop(size). Done as one resize of the source box that
@@ -570,7 +559,6 @@ class ImageFolder(Dataset):
 # ----------------------------------------------------------------------------------------------
 # ADE20K (SceneParse150) segmentation [003, App. F.2.1]
 # ----------------------------------------------------------------------------------------------
-
 ADE20K_IGNORE = 255
 # Annotation PNG values: 0 = "other" (not one of the 150 classes), 1..150 the classes. Training
 # labels: 1..150 -> 0..149, and 0 (or anything above 150) -> 255, the ignore index.
@@ -579,14 +567,12 @@ _ADE20K_LUT[1:151] = np.arange(150)
 
 
 class ADE20K(Dataset):
-    """ADEChallengeData2016: root/images/<split>/*.jpg with root/annotations/<split>/*.png.
-
-    split: "training" or "validation". Item i: image (3, S, S) float32 normalised, mask (S, S)
+    """ADEChallengeData2016: root/images/<split>/*.jpg with root/annotations/<split>/*.png,
+    split "training" or "validation". Item i: image (3, S, S) float32 normalised, mask (S, S)
     int64 in 0..149 or 255 (ignore), index i; or a "bad" item (see ImageFolder).
     [003, F.2.1] resizes every image directly to S x S, aspect ratio not kept (mask: nearest).
     augment=True (probe training, F.2.1): a random resized crop of scale r ~ U[0.5, 2.0] and a
-    horizontal flip with probability 1/2, drawn as a function of (seed, epoch, index).
-    """
+    horizontal flip with probability 1/2, drawn as a function of (seed, epoch, index)."""
     num_classes = num_segment_classes = 150
     ignore_index = ADE20K_IGNORE
 
@@ -638,12 +624,11 @@ def _random_resized_crop(im: Image.Image, ann: Image.Image, S: int, rng: np.rand
                          scale: tuple[float, float] = (0.5, 2.0)) -> tuple[Tensor, Tensor]:
     """Resize image and annotation to n x n, n = round(r S), r ~ U[scale], then take a random
     S x S window: a crop when n >= S; when n < S, the scene is placed at a random offset inside
-    the window, on the mean colour (0 after normalisation) with the ignore label.
-
+    the window, on the mean colour (0 after normalisation) with the ignore label. Returns image
+    (3, S, S) float32 normalised and mask (S, S) int64.
     NOTE(paper): F.2.1 says "random resized crop with scale range [0.5, 2.0]"; a crop scale above 1
     only makes sense as the mmsegmentation / DINOv3 recipe it follows (random rescale by a ratio in
     [0.5, 2], then a random crop of the target size, padded with ignore), read on the square scene.
-    Returns image (3, S, S) float32 normalised and mask (S, S) int64.
     """
     n = max(1, round(rng.uniform(*scale) * S))
     W, H = im.size
@@ -755,12 +740,10 @@ _FASHION_MNIST_LOADED: dict = {}   # (split, the files' paths, sizes and times) 
 
 def load_fashion_mnist(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """The items of split "train" (the 60k file) or "val" (the 10k test file) in folder `root`
-    ('' = FASHION_MNIST_ROOT): images (N, 28, 28) uint8, labels (N,) int64 in 0..9.
-
-    Each file is NAME.gz or, unpacked, NAME. Loaded once per process (47 MB for the 60k items)
-    and kept; DataLoader workers inherit them. Raises DataError (path, what was expected, how
-    to get the files) when a file is missing or damaged.
-    """
+    ('' = FASHION_MNIST_ROOT): images (N, 28, 28) uint8, labels (N,) int64 in 0..9. Each file
+    is NAME.gz or NAME; loaded once per process (47 MB for the 60k items) and kept (DataLoader
+    workers inherit them). DataError (path, what was expected, how to get the files) when a file
+    is missing or damaged."""
     if split not in FASHION_MNIST_FILES:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     root = root or FASHION_MNIST_ROOT
@@ -792,12 +775,10 @@ def sample_layout(index: int, n_items: int, seed: int = 0, split: str = "train",
                   item_size: tuple[float, float] = (0.4375, 0.4375), clutter: int = 4,
                   fragment_px: int = 9) -> dict:
     """Where scene `index` puts what: a pure function of (seed, split, index) and the settings.
-
-    Item index % n_items is the scene's item, so a length above n_items shows the items again
-    at new places. Returns item (int), box (cy, cx, h): the item's centre and half-side in scene
-    units (h is also its side as a fraction of the scene's), and fragments: a list of (j, top,
-    left, cy, cx): item j's crop at row top, column left (item pixels), centred at (cy, cx).
-    """
+    The item is index % n_items (a longer dataset shows the items again at new places). Returns
+    item (int), box (cy, cx, h): the item's centre and half-side in scene units (h: also its side
+    as a fraction of the scene's), and fragments: (j, top, left, cy, cx) for item j's crop at row
+    top, column left (item pixels), centred at (cy, cx)."""
     if scene not in SCENES:
         raise ValueError(f"scene must be one of {SCENES}, got {scene!r}")
     item = index % n_items
@@ -875,10 +856,9 @@ def render_fashion(images: np.ndarray, layout: dict, size: int, scene: str = "cl
 
 class FashionMNISTScenes(Dataset):
     """Scenes of Fashion-MNIST items (see "Fashion-MNIST scenes" above) of one split: images
-    (N, 28, 28) uint8 and labels (N,) int64 of that split only (load_fashion_mnist).
-
-    Item i: image (3, S, S) float32 normalised (grey in R, G and B), label () int64 (the item's;
-    clutter never counts), index i, target (3,) float32 (the item's centre y, x and half-side).
+    (N, 28, 28) uint8 and labels (N,) int64 of that split only (load_fashion_mnist). Item i:
+    image (3, S, S) float32 normalised (grey in R, G and B), label () int64 (the item's; clutter
+    never counts), index i, target (3,) float32 (the item's centre y, x and half-side).
     Deterministic per (seed, split, index); the same scene at any image_size S. Not augmented:
     the random placement varies the views; plain scenes are the benchmark's unaugmented setting.
     """
@@ -925,7 +905,6 @@ class FashionMNISTScenes(Dataset):
 # ----------------------------------------------------------------------------------------------
 # Batching and building from the config
 # ----------------------------------------------------------------------------------------------
-
 def collate(samples: list[dict | None]) -> dict:
     """Batch dataset items: tensors stacked to (B, ...), ints to a (B,) int64 tensor, anything
     else listed. Bad items ({"bad": reason}) and None are dropped: the batch carries `n_bad` (int)
@@ -986,7 +965,6 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = False, 
 # ----------------------------------------------------------------------------------------------
 # Demo (`python data.py`); the benchmarks are in bench.py
 # ----------------------------------------------------------------------------------------------
-
 def save_grid(path: str, n: int = 6, size: int = 256, seed: int = 0) -> None:
     """One row per scene: the scene, its mask, a 64 px render (what a coarse view sees), and a
     zoomed render of the target window (what a glimpse on it sees)."""
