@@ -2,68 +2,34 @@
 
 The model files carry only their papers; everything that times or measures them lives here
 (nanoGPT keeps bench.py beside model.py for the same reason). Every subcommand prints a header
-line (device, torch version, CPU threads) and a markdown table ready to paste.
+line (device, torch version, CPU threads, the setting) and a markdown table ready to paste. Peak
+memory: CUDA max_memory_allocated, reset before each row's timed steps; on CPU the process's
+peak RSS (ru_maxrss, never reset: the peak so far in this process).
 
-  extraction  [000, App. A] the cost of one glimpse set (8 gazes x (16 multi-zoom + 25 foveal
-              grid) patches of 16 x 16 px from one image) against the image side, for the
-              integral path with its table ready, the integral path with the table build, the
-              bilinear grid_sample path, and naive crop + antialiased F.interpolate, one box at
-              a time. Median ms. README: "Extraction cost does not depend on the image".
-  canvit      [003] one recurrent CanViT step (glimpse -> new state, state carried over) at
-              batch 1 (latency) and 64 (throughput), eager vs torch.compile, float32 vs bf16
-              autocast, in inference mode. CanViT-B with 128 px glimpses and a 32 x 32 canvas on
-              CUDA, a small CanViT (D = 192) with a 16 x 16 canvas on CPU. README: "CanViT
-              against the official code and the paper".
-  distill     [003, Sec. 5] one optimizer step of CanViT-B distilled from a ViT-B/16 teacher
-              (random weights) on 512 px scenes, 128 px glimpses, 1 F-IID + 1 R-IID rollout of
-              a fixed length T: s/step, glimpses/s, the bytes saved for backward at a chunk's
-              backward (see SavedTensorMeter: the truncated-BPTT claim is that this does not
-              grow with T) and peak memory. --precomputed feeds random float16 teacher features
-              instead of running the teacher (the paper's setting, App. D.2). README:
-              "Pretraining CanViT".
-  foveal      [002, A.3.4] one training step of the foveal iterative ViT-S of paper 000
-              (dim 384, depth 12, 6 heads, 8 state tokens, 16 multi-zoom + 5 x 5 grid patches
-              of 16 px) on 224 px images: an episode of 8 random glimpses, one backward a step,
-              an AdamW update; batch 8 in float32 on CPU, 256 in bf16 autocast on CUDA.
-              s/step, glimpses/s, peak memory. No README table yet.
-  dino        [000, Sec. 3.1] one step of sequential-to-global DINO (dino.DINOConfig: ViT-S,
-              16 x 16 global grid, 8 local 7 x 7 views, 65,536 prototypes, EMA teacher) on 224 px
-              images for each number of sequential glimpses: images/s, glimpses/s (every view's
-              glimpses, teacher's too), peak memory; batch 2 float32 on CPU, 64 bf16 on CUDA.
-  grpo        [002, A.2; 000, Sec. 3.3] GazeGRPO on a random, frozen foveal ViT-S: a rollout of
-              G = 16 traces of T = 8 glimpses for each of B images (traces/s, glimpses/s), and
-              one inner epoch (policy forward + backward + AdamW on the B*G*T stored states);
-              B = 2 float32 on CPU, 64 bf16 on CUDA.
-  flops       [003, App. G] the FLOP counts of Tables 5, 10 and 16 and Table 3's parameter
-              counts from the formulas (count_flops, count_params), beside the paper's figures.
-  data        SyntheticScenes rendering, ms per item at 128-1024 px in one thread, and the
-              scenes/s a DataLoader with 2 workers delivers. No README table yet.
-
-  gpu         the prepared GPU check, in one run (about 6 minutes on an H100; `--device cpu`
-              is a dry run of the same code, not a measurement): tests/test_cuda.py (`pytest
-              -m cuda`: extraction, the official references, bf16, compile, fused AdamW, a 1-GPU
-              torchrun, resume after a kill), then one row per figure, each section in a child
-              process under a time budget (a failure or a timeout is reported in its row):
-              CanViT-B distillation throughput (bf16, compiled, batch 64, 512 px scenes, 128 px
-              glimpses, 32 x 32 canvas) against the paper's ~1,670 glimpses/s on one H100 [003]
-              and its memory at rollouts of T = 4 vs 20; CanViT-B latency per glimpse at batch 1;
-              extraction from a 256 vs an 8192 px image ([000] Fig. 2: flat); the foveal ViT-S,
-              SSL and GRPO steps above. One markdown table with the GPU's name is printed and
-              written to --out, with its JSON and the logs beside it.
-
-Peak memory: CUDA max_memory_allocated, reset before each row's timed steps; on CPU the
-process's peak RSS (ru_maxrss, never reset: the peak so far in this process).
+  extraction  [000, App. A] one glimpse set (8 gazes x 41 patches of 16 px) against the image
+              side: integral (table ready, and with its build), bilinear grid_sample, naive crop +
+              antialiased resize per box. README: "Extraction cost does not depend on the image".
+  canvit      [003] one recurrent CanViT step at batch 1 (latency) and 64 (throughput), eager vs
+              compiled, float32 vs bf16. README: "CanViT against the official code and the paper".
+  distill     [003, Sec. 5] a CanViT-B distillation step (random ViT-B/16 teacher or --precomputed
+              features, App. D.2) against the rollout length T, and the bytes saved for backward
+              (SavedTensorMeter: flat in T, truncated BPTT). README: "Pretraining CanViT".
+  foveal      [002, A.3.4] a training step of [000]'s foveal ViT-S (8 random glimpses, AdamW).
+  dino        [000, Sec. 3.1] a sequential-to-global DINO step per number of sequential glimpses.
+  grpo        [002, A.2; 000, Sec. 3.3] GazeGRPO on a random frozen foveal ViT-S: a rollout (G = 16
+              traces of T = 8 glimpses per image) and one inner epoch.
+  flops       [003, App. G] Tables 5, 10, 16 and Table 3's parameters from the formulas.
+  data        SyntheticScenes rendering (ms per item, one thread), a DataLoader's scenes/s.
+  gpu         the prepared GPU check (~6 min on an H100; `--device cpu`: a dry run, not a
+              measurement): tests/test_cuda.py, then one row per headline figure, each section in
+              a child process under a time budget (a failure or timeout reported in its row):
+              CanViT-B distillation throughput vs the paper's ~1,670 glimpses/s on one H100 [003]
+              and its memory at T = 4 vs 20; CanViT-B latency at batch 1; extraction at 256 vs
+              8192 px ([000] Fig. 2: flat); the foveal, SSL, GRPO steps. A table into --out.
 
   python bench.py extraction [--sizes 256 512 ...] [--repeats 20] [--device cuda]
-  python bench.py canvit [--batch 1 64] [--repeats 20] [--threads 2]
   python bench.py distill [--lengths 4 20] [--batch 64] [--dtype bfloat16] [--compile]
-                          [--precomputed] [--size 512]
-  python bench.py foveal [--batch 256] [--dtype bfloat16] [--compile] [--repeats 5]
-  python bench.py dino [--seq_steps 4 8] [--batch 64] [--dtype bfloat16] [--compile]
-  python bench.py grpo [--batch 64] [--group 16] [--steps 8] [--inner_epochs 8]
-  python bench.py flops
-  python bench.py data [--sizes 128 256 512 1024] [--n 100] [--workers 2]
-  python bench.py gpu [--out out/gpu_check.md] [--budget SECONDS]
+  python bench.py gpu [--out out/gpu_check.md] [--budget SECONDS]   (SUBCOMMAND --help: all options)
 Every subcommand takes --device (default cuda when present; data always runs on the CPU) and
 --threads (CPU threads; torch's default, data's 1).
 """
@@ -103,10 +69,7 @@ import grpo
 ROOT = Path(__file__).resolve().parent
 
 
-# ----------------------------------------------------------------------------------------------
-# Shared machinery: the header line, timing, memory, a minimal training run
-# ----------------------------------------------------------------------------------------------
-
+# ---- Shared machinery: the header line, timing, memory, a minimal training run ---------------
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -121,6 +84,15 @@ def device_name(dev: torch.device) -> str:
 def header(dev: torch.device, what: str) -> None:
     print(f"{what}\ndevice: {device_name(dev)} ({dev.type}); torch {torch.__version__}; "
           f"{torch.get_num_threads()} CPU threads")
+
+
+def md_head(*columns: str, text: int = 0) -> str:
+    """A markdown table's header: the first `text` columns left-aligned, the numbers right."""
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * text + "---:|" * (len(columns) - text)
+
+
+def md_row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def sync(dev: torch.device) -> None:
@@ -154,11 +126,27 @@ def peak_memory_mb(dev: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024    # Linux: KiB
 
 
+def time_steps(obj, batch: dict, run, repeats: int, warmup: int, step: int = 0
+               ) -> tuple[dict, dict]:
+    """obj.train_step on one batch: `warmup` untimed steps (compilation), then `repeats` timed
+    ones -> ({"s_step": their median seconds, "peak_mb": peak memory}, the last step's metrics)."""
+    last = {}
+
+    def one() -> None:
+        nonlocal step, last
+        step += 1
+        last = obj.train_step(batch, step, run)
+    for _ in range(warmup):
+        one()
+    reset_peak_memory(run.device)
+    s = statistics.median(timed(one, run.device, repeats, warmup=0))
+    return {"s_step": s, "peak_mb": peak_memory_mb(run.device)}, last
+
+
 class BenchRun:
-    """What train.py's loop lends an objective's train_step (train.Run), for one process:
-    autocast to `amp_dtype` (None: float32) and an optimizer step that clips the gradient norm
-    at 1.0 ([003] Table 2) and steps AdamW over the trainable parameters; schedule_steps, the
-    horizon of an objective's own schedules (DINO's teacher momentum, GRPO's std)."""
+    """What train.py's loop lends an objective's train_step (train.Run), for one process: autocast
+    to `amp_dtype` (None: float32), an AdamW step clipping the gradient norm at 1.0 ([003] Table
+    2); schedule_steps: the horizon of its own schedules (DINO's momentum, GRPO's std)."""
     rank, world, steps_per_epoch, schedule_steps = 0, 1, 1000, 10_000
 
     def __init__(self, params, device: torch.device, amp_dtype: torch.dtype | None):
@@ -191,20 +179,14 @@ class _Packed:
 
 class SavedTensorMeter:
     """Bytes that autograd keeps alive for backward passes, from the public
-    `torch.autograd.graph.saved_tensors_hooks` (no patching).
-
-    Autograd hands each tensor it saves for a backward to the pack hook, and drops what the
-    hook returned once a backward has used it (or the graph is freed). The pack hook adds the
-    bytes of the tensor's storage when no live saved tensor holds that storage yet (views and
-    repeated saves of one buffer count once); a weakref finalizer on the packed object takes
-    them off when the last saved tensor on that storage is released. So `live` = the bytes of
-    the distinct storages that saved tensors hold at this moment, the parameters' own storages
-    excluded (they exist anyway; under autocast their bf16 copies are counted, they are held for
-    backward too). `peak` = its maximum since `reset()`. With truncated BPTT the graph of a chunk
-    is freed by its backward, so the peak is the largest chunk's total at the start of its
-    backward: the activation memory that should not grow with the rollout length.
-    """
-
+    `torch.autograd.graph.saved_tensors_hooks` (no patching). The pack hook counts a saved
+    tensor's storage once however many saved tensors (views, repeated saves) hold it; a weakref
+    finalizer on the packed object takes the bytes off when autograd releases the last of them
+    (after a backward, or when the graph is freed). `live`: the distinct storages saved tensors
+    hold now, the parameters' own excluded (they exist anyway; their bf16 autocast copies
+    count). `peak`: its maximum since `reset()`. With truncated BPTT a chunk's backward frees its
+    graph, so the peak is the largest chunk's total at its backward: the activation memory that
+    should not grow with the rollout length."""
     def __init__(self, exclude=()):
         self.skip = {p.untyped_storage().data_ptr() for p in exclude}
         self.refs: dict[int, int] = {}                 # storage address -> live saved tensors
@@ -256,16 +238,7 @@ def _dtype_name(amp: torch.dtype | None) -> str:
     return "bfloat16" if amp == torch.bfloat16 else "float32"
 
 
-def _compile_note(backend: str | None) -> str:
-    if backend is None:
-        return ""
-    return ", compiled" + ("" if backend == "inductor" else f" ({backend} backend)")
-
-
-# ----------------------------------------------------------------------------------------------
-# extraction: [000, App. A] glimpse extraction cost vs image size
-# ----------------------------------------------------------------------------------------------
-
+# ---- extraction: [000, App. A] glimpse extraction cost vs image size -------------------------
 def crop_resize(images: Tensor, boxes: Tensor, p: int) -> Tensor:
     """Naive baseline: crop each box (zero padded) and F.interpolate(antialias=True), one by one.
     images (B, C, H, W), boxes (B, P, 4) -> (B, P, C, p, p)."""
@@ -316,20 +289,16 @@ def bench_extraction(args) -> None:
     dev = _device(args.device)
     header(dev, f"extraction: one glimpse set, 8 gazes x (16 multi-zoom + 25 grid) patches of "
                 f"16x16 px from one image; median ms of {args.repeats}")
-    print("| image side | integral (table ready) | integral + table build | bilinear | "
-          "crop + interpolate (antialias) | naive / integral |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(md_head("image side", "integral (table ready)", "integral + table build", "bilinear",
+                  "crop + interpolate (antialias)", "naive / integral"))
     for S in args.sizes:
         r = extraction_row(dev, S, args.repeats)
-        print(f"| {S} | {r['integral_ms']:.2f} | {r['integral_table_ms']:.1f} | "
-              f"{r['bilinear_ms']:.2f} | {r['naive_ms']:.1f} | "
-              f"{r['naive_ms'] / r['integral_ms']:.0f}x |", flush=True)
+        print(md_row(S, f"{r['integral_ms']:.2f}", f"{r['integral_table_ms']:.1f}",
+                     f"{r['bilinear_ms']:.2f}", f"{r['naive_ms']:.1f}",
+                     f"{r['naive_ms'] / r['integral_ms']:.0f}x"), flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# canvit: [003] per-glimpse latency and throughput
-# ----------------------------------------------------------------------------------------------
-
+# ---- canvit: [003] per-glimpse latency and throughput ----------------------------------------
 def canvit_config(dev: torch.device) -> tuple[canvit.CanViTConfig, int, int]:
     """(config, glimpse px, canvas grid): CanViT-B, 128 px, 32 x 32 on CUDA; a small one on CPU."""
     if dev.type == "cuda":
@@ -342,7 +311,7 @@ def canvit_config(dev: torch.device) -> tuple[canvit.CanViTConfig, int, int]:
 def canvit_row(model: canvit.CanViT, step, dev: torch.device, glimpse_px: int, G: int,
                dtype: torch.dtype, batch: int, repeats: int) -> dict:
     """Seconds of one recurrent step (`step`: the model or its compiled twin; the state carried
-    over) at `batch`, in inference mode, after 3 warm-up steps."""
+    over) at `batch`, inference mode, after 3 warm-up steps."""
     glimpse = torch.randn(batch, 3, glimpse_px, glimpse_px, device=dev)
     vp = canvit.random_viewpoints(batch, torch.Generator().manual_seed(0))
     center, scale = vp.center_yx.to(dev), vp.scale.to(dev)
@@ -359,7 +328,6 @@ def canvit_row(model: canvit.CanViT, step, dev: torch.device, glimpse_px: int, G
 
 
 def bench_canvit(args) -> None:
-    """The median time of one recurrent step (state carried over) after 3 warm-up steps."""
     dev = _device(args.device)
     cfg, gp, G = canvit_config(dev)
     torch.manual_seed(0)
@@ -369,31 +337,24 @@ def bench_canvit(args) -> None:
                 f"{cfg.backbone.n_blocks} blocks, Dc={cfg.canvas_dim}, glimpse {gp} px, canvas "
                 f"{G}x{G}; {count_params(model) / 1e6:.1f}M params, "
                 f"{flops['total'] / 1e9:.2f} GFLOPs/glimpse; median of {args.repeats} steps")
-    print("| mode | dtype | batch | ms/step (median) | best ms | glimpses/s |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(md_head("mode", "dtype", "batch", "ms/step (median)", "best ms", "glimpses/s", text=2))
     for compiled in (False, True):
         step = torch.compile(model, dynamic=False) if compiled else model
         for dtype in (torch.float32, torch.bfloat16):
             for batch in args.batch:
                 r = canvit_row(model, step, dev, gp, G, dtype, batch, args.repeats)
-                print(f"| {'compiled' if compiled else 'eager'} | {str(dtype)[6:]} | {batch} | "
-                      f"{r['ms']:.2f} | {r['best_ms']:.2f} | {r['glimpses_s']:.1f} |", flush=True)
+                print(md_row("compiled" if compiled else "eager", str(dtype)[6:], batch,
+                             f"{r['ms']:.2f}", f"{r['best_ms']:.2f}", f"{r['glimpses_s']:.1f}"),
+                      flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# distill: [003, Sec. 5] a distillation training step vs the rollout length
-# ----------------------------------------------------------------------------------------------
-
+# ---- distill: [003, Sec. 5] a distillation training step vs the rollout length ---------------
 class DistillBench:
     """A Distillation objective [003, Sec. 5] (random teacher), its optimizer and a batch of
     random scenes; `row(T)` measures training steps with rollouts of exactly T glimpses.
-
-    precomputed: the batch carries random float16 teacher features (what the shards give, the
-    paper's setting [003, App. D.2]); else the teacher runs on the scenes at every step.
-    model_cfg: the CanViT (default CanViT-B); its teacher is a DINOv3 ViT as wide as its
-    teacher_dim (ViT-B/16 for CanViT-B). compile_backend: torch.compile the CanViT (None: eager).
-    """
-
+    precomputed: random float16 teacher features in the batch (as the shards give them, [003,
+    App. D.2]), else the teacher runs at every step. model_cfg: the CanViT (default CanViT-B),
+    its DINOv3 teacher as wide as its teacher_dim. compile_backend: torch.compile the CanViT."""
     def __init__(self, dev: torch.device, batch: int, amp: torch.dtype | None, size: int = 512,
                  compile_backend: str | None = None, precomputed: bool = False,
                  model_cfg: canvit.CanViTConfig | None = None, glimpse_px: int = 128):
@@ -423,18 +384,16 @@ class DistillBench:
         self.step = 0
 
     def describe(self) -> str:
-        m = self.obj.cfg.model
+        m, t = self.obj.cfg.model, self.obj.cfg.teacher.backbone
+        teacher = ("precomputed teacher features (random float16)" if self.precomputed else
+                   f"a random DINOv3 teacher (D={t.embed_dim} x {t.n_blocks}) in the loop")
+        backend = self.compile_backend
+        compiled = "" if backend is None else ", compiled" + (
+            "" if backend == "inductor" else f" ({backend} backend)")
         return (f"CanViT D={m.backbone.embed_dim} x {m.backbone.n_blocks} blocks, {self.batch} "
                 f"scenes x 2 rollouts, {self.size} px scenes, {self.obj.cfg.glimpse_px} px "
-                f"glimpses, canvas {self.G}x{self.G}, chunks of {self.K}, "
-                f"{self.teacher_note()}, {_dtype_name(self.amp)}"
-                f"{_compile_note(self.compile_backend)}")
-
-    def teacher_note(self) -> str:
-        if self.precomputed:
-            return "precomputed teacher features (random float16)"
-        t = self.obj.cfg.teacher.backbone
-        return f"a random DINOv3 teacher (D={t.embed_dim} x {t.n_blocks}) in the loop"
+                f"glimpses, canvas {self.G}x{self.G}, chunks of {self.K}, {teacher}, "
+                f"{_dtype_name(self.amp)}{compiled}")
 
     def train_step(self) -> dict:
         self.step += 1
@@ -463,20 +422,17 @@ def bench_distill(args) -> None:
     bench = DistillBench(dev, batch, amp, args.size, "inductor" if args.compile else None,
                          args.precomputed)
     header(dev, f"distill: {bench.describe()}; median of {args.repeats} steps")
-    print("| rollout length T | s/step | glimpses/s | saved for backward at a chunk's backward "
-          "(MB) | peak memory (MB) |\n|---:|---:|---:|---:|---:|")
+    print(md_head("rollout length T", "s/step", "glimpses/s",
+                  "saved for backward at a chunk's backward (MB)", "peak memory (MB)"))
     for T in args.lengths:
         if T % bench.K:
             raise SystemExit(f"--lengths: {T} is not a multiple of the chunk length {bench.K}")
         r = bench.row(T, args.repeats)
-        print(f"| {T} | {r['s_step']:.2f} | {r['glimpses_s']:.1f} | {r['saved_mb']:.0f} | "
-              f"{r['peak_mb']:.0f} |", flush=True)
+        print(md_row(T, f"{r['s_step']:.2f}", f"{r['glimpses_s']:.1f}", f"{r['saved_mb']:.0f}",
+                     f"{r['peak_mb']:.0f}"), flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# foveal: [002, A.3.4] a training step of the foveal iterative ViT-S ([000] Sec. 4)
-# ----------------------------------------------------------------------------------------------
-
+# ---- foveal: [002, A.3.4] a training step of the foveal iterative ViT-S ([000] Sec. 4) -------
 def vit_s() -> fovea.FovealConfig:
     """[000] Sec. 4's foveal ViT-S: 384 wide, 12 blocks, 6 heads, N = 8 state tokens, 16
     multi-zoom + 5 x 5 foveal grid patches of 16 px (as dino.DINOConfig's model, with a head)."""
@@ -488,31 +444,20 @@ def foveal_row(dev: torch.device, batch: int, amp: torch.dtype | None, size: int
                compile_backend: str | None = None, repeats: int = 3,
                warmup: int | None = None) -> dict:
     """FovealSupervised training steps (8 random glimpses, one backward a glimpse, AdamW) of
-    the ViT-S on `batch` random images: the median of `repeats` after `warmup` (default 1, 2
-    compiled) untimed steps; peak memory over the timed ones."""
+    the ViT-S on `batch` random images after `warmup` (default 1, 2 compiled) untimed steps."""
     cfg = fovea.FovealTrainConfig(model=vit_s(), steps=8)
     torch.manual_seed(0)
     obj = fovea.FovealSupervised(cfg, seed=0).to(dev)
     if compile_backend:
         obj.model.compile(backend=compile_backend)
-    run = BenchRun(obj.model.parameters(), dev, amp)
     gen = torch.Generator().manual_seed(0)
     data_batch = {"image": torch.randn(batch, 3, size, size, generator=gen).to(dev),
                   "label": torch.randint(cfg.model.num_classes, (batch,), generator=gen).to(dev)}
-    step = 0
-
-    def train_step():
-        nonlocal step
-        step += 1
-        obj.train_step(data_batch, step, run)
-    for _ in range(warmup if warmup is not None else 2 if compile_backend else 1):
-        train_step()                                             # warm-up (and compilation)
-    reset_peak_memory(dev)
-    s = statistics.median(timed(train_step, dev, repeats, warmup=0))
+    r, _ = time_steps(obj, data_batch, BenchRun(obj.model.parameters(), dev, amp), repeats,
+                      warmup if warmup is not None else 2 if compile_backend else 1)
     m = cfg.model
-    return {"batch": batch, "tokens": m.num_state + m.num_zoom + m.grid ** 2, "s_step": s,
-            "images_s": batch / s, "glimpses_s": batch * cfg.steps / s,
-            "peak_mb": peak_memory_mb(dev)}
+    return {**r, "batch": batch, "tokens": m.num_state + m.num_zoom + m.grid ** 2,
+            "images_s": batch / r["s_step"], "glimpses_s": batch * cfg.steps / r["s_step"]}
 
 
 def bench_foveal(args) -> None:
@@ -527,24 +472,20 @@ def bench_foveal(args) -> None:
                 f"{params:.1f}M params), 8 glimpses an episode, {args.size} px images, "
                 f"{_dtype_name(amp)}{', compiled' if args.compile else ''}; "
                 f"median of {args.repeats} steps")
-    print("| batch | tokens a glimpse | s/step | images/s | glimpses/s | peak memory (MB) |")
-    print("|---:|---:|---:|---:|---:|---:|", flush=True)
+    print(md_head("batch", "tokens a glimpse", "s/step", "images/s", "glimpses/s",
+                  "peak memory (MB)"), flush=True)
     r = foveal_row(dev, batch, amp, args.size, "inductor" if args.compile else None,
                    args.repeats)
-    print(f"| {batch} | {r['tokens']} | {r['s_step']:.3f} | {r['images_s']:.1f} | "
-          f"{r['glimpses_s']:.1f} | {r['peak_mb']:.0f} |", flush=True)
+    print(md_row(batch, r["tokens"], f"{r['s_step']:.3f}", f"{r['images_s']:.1f}",
+                 f"{r['glimpses_s']:.1f}", f"{r['peak_mb']:.0f}"), flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# dino: [000, Sec. 3.1] a sequential-to-global DINO training step
-# ----------------------------------------------------------------------------------------------
-
+# ---- dino: [000, Sec. 3.1] a sequential-to-global DINO training step -------------------------
 def dino_row(dev: torch.device, batch: int, amp: torch.dtype | None, seq_steps: int,
              size: int = 224, compile_backend: str | None = None, repeats: int = 2,
              warmup: int | None = None) -> dict:
-    """DINOSequentialToGlobal training steps (dino.DINOConfig(), `seq_steps` sequential
-    glimpses) on `batch` random images: the median of `repeats` after `warmup` (default 1, 2
-    compiled) untimed steps; peak memory over the timed ones."""
+    """DINOSequentialToGlobal training steps (dino.DINOConfig(), `seq_steps` glimpses) on `batch`
+    random images after `warmup` (default 1, 2 compiled) untimed ones, past epoch 1."""
     cfg = dataclasses.replace(dino.DINOConfig(), seq_steps=seq_steps)
     torch.manual_seed(0)
     obj = dino.DINOSequentialToGlobal(cfg, seed=0).to(dev)
@@ -555,18 +496,12 @@ def dino_row(dev: torch.device, batch: int, amp: torch.dtype | None, seq_steps: 
             part.compile(backend=compile_backend)
     run = BenchRun(obj.model.parameters(), dev, amp)
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev)
-    step, glimpses = run.steps_per_epoch, 0        # after epoch 1: the prototypes train too
-
-    def train_step():
-        nonlocal step, glimpses
-        step += 1
-        glimpses = obj.train_step({"image": images}, step, run)["glimpses"]
-    for _ in range(warmup if warmup is not None else 2 if compile_backend else 1):
-        train_step()                                             # warm-up (and compilation)
-    reset_peak_memory(dev)
-    s = statistics.median(timed(train_step, dev, repeats, warmup=0))
-    return {"seq_steps": seq_steps, "batch": batch, "s_step": s, "images_s": batch / s,
-            "glimpses": glimpses, "glimpses_s": glimpses / s, "peak_mb": peak_memory_mb(dev)}
+    r, metrics = time_steps(obj, {"image": images}, run, repeats,
+                            warmup if warmup is not None else 2 if compile_backend else 1,
+                            step=run.steps_per_epoch)
+    glimpses = metrics["glimpses"]
+    return {**r, "seq_steps": seq_steps, "batch": batch, "images_s": batch / r["s_step"],
+            "glimpses": glimpses, "glimpses_s": glimpses / r["s_step"]}
 
 
 def bench_dino(args) -> None:
@@ -580,28 +515,21 @@ def bench_dino(args) -> None:
                 f"{c.out_dim:,} prototypes, {batch} images of {args.size} px, "
                 f"{_dtype_name(amp)}{', compiled' if args.compile else ''}; "
                 f"median of {args.repeats} steps. glimpses: every view's, the teacher's too")
-    print("| sequential steps | s/step | images/s | glimpses a step | glimpses/s | "
-          "peak memory (MB) |\n|---:|---:|---:|---:|---:|---:|", flush=True)
+    print(md_head("sequential steps", "s/step", "images/s", "glimpses a step", "glimpses/s",
+                  "peak memory (MB)"), flush=True)
     for T in args.seq_steps:
         r = dino_row(dev, batch, amp, T, args.size, "inductor" if args.compile else None,
                      args.repeats)
-        print(f"| {T} | {r['s_step']:.2f} | {r['images_s']:.1f} | {r['glimpses']} | "
-              f"{r['glimpses_s']:.0f} | {r['peak_mb']:.0f} |", flush=True)
+        print(md_row(T, f"{r['s_step']:.2f}", f"{r['images_s']:.1f}", r["glimpses"],
+                     f"{r['glimpses_s']:.0f}", f"{r['peak_mb']:.0f}"), flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# grpo: [002, A.2; 000, Sec. 3.3] GazeGRPO's rollout and inner epochs on a frozen ViT-S
-# ----------------------------------------------------------------------------------------------
-
+# ---- grpo: [002, A.2; 000, Sec. 3.3] GazeGRPO's rollout and inner epochs, frozen ViT-S -------
 def grpo_objective(dev: torch.device, group: int, steps: int, inner_epochs: int,
                    policy_depth: int) -> grpo.GazeGRPO:
-    """GazeGRPO through its own constructor, on a randomly initialised foveal ViT-S.
-
-    GazeGRPO loads its frozen encoder from a checkpoint path (GRPOConfig.encoder), so a
-    foveal_sup checkpoint is written to a temporary folder first, in train.py's layout (the
-    keys fovea.read_checkpoint / load_frozen and GazeGRPO read: "model", "config" with the
-    objective and data.num_classes, "export"); written here rather than by train.checkpoint,
-    since nothing imports train.py (DESIGN.md's import graph)."""
+    """GazeGRPO through its own constructor, on a randomly initialised foveal ViT-S: it loads its
+    encoder from a checkpoint path, so a foveal_sup checkpoint in train.py's layout (the keys
+    GazeGRPO reads) is written to a temporary folder first, here since nothing imports train.py."""
     torch.manual_seed(0)
     sup = fovea.FovealSupervised(fovea.FovealTrainConfig(model=vit_s()), seed=0)
     ckpt = {"model": sup.model.state_dict(), "export": sup.export(),
@@ -618,10 +546,9 @@ def grpo_objective(dev: torch.device, group: int, steps: int, inner_epochs: int,
 def grpo_row(dev: torch.device, batch: int, amp: torch.dtype | None, group: int = 16,
              steps: int = 8, inner_epochs: int = 8, policy_depth: int = 6, size: int = 224,
              repeats: int = 3, warmup: int = 1) -> dict:
-    """GazeGRPO on `batch` random images: the median time of a rollout (B*G traces of T
-    glimpses through the frozen encoder, actions sampled) and of a whole train_step (a rollout,
-    the advantages, `inner_epochs` updates). One inner epoch = (step - rollout) / inner_epochs:
-    derived from the objective's own step rather than a second copy of its inner loop here."""
+    """GazeGRPO on `batch` random images: the median time of a rollout (B*G traces of T glimpses,
+    actions sampled) and of a whole train_step; one inner epoch = (step - rollout) / inner_epochs,
+    from the objective's own step rather than a second copy of its inner loop here."""
     obj = grpo_objective(dev, group, steps, inner_epochs, policy_depth)
     run = BenchRun(obj.model.parameters(), dev, amp)
     gen = torch.Generator().manual_seed(0)
@@ -633,20 +560,13 @@ def grpo_row(dev: torch.device, batch: int, amp: torch.dtype | None, group: int 
         with run.autocast():                                     # as GazeGRPO.train_step
             obj.rollout(data_batch["image"], data_batch["label"], 0, 0, 1, std)
     t_roll = statistics.median(timed(rollout, dev, repeats, warmup))
-    step = 0
-
-    def train_step():
-        nonlocal step
-        step += 1
-        obj.train_step(data_batch, step, run)
-    reset_peak_memory(dev)
-    t_step = statistics.median(timed(train_step, dev, repeats, warmup))
-    traces = batch * group
+    r, _ = time_steps(obj, data_batch, run, repeats, warmup)
+    traces, t_step = batch * group, r["s_step"]
     return {"batch": batch, "group": group, "steps": steps, "inner_epochs": inner_epochs,
             "rollout_s": t_roll, "traces_s": traces / t_roll,
             "glimpses_s": traces * steps / t_roll, "step_s": t_step,
             "inner_epoch_ms": max(t_step - t_roll, 0.0) / inner_epochs * 1e3,
-            "states": traces * steps, "peak_mb": peak_memory_mb(dev)}
+            "states": traces * steps, "peak_mb": r["peak_mb"]}
 
 
 def bench_grpo(args) -> None:
@@ -658,19 +578,17 @@ def bench_grpo(args) -> None:
                 f"{args.size} px x G = {args.group} traces x T = {args.steps} glimpses, "
                 f"{args.inner_epochs} inner epochs, {_dtype_name(amp)}; median of "
                 f"{args.repeats}. inner epoch: (train step - rollout) / inner epochs")
-    print("| images | traces | rollout s | traces/s | glimpses/s | train step s | "
-          "one inner epoch (ms) on B*G*T states | peak memory (MB) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    print(md_head("images", "traces", "rollout s", "traces/s", "glimpses/s", "train step s",
+                  "one inner epoch (ms) on B*G*T states", "peak memory (MB)"), flush=True)
     r = grpo_row(dev, batch, amp, args.group, args.steps, args.inner_epochs, args.policy_depth,
                  args.size, args.repeats)
-    print(f"| {batch} | {batch * args.group} | {r['rollout_s']:.3f} | {r['traces_s']:.0f} | "
-          f"{r['glimpses_s']:.0f} | {r['step_s']:.3f} | {r['inner_epoch_ms']:.1f} "
-          f"({r['states']} states) | {r['peak_mb']:.0f} |", flush=True)
+    print(md_row(batch, batch * args.group, f"{r['rollout_s']:.3f}", f"{r['traces_s']:.0f}",
+                 f"{r['glimpses_s']:.0f}", f"{r['step_s']:.3f}",
+                 f"{r['inner_epoch_ms']:.1f} ({r['states']} states)", f"{r['peak_mb']:.0f}"),
+          flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# flops: [003] App. G's FLOP counts (Tables 3, 5, 10, 16) and parameter counts (Table 3)
-# ----------------------------------------------------------------------------------------------
+# ---- flops: [003] App. G's FLOP counts (Tables 3, 5, 10, 16), parameters (Table 3) -----------
 # Table 9 primitives: a multiply-add is 2 FLOPs; Linear 2 d_in d_out per token, LN 5d,
 # RoPE_apply 4d per token, SDPA 4 n_q n_kv d. Softmax, GELU, biases and residuals are left out.
 # Which terms the paper's figures include (found by reproducing them): every ViT block counts
@@ -699,13 +617,10 @@ def _patch_embed(n_patches: int, p: int, d: int) -> int:
 def count_flops(model, *, glimpse_grid: int = 8, canvas_grid: int = 32,
                 image_hw: tuple[int, int] = (512, 512), seg_classes: int = 0,
                 n_registers: int = 4, matmul_only: bool = False) -> dict[str, int]:
-    """Forward FLOPs (App. G) of one canvit.CanViT glimpse or one DINOv3 ViT image.
-
-    model: canvit.CanViT / canvit.CanViTConfig (Eqs. 19-22, with g x g glimpse patches and a G x G canvas;
-    seg_classes > 0 adds C_seg, a linear probe on the canvas patches) or canvit.DINOv3ViT /
-    canvit.BackboneConfig (Eq. 23, on image_hw pixels, n_registers storage tokens).
-    Returns the parts and their 'total'.
-    """
+    """Forward FLOPs (App. G) of one CanViT glimpse or one DINOv3 ViT image: the parts and their
+    'total'. model: a canvit.CanViT or CanViTConfig (Eqs. 19-22, g x g glimpse patches, a G x G
+    canvas; seg_classes > 0 adds C_seg, a linear probe on the canvas patches), or a DINOv3ViT or
+    BackboneConfig (Eq. 23, on image_hw pixels, n_registers storage tokens)."""
     if isinstance(model, canvit.DINOv3ViT):
         model, n_registers = model.cfg, model.n_storage_tokens
     if isinstance(model, canvit.CanViT):
@@ -757,39 +672,36 @@ def bench_flops(args) -> None:
     g = 1e9
     f = count_flops(canvit.CanViTConfig(), seg_classes=150)
     print("[003] Table 10, CanViT-B (8 x 8 glimpse, 32 x 32 canvas), GFLOPs\n"
-          "| part | here | paper |\n|---|---:|---:|")
+          + md_head("part", "here", "paper", text=1))
     for part, paper in (("backbone", 12.3), ("reads", 1.6), ("writes", 1.6), ("seg", 0.3),
                         ("total", 15.9)):
-        print(f"| {part} | {f[part] / g:.2f} | {paper} |")
-    print("\n[003] Table 5, CanViT-B by canvas grid (with C_seg), GFLOPs\n| canvas | here | paper |"
-          "\n|---:|---:|---:|")
+        print(md_row(part, f"{f[part] / g:.2f}", paper))
+    print("\n[003] Table 5, CanViT-B by canvas grid (with C_seg), GFLOPs\n"
+          + md_head("canvas", "here", "paper"))
     for G, paper in ((8, 13.84), (16, 14.25), (32, 15.86), (64, 22.34)):
         here = count_flops(canvit.CanViTConfig(), canvas_grid=G, seg_classes=150)["total"] / g
-        print(f"| {G} x {G} | {here:.2f} | {paper} |")
-    print("\n[003] Tables 5 and 16, DINOv3 teachers by image side, GFLOPs\n| model | side | here | "
-          "paper |\n|---|---:|---:|---:|")
+        print(md_row(f"{G} x {G}", f"{here:.2f}", paper))
+    print("\n[003] Tables 5 and 16, DINOv3 teachers by image side, GFLOPs\n"
+          + md_head("model", "side", "here", "paper", text=1))
     vit_s = canvit.BackboneConfig(embed_dim=384, num_heads=6)
     for name, b, sides in (("ViT-S", vit_s, ((128, 3.06), (192, 6.83), (256, 12.51), (512, 63.9))),
                            ("ViT-B", canvit.BackboneConfig(), ((128, 11.98), (144, 14.99),
                                                               (160, 18.38), (192, 26.32),
                                                               (512, 215.2)))):
         for side, paper in sides:
-            print(f"| {name} | {side} | {count_flops(b, image_hw=(side, side))['total'] / g:.2f} "
-                  f"| {paper} |")
+            here = count_flops(b, image_hw=(side, side))["total"] / g
+            print(md_row(name, side, f"{here:.2f}", paper))
     with torch.device("meta"):
         models = [("CanViT-B", canvit.CanViT(canvit.CanViTConfig()), 95.2),
                   ("CanViT, ViT-S backbone", canvit.CanViT(canvit.CanViTConfig(backbone=vit_s)), 26.4)]
     print("\n[003] Table 3, parameters without the pretraining readout heads (with them)\n"
-          "| model | here (M) | paper (M) |\n|---|---:|---:|")
+          + md_head("model", "here (M)", "paper (M)", text=1))
     for name, model, paper in models:
-        print(f"| {name} | {count_params(model, readout_heads=False) / 1e6:.1f} "
-              f"({count_params(model) / 1e6:.1f}) | {paper} |")
+        print(md_row(name, f"{count_params(model, readout_heads=False) / 1e6:.1f} "
+                           f"({count_params(model) / 1e6:.1f})", paper))
 
 
-# ----------------------------------------------------------------------------------------------
-# data: synthetic scene rendering and DataLoader throughput
-# ----------------------------------------------------------------------------------------------
-
+# ---- data: synthetic scene rendering and DataLoader throughput -------------------------------
 def bench_data(args) -> None:
     """ms per SyntheticScenes item (render + normalisation) in this process, then the scenes/s
     a DataLoader with `workers` workers delivers at 128 px in batches of 64. One CPU thread
@@ -799,51 +711,49 @@ def bench_data(args) -> None:
     dev = torch.device("cpu")
     header(dev, f"data: SyntheticScenes, mean of {args.n} items (render + normalisation), "
                 f"one process")
-    print("| scene side (px) | ms per item |\n|---:|---:|")
+    print(md_head("scene side (px)", "ms per item"))
     for size in args.sizes:
         ds = data.SyntheticScenes(args.n, size)
         ds[0]                                                     # warm-up
         t0 = time.perf_counter()
         for i in range(args.n):
             ds[i]
-        print(f"| {size} | {(time.perf_counter() - t0) / args.n * 1e3:.2f} |", flush=True)
+        print(md_row(size, f"{(time.perf_counter() - t0) / args.n * 1e3:.2f}"), flush=True)
     loader = torch.utils.data.DataLoader(data.SyntheticScenes(1024, 128), batch_size=64,
                                          num_workers=args.workers, collate_fn=data.collate)
     t0 = time.perf_counter()
     count = sum(len(b["image"]) for b in loader)
-    print(f"\n| DataLoader, 128 px, batches of 64 | scenes/s (worker start-up included) |\n"
-          f"|---|---:|\n| {args.workers} workers, {count} scenes | "
-          f"{count / (time.perf_counter() - t0):.0f} |")
+    print("\n" + md_head("DataLoader, 128 px, batches of 64", "scenes/s (worker start-up included)",
+                         text=1))
+    print(md_row(f"{args.workers} workers, {count} scenes",
+                 f"{count / (time.perf_counter() - t0):.0f}"))
 
 
-# ----------------------------------------------------------------------------------------------
-# The prepared GPU check (`python bench.py gpu`): the CUDA tests, then the headline figures
-# ----------------------------------------------------------------------------------------------
-
+# ---- The GPU check (`python bench.py gpu`): the CUDA tests, then the headline figures --------
 PAPER_GLIMPSES_S = 1e9 / (166 * 3600)          # [003]: 1e9 glimpses in 166 h on one H100
 PAPER_DISTILL = f"~{PAPER_GLIMPSES_S:,.0f} glimpses/s on one H100 [003] (1e9 in 166 h)"
 
 
-class Rows:
-    """A gpu section's rows, each appended to a JSON-lines file as soon as it is measured, so
-    that what a section measured before its time ran out still reaches the table. A row that
-    raises is written with its error and the section goes on."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def measure(self, key: str, fn) -> dict | None:
-        t0 = time.perf_counter()
-        try:
-            row, status = fn(), "ok"
-        except Exception as e:                               # reported in the row, not fatal
-            text = (str(e).strip().splitlines() or [""])[0][:160]
-            row, status = {}, f"failed: {type(e).__name__}: {text}"
-        row.update(key=key, status=status, seconds=round(time.perf_counter() - t0, 1))
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"{key}: {status} ({row['seconds']} s)", flush=True)
-        return row if status == "ok" else None
+def measure(rows: Path, key: str, fn, check: str, setting, result, paper: str = "-"
+            ) -> dict | None:
+    """One row of a gpu section: fn() -> its numbers r; `setting` and `result` are text, or
+    functions of r. Appended to the JSON-lines file `rows` as soon as it is measured, so that
+    what a section measured before its time ran out still reaches the table; a row that raises
+    is written with its error and the section goes on."""
+    t0 = time.perf_counter()
+    try:
+        r = fn()
+        text = lambda x: x(r) if callable(x) else x
+        row, status = {**r, "check": check, "setting": text(setting), "result": text(result),
+                       "paper": paper}, "ok"
+    except Exception as e:                                   # reported in the row, not fatal
+        text = (str(e).strip().splitlines() or [""])[0][:160]
+        row, status = {}, f"failed: {type(e).__name__}: {text}"
+    row.update(key=key, status=status, seconds=round(time.perf_counter() - t0, 1))
+    with open(rows, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"{key}: {status} ({row['seconds']} s)", flush=True)
+    return row if status == "ok" else None
 
 
 def _num(x: float) -> str:
@@ -855,7 +765,7 @@ def _mb(x: float) -> str:
     return f"{x:,.0f} MB"
 
 
-def gpu_distill(dev: torch.device, rows: Rows) -> None:
+def gpu_distill(dev: torch.device, rows: Path) -> None:
     """CanViT-B distillation throughput and memory at T = 4 (the paper's mean rollout: chunks of
     2, p_stop 0.5) and T = 20. CPU: the small CanViT, 256 px scenes, 1 scene."""
     cuda = dev.type == "cuda"
@@ -867,31 +777,29 @@ def gpu_distill(dev: torch.device, rows: Rows) -> None:
         setup = functools.cache(lambda: DistillBench(dev, 1, None, 256, "eager", True, cfg, gp))
     got = {}
     for T, repeats in ((4, 3), (20, 2)):
-        def row(T=T, repeats=repeats):
-            bench = setup()
-            r = bench.row(T, repeats if cuda else 1)
-            return {**r, "check": f"distill: training throughput, rollouts of T = {T}",
-                    "setting": bench.describe(),
-                    "result": f"{r['glimpses_s']:,.0f} glimpses/s "
-                              f"({r['glimpses_s'] / PAPER_GLIMPSES_S:.2f}x the paper's), "
-                              f"{r['s_step']:.2f} s/step",
-                    "paper": PAPER_DISTILL}
-        got[T] = rows.measure(f"distill_T{T}", row)
+        got[T] = measure(rows, f"distill_T{T}",
+                         lambda T=T, repeats=repeats: setup().row(T, repeats if cuda else 1),
+                         f"distill: training throughput, rollouts of T = {T}",
+                         lambda r: setup().describe(),
+                         lambda r: f"{r['glimpses_s']:,.0f} glimpses/s "
+                                   f"({r['glimpses_s'] / PAPER_GLIMPSES_S:.2f}x the paper's), "
+                                   f"{r['s_step']:.2f} s/step",
+                         PAPER_DISTILL)
 
-    def memory():
+    def both() -> dict:
         if not (got[4] and got[20]):
             raise RuntimeError("needs both the T = 4 and the T = 20 rows")
-        a, b = got[4], got[20]
-        return {"check": "distill: memory vs rollout length (T = 4 vs 20)",
-                "setting": "the two rows above; " + ("max_memory_allocated over the timed steps"
-                                                     if cuda else "peak RSS of the process"),
-                "result": f"saved for backward {_mb(a['saved_mb'])} vs {_mb(b['saved_mb'])}; "
-                          f"peak {_mb(a['peak_mb'])} vs {_mb(b['peak_mb'])}",
-                "paper": "[003] truncated BPTT: activation memory does not grow with T"}
-    rows.measure("distill_memory", memory)
+        return {}
+    a, b = got[4], got[20]
+    measure(rows, "distill_memory", both, "distill: memory vs rollout length (T = 4 vs 20)",
+            "the two rows above; " + ("max_memory_allocated over the timed steps" if cuda
+                                      else "peak RSS of the process"),
+            lambda r: f"saved for backward {_mb(a['saved_mb'])} vs {_mb(b['saved_mb'])}; "
+                      f"peak {_mb(a['peak_mb'])} vs {_mb(b['peak_mb'])}",
+            "[003] truncated BPTT: activation memory does not grow with T")
 
 
-def gpu_canvit(dev: torch.device, rows: Rows) -> None:
+def gpu_canvit(dev: torch.device, rows: Path) -> None:
     """CanViT-B inference latency per glimpse at batch 1, eager and compiled (bf16)."""
     cuda = dev.type == "cuda"
     cfg, gp, G = canvit_config(dev)
@@ -899,85 +807,73 @@ def gpu_canvit(dev: torch.device, rows: Rows) -> None:
     model = canvit.CanViT(cfg).to(dev).eval()
     dtype, backend = (torch.bfloat16, "inductor") if cuda else (torch.float32, "eager")
     for compiled in (False, True):
-        def row(compiled=compiled):
+        def row(compiled=compiled) -> dict:
             step = torch.compile(model, dynamic=False, backend=backend) if compiled else model
-            r = canvit_row(model, step, dev, gp, G, dtype, 1, 20)
-            mode = f"compiled{'' if cuda else ' (eager backend)'}" if compiled else "eager"
-            return {**r, "check": f"CanViT inference latency, batch 1, {mode}",
-                    "setting": f"D={cfg.backbone.embed_dim} x {cfg.backbone.n_blocks} blocks, "
-                               f"{gp} px glimpse, canvas {G}x{G}, {_dtype_name(dtype)}, "
-                               f"median of 20 steps",
-                    "result": f"{r['ms']:.2f} ms/glimpse ({r['glimpses_s']:,.0f} glimpses/s)",
-                    "paper": '[003] "hundreds of frames per second"'}
-        rows.measure(f"canvit_{'compiled' if compiled else 'eager'}", row)
+            return canvit_row(model, step, dev, gp, G, dtype, 1, 20)
+        mode = f"compiled{'' if cuda else ' (eager backend)'}" if compiled else "eager"
+        measure(rows, f"canvit_{'compiled' if compiled else 'eager'}", row,
+                f"CanViT inference latency, batch 1, {mode}",
+                f"D={cfg.backbone.embed_dim} x {cfg.backbone.n_blocks} blocks, {gp} px glimpse, "
+                f"canvas {G}x{G}, {_dtype_name(dtype)}, median of 20 steps",
+                lambda r: f"{r['ms']:.2f} ms/glimpse ({r['glimpses_s']:,.0f} glimpses/s)",
+                '[003] "hundreds of frames per second"')
 
 
-def gpu_extraction(dev: torch.device, rows: Rows) -> None:
+def gpu_extraction(dev: torch.device, rows: Path) -> None:
     """The integral extraction of one glimpse set at a small and a large image: flat [000]."""
     cuda = dev.type == "cuda"
     small, large = (256, 8192) if cuda else (256, 1024)
     repeats = 10 if cuda else 3
     got = {}
+
+    def result(r: dict) -> str:
+        flat = (f"; {r['integral_ms'] / got[small]['integral_ms']:.2f}x the {small} px time"
+                if r["side"] == large and got.get(small) else "")
+        return (f"integral {r['integral_ms']:.2f} ms (table ready){flat}; "
+                f"{r['integral_table_ms']:.1f} ms with the table; bilinear "
+                f"{r['bilinear_ms']:.2f} ms; crop + interpolate {r['naive_ms']:.1f} ms")
     for name, S in (("small", small), ("large", large)):
-        def row(S=S):
-            r = extraction_row(dev, S, repeats)
-            flat = (f"; {r['integral_ms'] / got[small]['integral_ms']:.2f}x the {small} px time"
-                    if S == large and got.get(small) else "")
-            return {**r, "check": f"extraction: one glimpse set from a {S} px image",
-                    "setting": f"8 gazes x (16 multi-zoom + 5x5 grid) patches of 16 px; median "
-                               f"of {repeats}",
-                    "result": f"integral {r['integral_ms']:.2f} ms (table ready){flat}; "
-                              f"{r['integral_table_ms']:.1f} ms with the table; bilinear "
-                              f"{r['bilinear_ms']:.2f} ms; crop + interpolate "
-                              f"{r['naive_ms']:.1f} ms",
-                    "paper": "[000] Fig. 2: flat in the image size (table ready)"}
-        got[S] = rows.measure(f"extraction_{name}", row)
+        got[S] = measure(rows, f"extraction_{name}", lambda S=S: extraction_row(dev, S, repeats),
+                         f"extraction: one glimpse set from a {S} px image",
+                         f"8 gazes x (16 multi-zoom + 5x5 grid) patches of 16 px; median of "
+                         f"{repeats}", result, "[000] Fig. 2: flat in the image size (table ready)")
 
 
-def gpu_foveal(dev: torch.device, rows: Rows) -> None:
+def gpu_foveal(dev: torch.device, rows: Path) -> None:
     cuda = dev.type == "cuda"
     batch, amp = (256, torch.bfloat16) if cuda else (2, None)
-
-    def row():
-        r = foveal_row(dev, batch, amp, repeats=3 if cuda else 1)
-        return {**r, "check": "foveal ViT-S training step (bench foveal)",
-                "setting": f"{batch} images of 224 px x 8 random glimpses, {r['tokens']} tokens "
-                           f"a glimpse, {_dtype_name(amp)}, eager",
-                "result": f"{r['s_step']:.3f} s/step, {r['glimpses_s']:,.0f} glimpses/s, "
-                          f"peak {_mb(r['peak_mb'])}",
-                "paper": "-"}
-    rows.measure("foveal", row)
+    measure(rows, "foveal", lambda: foveal_row(dev, batch, amp, repeats=3 if cuda else 1),
+            "foveal ViT-S training step (bench foveal)",
+            lambda r: f"{batch} images of 224 px x 8 random glimpses, {r['tokens']} tokens a "
+                      f"glimpse, {_dtype_name(amp)}, eager",
+            lambda r: f"{r['s_step']:.3f} s/step, {r['glimpses_s']:,.0f} glimpses/s, "
+                      f"peak {_mb(r['peak_mb'])}")
 
 
-def gpu_dino(dev: torch.device, rows: Rows) -> None:
+def gpu_dino(dev: torch.device, rows: Path) -> None:
     cuda = dev.type == "cuda"
     batch, amp = (64, torch.bfloat16) if cuda else (2, None)
     for T in (4, 8):
-        def row(T=T):
-            r = dino_row(dev, batch, amp, T, repeats=2 if cuda else 1, warmup=1 if cuda else 0)
-            return {**r, "check": f"SSL (dino) training step, {T} sequential glimpses",
-                    "setting": f"dino.DINOConfig() ViT-S, {batch} images of 224 px, "
-                               f"{_dtype_name(amp)}, eager",
-                    "result": f"{_num(r['images_s'])} images/s, {_num(r['glimpses_s'])} "
-                              f"glimpses/s, peak {_mb(r['peak_mb'])}",
-                    "paper": "-"}
-        rows.measure(f"dino_T{T}", row)
+        measure(rows, f"dino_T{T}",
+                lambda T=T: dino_row(dev, batch, amp, T, repeats=2 if cuda else 1,
+                                     warmup=1 if cuda else 0),
+                f"SSL (dino) training step, {T} sequential glimpses",
+                f"dino.DINOConfig() ViT-S, {batch} images of 224 px, {_dtype_name(amp)}, eager",
+                lambda r: f"{_num(r['images_s'])} images/s, {_num(r['glimpses_s'])} glimpses/s, "
+                          f"peak {_mb(r['peak_mb'])}")
 
 
-def gpu_grpo(dev: torch.device, rows: Rows) -> None:
+def gpu_grpo(dev: torch.device, rows: Path) -> None:
     cuda = dev.type == "cuda"
     batch, amp = (64, torch.bfloat16) if cuda else (2, None)
-
-    def row():
-        r = grpo_row(dev, batch, amp, repeats=3 if cuda else 1, warmup=1 if cuda else 0)
-        return {**r, "check": "GRPO rollout and inner epoch (bench grpo)",
-                "setting": f"frozen random ViT-S, {batch} images x G = 16 x T = 8, 8 inner "
-                           f"epochs, policy depth 6, {_dtype_name(amp)}",
-                "result": f"rollout {_num(r['traces_s'])} traces/s ({_num(r['glimpses_s'])} "
-                          f"glimpses/s); one inner epoch {r['inner_epoch_ms']:.0f} ms on "
-                          f"{r['states']:,} states; peak {_mb(r['peak_mb'])}",
-                "paper": "-"}
-    rows.measure("grpo", row)
+    measure(rows, "grpo",
+            lambda: grpo_row(dev, batch, amp, repeats=3 if cuda else 1, warmup=1 if cuda else 0),
+            "GRPO rollout and inner epoch (bench grpo)",
+            f"frozen random ViT-S, {batch} images x G = 16 x T = 8, 8 inner epochs, policy depth "
+            f"6, {_dtype_name(amp)}",
+            lambda r: f"rollout {_num(r['traces_s'])} traces/s ({_num(r['glimpses_s'])} "
+                      f"glimpses/s); one inner epoch {r['inner_epoch_ms']:.0f} ms on "
+                      f"{r['states']:,} states; peak {_mb(r['peak_mb'])}")
 
 
 # name, function, seconds allowed on CUDA, on CPU, its rows (in table order)
@@ -1000,14 +896,7 @@ def run_section(args) -> None:
         raise SystemExit(f"--section {args.section!r}: choose one of {', '.join(sections)}")
     dev = _device(args.device)
     header(dev, f"gpu check, section {args.section}")
-    sections[args.section](dev, Rows(Path(args.rows)))
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """End the child and what it started (its own process group: start_new_session)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sections[args.section](dev, Path(args.rows))
 
 
 def _run_child(cmd: list[str], log: Path, timeout: float,
@@ -1022,8 +911,10 @@ def _run_child(cmd: list[str], log: Path, timeout: float,
                                 start_new_session=True)
         try:
             rc = proc.wait(timeout=max(timeout, 1))
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
+        except subprocess.TimeoutExpired:     # end the child and what it started (its group)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             rc = None
     return rc, time.perf_counter() - t0
 
@@ -1072,19 +963,17 @@ def gpu_report(meta: dict, rows: list[dict]) -> str:
     lines.append("peak memory: " + ("CUDA max_memory_allocated, reset before each row's timed "
                                     "steps" if meta["kind"] == "cuda" else
                                     "peak RSS of the section's process (never reset)"))
-    lines += ["", "| check | setting | result | paper / expected | status |",
-              "|---|---|---|---|---|"]
+    lines += ["", md_head("check", "setting", "result", "paper / expected", "status", text=5)]
     for r in rows:
         status = r["status"] + (f" ({r['seconds']:.0f} s)" if "seconds" in r else "")
-        lines.append("| " + " | ".join(_cell(r.get(k, "-")) for k in
-                                       ("check", "setting", "result", "paper")) +
-                     f" | {_cell(status)} |")
+        cells = [r.get(k, "-") for k in ("check", "setting", "result", "paper")] + [status]
+        lines.append(md_row(*map(_cell, cells)))
     return "\n".join(lines) + "\n"
 
 
 def bench_gpu(args) -> None:
-    """`python bench.py gpu`: tests/test_cuda.py, then each section in a child process under its time budget, every
-    one cut to what is left of the whole (keeping 10 s for each section still to come)."""
+    """`python bench.py gpu`: tests/test_cuda.py, then each section in a child process under its
+    time budget, cut to what is left of the whole (keeping 10 s for each section to come)."""
     t_start, dev = time.monotonic(), _device(args.device)
     cuda = dev.type == "cuda"
     pick = lambda pair: pair[0] if cuda else pair[1]
@@ -1128,12 +1017,11 @@ def bench_gpu(args) -> None:
           f"{out.stem}_pytest.log and {out.stem}_sections.log beside them", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-
-def step_args(p: argparse.ArgumentParser, size: int, repeats: int, compiled: str = "") -> None:
-    """The options every training-step benchmark takes: image side, dtype, repeats, compile."""
+# ---- Command line ----------------------------------------------------------------------------
+def step_args(p: argparse.ArgumentParser, batch: str, size: int, repeats: int,
+              compiled: str = "") -> None:
+    """The options of every training-step benchmark: batch, image side, dtype, repeats, compile."""
+    p.add_argument("--batch", type=int, default=None, help=batch)
     p.add_argument("--size", type=int, default=size, help="image / scene side (px)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA)")
     p.add_argument("--repeats", type=int, default=repeats, help="timed steps (median)")
@@ -1147,56 +1035,44 @@ def main(argv=None) -> None:
     common.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="bench", required=True)
-
     p = sub.add_parser("extraction", parents=[common], help="glimpse extraction vs image size")
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
     p.add_argument("--repeats", type=int, default=20, help="timed calls (median)")
     p.set_defaults(fn=bench_extraction)
-
     p = sub.add_parser("canvit", parents=[common], help="CanViT step latency / throughput")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--repeats", type=int, default=20, help="timed steps (median)")
     p.set_defaults(fn=bench_canvit)
-
     p = sub.add_parser("distill", parents=[common], help="CanViT-B distillation step, memory")
-    p.add_argument("--batch", type=int, default=None, help="scenes (default: 64 CUDA, 1 CPU)")
     p.add_argument("--lengths", type=int, nargs="+", default=[4, 20], help="rollout lengths T")
-    step_args(p, size=512, repeats=1, compiled="the CanViT")
+    step_args(p, "scenes (default: 64 CUDA, 1 CPU)", size=512, repeats=1, compiled="the CanViT")
     p.add_argument("--precomputed", action="store_true",
                    help="teacher features in the batch, as shards give (no teacher forward)")
     p.set_defaults(fn=bench_distill)
-
     p = sub.add_parser("foveal", parents=[common], help="foveal ViT-S training step")
-    p.add_argument("--batch", type=int, default=None, help="images (default: 256 CUDA, 8 CPU)")
-    step_args(p, size=224, repeats=3, compiled="the FovealViT")
+    step_args(p, "images (default: 256 CUDA, 8 CPU)", size=224, repeats=3, compiled="the FovealViT")
     p.set_defaults(fn=bench_foveal)
-
     p = sub.add_parser("dino", parents=[common], help="sequential-to-global DINO step")
-    p.add_argument("--batch", type=int, default=None, help="images (default: 64 CUDA, 2 CPU)")
     p.add_argument("--seq_steps", type=int, nargs="+", default=[4, 8],
                    help="glimpses of the sequential views (the table's rows)")
-    step_args(p, size=224, repeats=2, compiled="backbones and heads")
+    step_args(p, "images (default: 64 CUDA, 2 CPU)", size=224, repeats=2,
+              compiled="backbones and heads")
     p.set_defaults(fn=bench_dino)
-
     p = sub.add_parser("grpo", parents=[common], help="GazeGRPO rollout and inner epoch")
-    p.add_argument("--batch", type=int, default=None, help="images (default: 64 CUDA, 2 CPU)")
     p.add_argument("--group", type=int, default=16, help="G traces an image ([002] A.3.4)")
     p.add_argument("--steps", type=int, default=8, help="T glimpses a trace ([002] A.3.4)")
     p.add_argument("--inner_epochs", type=int, default=8, help="[002] A.3.4")
     p.add_argument("--policy_depth", type=int, default=6,
                    help="policy decoder layers ([000] Sec. 4: 6; grpo's default, [002]: 1)")
-    step_args(p, size=224, repeats=3)
+    step_args(p, "images (default: 64 CUDA, 2 CPU)", size=224, repeats=3)
     p.set_defaults(fn=bench_grpo)
-
     p = sub.add_parser("flops", parents=[common], help="[003] App. G FLOP and parameter counts")
     p.set_defaults(fn=bench_flops)
-
     p = sub.add_parser("data", parents=[common], help="synthetic scene rendering speed")
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--n", type=int, default=100, help="items per size")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.set_defaults(fn=bench_data)
-
     p = sub.add_parser("gpu", parents=[common], help="the CUDA tests, then the papers' headline figures")
     p.add_argument("--out", default="out/gpu_check.md", help="markdown; JSON and logs beside it")
     p.add_argument("--budget", type=float, default=None,
@@ -1204,7 +1080,6 @@ def main(argv=None) -> None:
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)   # internal: one child
     p.add_argument("--rows", default=None, help=argparse.SUPPRESS)
     p.set_defaults(fn=lambda args: (run_section if args.section else bench_gpu)(args))
-
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
