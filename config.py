@@ -141,12 +141,9 @@ def apply_cli(cfg, rest: list[str]) -> None:
             key, value, i = arg[2:], rest[i + 1], i + 1
         else:
             raise ConfigError(f"{arg} needs a value")
-        node: dict = {}
-        *parents, leaf = key.split(".")
-        cursor = node
-        for part in parents:
-            cursor = cursor.setdefault(part, {})
-        cursor[leaf] = value
+        node = value                                        # a.b=v -> {"a": {"b": v}}
+        for part in reversed(key.split(".")):
+            node = {part: node}
         apply_overrides(cfg, node)
         i += 1
 
