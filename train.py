@@ -6,8 +6,8 @@
     python train.py --cfg foveal_tiny.yaml --print_config        # every key, resolved
     torchrun --nproc_per_node 8 train.py --cfg canvit.yaml --export_features DIR  # teacher shards
 
-Objectives (each a class in its module; OBJECTIVES and `build_objective` are the one place that
-names them, and TrainConfig has one config section each)
+Objectives (each a class in its module; OBJECTIVES and `build_objective` name them, and
+TrainConfig has one config section each)
   distill     passive-to-active dense latent distillation of CanViT [003, Sec. 5]  distill.py
   foveal_sup  the foveal ViT's stage 1 with random gazes [002, A.3.4]             fovea.py
   vit_sup     the passive patch-16 ViT baseline of [000] Fig. 1                   canvit.py
@@ -15,43 +15,35 @@ names them, and TrainConfig has one config section each)
   probe       a task head on a frozen dino backbone, random gazes [000, Sec. 5.1]  fovea.py
   grpo        a gaze policy on a frozen encoder, by GRPO [002, A.2; 000, Sec. 3.3]  grpo.py
 
-The loop owns the data (the dataset of `cfg.data`, each process's share of every global batch,
-epochs, resuming mid-epoch), the device and processes, the optimizer (AdamW, its parameter
-groups, the learning-rate and weight-decay schedules it applies at every step), gradient
-averaging across processes, clipping, checkpoints and logs. An objective owns its networks and
-its forward and backward passes. It is an nn.Module with
+The loop owns the data (each process's share of every global batch, epochs, resuming
+mid-epoch), the processes, the optimizer (AdamW, parameter groups, the learning-rate and
+weight-decay schedules), gradient averaging, clipping, checkpoints and logs. An objective, an
+nn.Module, owns its networks and its forward and backward passes:
   .model                        the network being trained (ckpt["model"], strictly loaded)
   .augment                      True: ImageNet's training view of real images (data.py)
   .train_step(batch, step, run) -> dict of 0-d tensors with "loss", plus "glimpses" (an int,
-                                for the throughput); runs its forward passes under
-                                `run.autocast()`, calls backward itself (truncated BPTT needs
-                                several a step), then `run.optimizer_step()` once per update
-  .updates_per_step             optimizer steps a train_step takes (default 1; more when it
-                                makes several updates on one batch, as GRPO's inner epochs)
+                                the throughput's); forwards under `run.autocast()`, backward
+                                calls (truncated BPTT: several), run.optimizer_step() per update
+  .updates_per_step             optimizer steps a train_step takes (default 1; GRPO: inner epochs)
 and optionally
   .setup(dataset)               one-time work on rank 0 before step 0 (e.g. target statistics)
-  .training_data(dataset, rank, world, seed) -> (dataset, sampler) or None   its own data
-                                (distill: precomputed feature shards); None: the loop's own
+  .training_data(dataset, rank, world, seed) -> (dataset, sampler) or None (the loop's own):
+                                its own data (distill: precomputed feature shards)
   .clip_groups()                (default: one clip group; DINO clips backbone and head apart)
   .label_classes() -> (key, K)  the config key and class count the data must match
   .extra_state() / .load_extra_state(d)   more to checkpoint (an EMA teacher, a random teacher)
   .export() -> {name: fovea.export_part(...)}   parts other runs reuse (`fovea.load_frozen`)
 `run` holds rank, world, device, steps_per_epoch, schedule_steps (the schedules' horizon),
-autocast() and optimizer_step(frozen=()):
-average the gradients over processes, clip each clip group, skip the `frozen` parameters this
-update, step AdamW; whatever must follow an update (an EMA teacher) follows that call.
+autocast() and optimizer_step(frozen=()) (see Run); what must follow an update (an EMA
+teacher) follows that call.
 
-Config (config.py): the dataclasses below and those of the modules are the single home of
-defaults; a YAML file overrides them and `--a.b=value` overrides that. Unknown keys, wrong
-types and bad values stop the run before any work. The resolved config is saved beside the
-checkpoint and inside it.
-Reliability: <out_dir>/ckpt.pt is written by rank 0 to a temporary file, read back, then
-renamed, and the one before it is kept as ckpt_prev.pt; a run started again with the same
-command resumes exactly from the newest readable one. SIGTERM / SIGINT save a checkpoint at the
-next step boundary and exit (status 143 / 130). A lock refuses a second run in the same
-out_dir (a killed run leaves none). A non-finite loss stops the run before any save.
-Log: a rank-0 line after the first step and every `log_every` steps (losses are the mean over
-all processes), the same fields in <out_dir>/log.jsonl.
+Config: config.py's dataclass defaults, a YAML file, then `--a.b=value`; bad keys, types and
+values stop the run before any work; the resolved config is saved beside the checkpoint and in
+it. Reliability: rank 0 writes <out_dir>/ckpt.pt (save_checkpoint); a run started again resumes
+from the newest readable one; SIGTERM / SIGINT save at the next step boundary and exit (status
+143 / 130); a lock refuses a second run in the same out_dir; a non-finite loss stops the run
+before any save. Log: a rank-0 line after the first step and every `log_every` steps (losses
+averaged over the processes), the same fields in <out_dir>/log.jsonl.
 """
 from __future__ import annotations
 
@@ -84,10 +76,7 @@ import grpo
 from config import ConfigError
 
 
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
-
+# ---- Config ----------------------------------------------------------------------------------
 @dataclass
 class OptimConfig:
     lr: float = 4e-4               # [003] Table 2: peak learning rate
@@ -185,7 +174,6 @@ def check_config(cfg: TrainConfig, world: int) -> None:
             for part in key.split("."):
                 value = getattr(value, part)
             problems.append(f"{key} = {value!r}: {allowed}")
-
     need(cfg.objective in OBJECTIVES, "objective", f"one of {', '.join(OBJECTIVES)}")
     need(cfg.dtype in ("bfloat16", "float32"), "dtype", "bfloat16 or float32")
     for key in ("max_steps", "batch_size", "log_every", "ckpt_every"):
@@ -228,10 +216,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         raise ConfigError("\n  ".join(["bad config values (nothing was run):", *problems]))
 
 
-# ----------------------------------------------------------------------------------------------
-# Schedules (pure functions of the step)
-# ----------------------------------------------------------------------------------------------
-
+# ---- Schedules (pure functions of the step) --------------------------------------------------
 def learning_rate(step: int, o: OptimConfig, max_steps: int) -> float:
     """Linear warmup from init_lr to lr, then constant [003, Table 2] or cosine to min_lr [002, A.3.4]."""
     max_steps = o.schedule_steps or max_steps
@@ -252,20 +237,13 @@ def weight_decay(step: int, o: OptimConfig, max_steps: int) -> float:
         1 + math.cos(math.pi * min(1.0, step / max(1, max_steps))))
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: every process's share of every global batch, resumable mid-epoch
-# ----------------------------------------------------------------------------------------------
-
+# ---- Data: every process's share of every global batch, resumable mid-epoch ------------------
 class GlobalBatchSampler(torch.utils.data.Sampler):
-    """This process's share of every global batch, resumable mid-epoch.
-
-    Each epoch is a permutation of the dataset seeded by (seed, epoch), cut into global batches
-    of `global_batch` samples (an incomplete last one is dropped); process r of `world` takes the
-    r-th contiguous share of global_batch / world samples of each. The global batches do not
-    depend on the number of processes, and an objective finds its rows of the global batch at
-    rank * b ... (rank + 1) * b. `skip` starts that many samples into this process's epoch.
-    """
-
+    """This process's share of every global batch, resumable mid-epoch (`skip`: that many
+    samples into this process's epoch). Each epoch is a permutation of the dataset seeded by
+    (seed, epoch), cut into global batches (an incomplete last one dropped), of which process r
+    takes the r-th contiguous share: the global batches do not depend on the number of
+    processes, and an objective finds its rows at rank * b ... (rank + 1) * b."""
     def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int):
         self.n, self.batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
         self.share = global_batch // world
@@ -297,7 +275,6 @@ def _quiet_worker(_: int) -> None:
 
 class Batches:
     """This process's batches, epoch after epoch, from any step on; bad images counted."""
-
     def __init__(self, dataset, sampler, local_batch: int, cfg: TrainConfig, device: torch.device):
         self.dataset, self.sampler, self.b, self.cfg, self.device = dataset, sampler, local_batch, cfg, device
         self.per_epoch = sampler.num_samples // local_batch
@@ -332,10 +309,7 @@ class Batches:
                 for k, v in batch.items()}, n_bad
 
 
-# ----------------------------------------------------------------------------------------------
-# Processes, the optimizer and what the loop lends an objective
-# ----------------------------------------------------------------------------------------------
-
+# ---- Processes, the optimizer and what the loop lends an objective ---------------------------
 def setup_distributed() -> tuple[int, int, torch.device]:
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK and the env:// rendezvous (multi-node too)."""
     if "RANK" not in os.environ:
@@ -350,9 +324,9 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def param_groups(model: torch.nn.Module, decay: float) -> list[dict]:
-    """Weight decay on matrices only. NOTE(paper): [003] gives one value (1e-4); sparing norms,
-    biases, LayerScale and learned tokens follows the usual ViT practice (DINOv2, timm).
-    `wd_scale` tells the loop which groups its weight-decay schedule applies to."""
+    """Weight decay on matrices only (`wd_scale`: the groups the loop's schedule applies to).
+    NOTE(paper): [003] gives one value (1e-4); sparing norms, biases, LayerScale and learned
+    tokens is the usual ViT practice (DINOv2, timm)."""
     decayed, other = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -362,11 +336,9 @@ def param_groups(model: torch.nn.Module, decay: float) -> list[dict]:
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
-    """Average gradients over processes, one flat buffer per dtype.
-
-    NOTE: DistributedDataParallel expects one backward per forward; truncated BPTT runs a random
-    number of chunks, each with its backward, so the average is taken once, before the update.
-    """
+    """Average gradients over processes, one flat buffer per dtype. NOTE: not DDP, which expects
+    one backward per forward: truncated BPTT runs a random number of chunks, each with its
+    backward, so the average is taken once, before the update."""
     for p in params:                                         # same buffers on every rank
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -383,7 +355,6 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
 
 class Run:
     """What the loop lends an objective's train_step: processes, autocast and optimizer steps."""
-
     def __init__(self, cfg: TrainConfig, objective, rank: int, world: int, device: torch.device,
                  steps_per_epoch: int):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
@@ -432,10 +403,7 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # peak RSS (Linux: KiB)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints and the run folder
-# ----------------------------------------------------------------------------------------------
-
+# ---- Checkpoints and the run folder ----------------------------------------------------------
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -537,7 +505,6 @@ def run_folder(path: str, master: bool):
 class StopSignal:
     """SIGTERM (cluster schedulers, before a kill) and SIGINT (Ctrl-C) ask the loop to stop;
     the handlers before the run are back when it ends."""
-
     def __enter__(self) -> StopSignal:
         self.signum = 0
         self.before = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -553,10 +520,7 @@ class StopSignal:
         self.signum = signum
 
 
-# ----------------------------------------------------------------------------------------------
-# Feature export (distill, --export_features)
-# ----------------------------------------------------------------------------------------------
-
+# ---- Feature export (distill, --export_features) ---------------------------------------------
 def export(cfg: TrainConfig, folder: str, rank: int, world: int, device: torch.device) -> None:
     """[003] App. D.2: the teacher's features of every scene, into float16 shards (resumable)."""
     torch.manual_seed(cfg.seed)                              # a random teacher is the same everywhere
@@ -578,10 +542,7 @@ def export(cfg: TrainConfig, folder: str, rank: int, world: int, device: torch.d
         print(f"index written: {Path(folder) / 'index.json'}")
 
 
-# ----------------------------------------------------------------------------------------------
-# The run, in phases
-# ----------------------------------------------------------------------------------------------
-
+# ---- The run, in phases ----------------------------------------------------------------------
 def set_threads(cfg: TrainConfig, device: torch.device) -> None:
     if device.type == "cpu":
         # More compute threads than free cores makes every parallel op wait for a descheduled
@@ -666,7 +627,6 @@ def save(out: Path, cfg: TrainConfig, objective, run: Run, state: dict, per_epoc
 
 class Logger:
     """Metrics summed over a window, averaged over processes at log time; a line and JSONL."""
-
     def __init__(self, out: Path, cfg: TrainConfig, run: Run, say):
         self.cfg, self.run, self.say = cfg, run, say
         self.file = open(out / "log.jsonl", "a") if run.rank == 0 else None
