@@ -5,15 +5,14 @@ Paper
         Official code: m2b3/CanViT-PyTorch (MIT); the DINOv3 teacher: facebookresearch/dinov3.
 
 At each timestep a glimpse (a fixed-size crop at a viewpoint: centre (y, x) in [-1, 1]^2 and
-scale s, the crop side as a fraction of the scene side) is patchified and processed by a
-DINOv3-style RoPE ViT, together with a Viewpoint Encoding (VPE) token, a recurrent CLS token
-and register tokens. Between blocks the backbone reads from (Canvas Attention Read) and writes
-to (Canvas Attention Write) the canvas: a few canvas registers and a G x G grid of canvas
-patches tiling the scene, broadcast from one learned vector at the start of a rollout. Both
-streams share scene coordinates through scene-relative RoPE (SR-RoPE). Token-wise linear heads
-decode the canvas into scene-wide DINOv3 patch features and the CLS token into the teacher's
-CLS (Eq. 2). The same ViT class, with 4 register tokens and a final LayerNorm, is the DINOv3
-teacher (and a plain passive patch-16 ViT baseline).
+scale s, the crop side as a fraction of the scene side) goes through a DINOv3-style RoPE ViT with
+a Viewpoint Encoding (VPE) token, a recurrent CLS token and register tokens. Between blocks the
+backbone reads from and writes to (Canvas Attention Read / Write) the canvas: canvas registers
+and a G x G grid of patches tiling the scene, broadcast from one learned vector, sharing scene
+coordinates with the glimpse through scene-relative RoPE (SR-RoPE). Token-wise linear heads
+decode the canvas into the teacher's scene-wide patch features and the CLS into its CLS (Eq. 2).
+The same ViT class, with 4 registers and a final LayerNorm, is the DINOv3 teacher (and a plain
+passive patch-16 ViT baseline).
 
 Shapes
   B batch, T glimpses, D backbone width, Dc canvas width, Dt teacher width, g glimpse grid
@@ -62,10 +61,7 @@ from torch import Tensor
 import fovea
 
 
-# ----------------------------------------------------------------------------------------------
-# Configuration (App. D.1, Table 1)
-# ----------------------------------------------------------------------------------------------
-
+# ---- Configuration (App. D.1, Table 1) -------------------------------------------------------
 @dataclass
 class BackboneConfig:
     """A DINOv3-style ViT; fields as the official `backbone_kwargs`. Defaults: ViT-B/16."""
@@ -117,10 +113,7 @@ VPE_SEED = 42      # official: the frozen RFF matrix is drawn from its own gener
 MIN_SCALE = 0.05   # Sec. 5.2: s_min = 0.05 (0.25% of the scene's area)
 
 
-# ----------------------------------------------------------------------------------------------
-# Sec. 4: scene-relative RoPE, read/write placement, VPE coordinates (pure functions, float32)
-# ----------------------------------------------------------------------------------------------
-
+# ---- Sec. 4: scene-relative RoPE, R/W placement, VPE coordinates (pure, float32) -------------
 def rope_periods(head_dim: int, base: float, device=None) -> Tensor:
     """(head_dim/4,) float32 periods base^(k / (head_dim/4)), from 1 to base scene units."""
     if head_dim % 4:
@@ -164,13 +157,11 @@ def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
 
 def rw_schedule(n_blocks: int, rw_stride: int, enable_reads: bool = True
                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Blocks after which Canvas Attention reads and writes: (reads, writes).
-
-    Sec. 4: reads and writes alternate along depth every rw_stride blocks (R, W, R, W, ...);
-    NOTE(paper): as in the official code, the last block always gets a write, so that the
-    canvas holds the glimpse's final tokens; where a read and a write follow the same block the
-    read comes first. Without reads (Table 3 d) the writes stay where they were.
-    """
+    """Blocks after which Canvas Attention reads and writes: (reads, writes). Sec. 4: reads and
+    writes alternate along depth every rw_stride blocks (R, W, R, W, ...);
+    NOTE(paper): as in the official code, the last block always gets a write, so that the canvas
+    holds the glimpse's final tokens; where a read and a write follow the same block the read
+    comes first. Without reads (Table 3 d) the writes stay where they were."""
     if rw_stride < 1:
         raise ValueError(f"rw_stride must be >= 1, got {rw_stride}")
     slots = list(range(rw_stride - 1, n_blocks, rw_stride))
@@ -182,16 +173,12 @@ def rw_schedule(n_blocks: int, rw_stride: int, enable_reads: bool = True
 
 def vpe_coordinates(center_yx: Tensor, scale: Tensor) -> Tensor:
     """App. C, Eq. (9): the scale-invariant viewpoint (y/s, x/s, log s), (B, 3) float32.
-    NOTE(paper): Eq. (9) lists (x/s, y/s, log s); we follow the official code's (and so the
-    checkpoints') (y, x) order."""
+    NOTE(paper): Eq. (9) lists (x/s, y/s, log s); the official code and checkpoints use (y, x)."""
     s = scale.float()
     return torch.stack([center_yx[:, 0].float() / s, center_yx[:, 1].float() / s, s.log()], -1)
 
 
-# ----------------------------------------------------------------------------------------------
-# The RoPE ViT (DINOv3 style): patch embedding, pre-norm blocks with LayerScale
-# ----------------------------------------------------------------------------------------------
-
+# ---- The RoPE ViT (DINOv3 style): patch embedding, pre-norm blocks with LayerScale -----------
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, dim: int):
         super().__init__()
@@ -303,12 +290,10 @@ class ViTBackbone(nn.Module):
 
 
 class DINOv3ViT(ViTBackbone):
-    """The DINOv3 ViT (the teacher of Sec. 5.1) and the passive ViT baseline.
-
-    Tokens [CLS, storage (register) tokens, patches]; forward on (B, 3, H, W) images with H, W
-    multiples of the patch size (H != W allowed) returns, after the final LayerNorm,
-    {"cls": (B, D), "registers": (B, R, D), "patches": (B, h*w, D)} and "prenorm" (B, N, D).
-    """
+    """The DINOv3 ViT (the teacher of Sec. 5.1) and the passive ViT baseline. Tokens [CLS,
+    storage (register) tokens, patches]; forward on (B, 3, H, W) images with H, W multiples of
+    the patch size (H != W allowed) returns, after the final LayerNorm, {"cls": (B, D),
+    "registers": (B, R, D), "patches": (B, h*w, D)} and "prenorm" (B, N, D)."""
     def __init__(self, cfg: BackboneConfig, n_storage_tokens: int = 4):
         super().__init__(cfg, dinov3_buffers=True)
         D = cfg.embed_dim
@@ -390,10 +375,7 @@ class PassiveViTSupervised(nn.Module):
                 "backbone": fovea.export_part(vit, cfg=vit.cfg, n_storage_tokens=vit.n_storage_tokens)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Sec. 4: VPE token, Canvas Attention, heads, standardizers
-# ----------------------------------------------------------------------------------------------
-
+# ---- Sec. 4: VPE token, Canvas Attention, heads, standardizers -------------------------------
 class VPE(nn.Module):
     """Sec. 4, App. C: random Fourier features of (y/s, x/s, log s), then LayerNorm. The RFF
     matrix `B` (D/2, 3) ~ N(0, sigma^2) is a frozen buffer; float32, autocast off (App. D.3)."""
@@ -508,10 +490,7 @@ class Standardizer(nn.Module):
         return x * (self.var + self.eps).sqrt() + self.mean
 
 
-# ----------------------------------------------------------------------------------------------
-# Sec. 4: CanViT
-# ----------------------------------------------------------------------------------------------
-
+# ---- Sec. 4: CanViT --------------------------------------------------------------------------
 class Viewpoint(NamedTuple):
     """Where a glimpse looks: centre (..., 2) as (y, x) in [-1, 1] and scale (...) in (0, 1]."""
     center_yx: Tensor
@@ -600,7 +579,6 @@ class CanViT(nn.Module):
             prefix.insert(0, self.vpe(center_yx, scale)[:, None].to(patches.dtype))
         x = torch.cat([*prefix, patches], 1)           # (B, N_local, D): [VPE, CLS, regs, patches]
         n_prefix = x.shape[1] - g * g
-
         # SR-RoPE (App. B): glimpse patches at centre + scale * cell, canvas cells fixed; float32
         positions = glimpse_positions(center_yx, scale, g)            # (B, g*g, 2)
         rope_local = self.backbone.rope_embed(positions)              # backbone head dim
@@ -608,7 +586,6 @@ class CanViT(nn.Module):
         canvas = state.canvas
         G = self.canvas_grid(canvas)
         rope_canvas = self.canvas_rope(grid_centers(G, G, canvas.device)[None])
-
         for i, block in enumerate(self.backbone.blocks):
             x = block(x, rope_local)
             if i in self._read_at:    # Read: the backbone queries the canvas, residual to x
@@ -681,10 +658,8 @@ class CanViT(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading official checkpoints (canvit-pytorch 0.1 / 0.2, Hugging Face folders, DINOv3), and
-# the teacher of a train.py distill run (shared by distill, grpo and eval)
-# ----------------------------------------------------------------------------------------------
+# ---- Loading official checkpoints (canvit-pytorch 0.1 / 0.2, Hugging Face, DINOv3) -----------
+# and the teacher of a train.py distill run (shared by distill, grpo and eval)
 
 def _check_state_dict(module: nn.Module, state_dict: dict, what: str) -> None:
     """Raise one error naming every missing key, unexpected key and shape mismatch."""
@@ -762,12 +737,10 @@ def official_config(model_config: dict, backbone: str | dict | None = None) -> C
 
 def from_official(state_dict: dict, model_config: dict, backbone: str | dict | None = None
                   ) -> CanViT:
-    """A CanViT from an official checkpoint: 0.1 or 0.2 key names, loaded strictly.
-
-    model_config: the 0.1 fields (as in the reference file's `model_config`, or a 0.2
-    `canvit_config`); teacher_dim is read from the weights when absent. backbone: 'vits16',
-    'vitb16', 'vitl16' or a dict of BackboneConfig fields (the official `backbone_kwargs`).
-    """
+    """A CanViT from an official checkpoint: 0.1 or 0.2 key names, loaded strictly. model_config:
+    the 0.1 fields (as in the reference file's `model_config`, or a 0.2 `canvit_config`);
+    teacher_dim is read from the weights when absent. backbone: 'vits16', 'vitb16', 'vitl16' or
+    a dict of BackboneConfig fields (the official `backbone_kwargs`)."""
     if any(k.startswith(("canvit.", "teacher_")) for k in state_dict):
         state_dict = _v02_to_v01_keys(state_dict)
     mc = dict(model_config)
@@ -870,10 +843,7 @@ def run_teacher(ckpt: dict, moved_to: str = "", what: str = "teacher") -> DINOv3
     return load_teacher(path, what) if path else None
 
 
-# ----------------------------------------------------------------------------------------------
-# Sec. 5.2, App. F.1: viewing policies (viewpoints (T, B, ...) unless said otherwise)
-# ----------------------------------------------------------------------------------------------
-
+# ---- Sec. 5.2, App. F.1: viewing policies (viewpoints (T, B, ...) unless said otherwise) -----
 def random_viewpoints(batch: int, generator: torch.Generator | None = None,
                       min_scale: float = MIN_SCALE) -> Viewpoint:
     """Sec. 5.2: L^2 ~ U([0, (1 - s_min)^2]), s = 1 - L, so p(s) is proportional to 1 - s on
@@ -909,13 +879,11 @@ def _shuffled_levels(levels, n_glimpses: int, batch: int, generator) -> Viewpoin
 
 def policy_viewpoints(policy: str, n_glimpses: int, batch: int,
                       generator: torch.Generator | None = None) -> Viewpoint:
-    """Viewpoints (T, B, 2), (T, B) of a non-adaptive policy (App. F.1):
-
-    'riid' random i.i.d. crops (Sec. 5.2); 'fiid' the full scene then i.i.d. crops; 'c2f' the
-    quadtree from coarse to fine, levels V_0, s1(V_1), s2(V_2), ... with an independent random
-    order within each level and scene, truncated to T; 'f2c' fine to coarse; 'full' the full
-    scene (0, 0, 1) at every step. Entropy-guided C2F is `EntropyGuidedC2F`.
-    """
+    """Viewpoints (T, B, 2), (T, B) of a non-adaptive policy (App. F.1): 'riid' random i.i.d. crops
+    (Sec. 5.2); 'fiid' the full scene then i.i.d. crops; 'c2f' the quadtree from coarse to fine,
+    levels V_0, s1(V_1), s2(V_2), ... with an independent random order within each level and
+    scene, truncated to T; 'f2c' fine to coarse; 'full' the full scene (0, 0, 1) at every step.
+    Entropy-guided C2F is `EntropyGuidedC2F`."""
     T, B = n_glimpses, batch
     if policy == "riid":
         vp = random_viewpoints(T * B, generator)
@@ -976,10 +944,7 @@ class EntropyGuidedC2F:
                          tiles.scale.to(entropy.device)[choice])
 
 
-# ----------------------------------------------------------------------------------------------
-# Demo (`python canvit.py`); benchmarks and App. G's FLOP counts are in bench.py
-# ----------------------------------------------------------------------------------------------
-
+# ---- Demo (`python canvit.py`); benchmarks and App. G's FLOP counts are in bench.py ----------
 if __name__ == "__main__":
     # A C2F rollout of a small random CanViT on a random scene: how much each glimpse writes.
     torch.manual_seed(0)
