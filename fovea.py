@@ -18,13 +18,11 @@ tokens and the glimpse's patch tokens go through ViT blocks, the state tokens co
 new state, no gradient crosses steps. Task heads read the state; stage 1 of [002] trains it all
 with random gazes (an objective of train.py).
 
-Conventions (one geometry for all three papers)
-  * A point is (y, x) = (row, col) in [-1, 1]^2, (-1, -1) the top-left corner of the image.
-  * A square patch of zoom z has side min(H, W) / 2^z pixels [002, Sec. 5.1]; in CanViT's terms
-    its scale is s = 2^-z, the side as a fraction of the shorter image side.
-  * Boxes are pixel rectangles (y0, x0, y1, x1), continuous: pixel (i, j) covers [i, i+1) x [j, j+1).
-  * Outside the image counts as zero (after normalisation: the mean colour), as in both
-    official codes.
+Conventions (one geometry for all three papers): a point is (y, x) = (row, col) in [-1, 1]^2,
+(-1, -1) the top-left corner; a square patch of zoom z has side min(H, W) / 2^z px
+[002, Sec. 5.1], in CanViT's terms scale s = 2^-z (of the shorter side); boxes are continuous
+pixel rectangles (y0, x0, y1, x1), pixel (i, j) covering [i, i+1) x [j, j+1); outside the image
+counts as zero (after normalisation: the mean colour), as in both official codes.
 
 Shapes
   B batch, P patches per image, C channels, H x W image, p patch pixels (side), g grid side,
@@ -47,9 +45,8 @@ Paper -> code
   000 Sec. 5.1           stage 2, frozen dino backbone  FovealSupervised.probe
   (train.py checkpoints) checkpoint -> frozen model     read_checkpoint, load_frozen
 
-Run `python fovea.py` for a picture of the patches, `python bench.py extraction` (`foveal`) to
-time the extraction (a training step), `python train.py --cfg foveal_tiny.yaml` to train the
-model, and `python -m pytest tests/test_fovea.py` for the tests.
+Run `python fovea.py` (a picture of the patches), `python bench.py extraction` (`foveal`: a
+training step), `python train.py --cfg foveal_tiny.yaml`, `python -m pytest tests/test_fovea.py`.
 """
 from __future__ import annotations
 
@@ -68,10 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-# ----------------------------------------------------------------------------------------------
-# Geometry: gazes and zoom levels -> pixel boxes
-# ----------------------------------------------------------------------------------------------
-
+# ---- Geometry: gazes and zoom levels -> pixel boxes ------------------------------------------
 class Patches(NamedTuple):
     """Where the patches of a glimpse lie: boxes (B, P, 4) float32 pixel rectangles (y0, x0, y1,
     x1) of the image they were made for; yxz (B, P, 3) float32 patch centre (y, x) in [-1, 1]
@@ -177,10 +171,9 @@ def area_to_zoom(area: Tensor | float, grid: int,
                  image_hw: tuple[int, int] = (1, 1)) -> Tensor | float:
     """[000] App. B, Eq. 7: the zoom at which a g x g grid covers `area` (a fraction of H * W).
 
-    A patch of zoom z has side min(H, W) / 2^z, so the grid covers g^2 min(H, W)^2 / 4^z / (H W);
-    setting that to `area` gives z = log2(g * min(H, W) / sqrt(area * H * W)). For a square image,
-    z = log2(g / sqrt(area)), and area >= a_min <=> z <= log2(g / sqrt(a_min)) (Eq. 7).
-    """
+    A patch of zoom z has side min(H, W) / 2^z, so the grid covers g^2 min(H, W)^2 / 4^z /
+    (H W); setting that to `area` gives z = log2(g * min(H, W) / sqrt(area * H * W)). For a
+    square image z = log2(g / sqrt(area)); Eq. 7: area >= a_min <=> z <= log2(g / sqrt(a_min))."""
     H, W = image_hw
     ratio = grid * min(H, W) / math.sqrt(H * W)
     if isinstance(area, Tensor):
@@ -192,11 +185,10 @@ def random_grid_crops(batch: int, image_hw: tuple[int, int], grid: int,
                       area_range: tuple[float, float], generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> Patches:
     """[000] App. B: a DINO random-resized crop done top-down, as a g x g foveal grid covering a
-    ~ U(area_range) of the image (DINO: (0.32, 1) global, (0.05, 0.32) local views), its zoom from
-    Eq. 7, its centre uniform where the whole grid stays inside the image.
+    ~ U(area_range) of the image (DINO: (0.32, 1) global, (0.05, 0.32) local views), its zoom
+    from Eq. 7, its centre uniform where the whole grid stays inside the image.
     NOTE(paper): the paper picks "the zoom level range" from the area range; we draw the area
-    uniformly, as torchvision's RandomResizedCrop (the augmentation being imitated) does.
-    """
+    uniformly, as torchvision's RandomResizedCrop (the augmentation being imitated) does."""
     H, W = image_hw
     a_lo, a_hi = area_range
     if not 0 < a_lo <= a_hi <= 1:
@@ -221,10 +213,7 @@ def viewpoint_boxes(center_yx: Tensor, scale: Tensor, image_hw: tuple[int, int])
     return _square_boxes(py, px, scale.float() * min(image_hw))
 
 
-# ----------------------------------------------------------------------------------------------
-# Extraction: summed-area table + box filter [000, App. A]
-# ----------------------------------------------------------------------------------------------
-
+# ---- Extraction: summed-area table + box filter [000, App. A] --------------------------------
 class SummedAreaTable(NamedTuple):
     """The summed-area tables of B images [000, App. A], made by `integral_image`; a type of its
     own, so that an image passed where a table is expected fails with a message.
@@ -285,9 +274,8 @@ def _corner_sums(sums: Tensor, rows: Tensor, ys: Tensor, xs: Tensor, exact: bool
     coordinates (float64) -> (R, P, Ny, Nx, C) float64. exact=True: the integral of the
     piecewise-constant pixel image is exactly the bilinear interpolation of the table between
     integer corners, so 4 weighted lookups give it at sub-pixel positions. exact=False: ys and
-    xs are already integers, 1 lookup each. Outside the image the image is zero, so clamping a
-    corner to [0, H] x [0, W] is exact.
-    """
+    xs are already integers, 1 lookup each. The image is zero outside, so clamping a corner to
+    [0, H] x [0, W] is exact."""
     B, C, H1, W1 = sums.shape
     flat = sums.permute(0, 2, 3, 1).reshape(B, H1 * W1, C)                      # (B, N, C) view
     ys = ys.clamp(0, H1 - 1)
@@ -354,13 +342,10 @@ def box_patches(table: SummedAreaTable, boxes: Tensor, patch_px: int, exact: boo
     table: a SummedAreaTable from `integral_image` (R logical rows); boxes: (R, P, 4) pixel
     rectangles (y0, x0, y1, x1) of any size and position, partly or wholly outside the image
     (outside counts as zero). Output pixel (i, j) is the mean of the image over cell (i, j) of
-    its box. Returns (R, P, C, p, p) float32.
-
-    exact=True: corners at their sub-pixel positions (bilinear lookups in the table), the exact
-    area mean of the pixel image; exact=False: the paper's nearest-pixel corners. A fixed number
-    of table lookups per output pixel, whatever the box or image size. compiled=False: the
-    eager twin of the `torch.compile`d function.
-    """
+    its box. Returns (R, P, C, p, p) float32. exact=True: corners at their sub-pixel positions
+    (bilinear lookups in the table), the exact area mean of the pixel image; exact=False: the
+    paper's nearest-pixel corners. A fixed number of table lookups per output pixel, whatever
+    the box or image size. compiled=False: the eager twin of the `torch.compile`d function."""
     table = check_table(table)
     if boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != len(table):
         raise ValueError(f"expected boxes (R, P, 4) for the table's {len(table)} rows, got "
@@ -373,18 +358,14 @@ def box_patches(table: SummedAreaTable, boxes: Tensor, patch_px: int, exact: boo
     return fn(table.sums, rows, boxes, patch_px, exact)
 
 
-# ----------------------------------------------------------------------------------------------
-# CanViT's glimpse [003, Sec. 3]: bilinear grid_sample, exactly as the official code
-# ----------------------------------------------------------------------------------------------
-
+# ---- CanViT's glimpse [003, Sec. 3]: bilinear grid_sample, exactly as the official code ------
 def bilinear_glimpse(images: Tensor, center_yx: Tensor, scale: Tensor, glimpse_px: int) -> Tensor:
     """[003] Sec. 3: the glimpse at viewpoint (centre, scale), resampled to gp x gp pixels.
     images (B, C, H, W); center_yx (B, 2) in [-1, 1]; scale (B,) in (0, 1], the crop side as a
     fraction of the shorter image side. Output pixel (i, j) samples the image bilinearly at
     centre + scale * cell_centre(i, j) (align_corners=False, zeros outside): for a square scene,
     the official CanViT `sample_at_viewpoint`. Returns (B, C, gp, gp) float32. Cheap, but it
-    aliases when the crop is much larger than gp pixels: see `box_patches`.
-    """
+    aliases when the crop is much larger than gp pixels (see `box_patches`)."""
     _check_centres(center_yx)
     B, _, H, W = images.shape
     n = glimpse_px
@@ -409,10 +390,7 @@ def viewpoint_glimpse(source: Tensor | SummedAreaTable, center_yx: Tensor, scale
     return bilinear_glimpse(source, center_yx, scale, glimpse_px)
 
 
-# ----------------------------------------------------------------------------------------------
-# The foveal iterative ViT [002, Sec. 5.2, A.3.1; 000, Sec. 2, 4, App. D]
-# ----------------------------------------------------------------------------------------------
-
+# ---- The foveal iterative ViT [002, Sec. 5.2, A.3.1; 000, Sec. 2, 4, App. D] -----------------
 @dataclass
 class FovealConfig:
     """The foveal iterative ViT. Defaults: paper 002's ViT-B on 16 multi-zoom patches."""
@@ -502,17 +480,14 @@ class TransformerHead(nn.Module):
 
 
 class FovealViT(nn.Module):
-    """The iterative transformer of [002] Sec. 5.2: N state tokens evolve over glimpses.
-
-    Each step embeds the glimpse's top-down patches (linear patch embedding + an MLP of the
-    patch's (x, y, z)), runs the ViT blocks on [state; patches] and keeps the state outputs
-    (see `forward` for the first step and why no gradient crosses steps).
+    """The iterative transformer of [002] Sec. 5.2: N state tokens evolve over glimpses. Each
+    step embeds the glimpse's top-down patches (linear patch embedding + an MLP of the patch's
+    (x, y, z)), runs the ViT blocks on [state; patches] and keeps the state outputs (`forward`).
 
     Zoom levels enter the position MLP as z / Z_max [002, A.3.1], so every zoom the model meets
     must lie in [0, Z_max] (`cfg.z_max`): multi-zoom (max_z), the foveal grid (grid_z), ViT mode
     (log2 g), DINO's views. What the config can produce is checked here and where it is made
-    (`check_zoom`); any other z out of range stops the run with a device-side assert.
-    """
+    (`check_zoom`); any other z out of range stops the run with a device-side assert."""
     def __init__(self, cfg: FovealConfig):
         super().__init__()
         self.cfg = cfg
@@ -569,8 +544,7 @@ class FovealViT(nn.Module):
         torch._assert_async(((z >= 0) & (z <= self.cfg.z_max + 1e-6)).all(),
                             "FovealViT: a patch zoom level is outside [0, model.z_max]")
         # [002] A.3.1: position from (x, y, z), each in [0, 1] (z scaled by Z_max). NOTE(paper):
-        # kept in float32 under autocast (DESIGN: coordinates stay float32); bf16 would snap
-        # positions to 1/256 steps.
+        # float32 under autocast (DESIGN: coordinates stay float32; bf16 snaps to 1/256 steps).
         xyz = torch.stack([(x + 1) / 2, (y + 1) / 2, z / self.cfg.z_max], -1)      # (B, P, 3)
         with torch.autocast(xyz.device.type, enabled=False):
             pos = self.pos_mlp(xyz.float())
@@ -579,7 +553,6 @@ class FovealViT(nn.Module):
     def forward(self, table: SummedAreaTable, state: Tensor | None, patches: Patches,
                 transform=None) -> Tensor:
         """One step: the state (B, N, D) and the patches of one glimpse -> new state (B, N, D).
-
         state None: the first step, from the learned task prompt s_1, which trains with this
         step's loss [002, Sec. 4; 000, Sec. 2.1]. A state from an earlier step is detached: no
         gradient crosses steps (no BPTT [002, Sec. 5.2]). transform: see `embed`."""
@@ -599,8 +572,7 @@ class FovealViT(nn.Module):
 
     def step(self, table: SummedAreaTable, state: Tensor | None, gaze_yx: Tensor,
              grid_z: Tensor | float | None = None) -> Tensor:
-        """The step interface: (table, state or None, gaze) -> new state, extracting the
-        foveal context at the gaze."""
+        """The step interface: (table, state or None, gaze) -> new state (the foveal context)."""
         return self(table, state, self.glimpse(gaze_yx, check_table(table).image_hw, grid_z))
 
     def vit_mode(self, table: SummedAreaTable, grid: int = 16) -> Tensor:
@@ -619,10 +591,7 @@ class FovealViT(nn.Module):
         return self.head(state)
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage-1 training with random gazes [002, A.3.4] (an objective of train.py)
-# ----------------------------------------------------------------------------------------------
-
+# ---- Stage-1 training with random gazes [002, A.3.4] (an objective of train.py) --------------
 @dataclass
 class FovealTrainConfig:
     model: FovealConfig = field(default_factory=FovealConfig)
@@ -642,13 +611,12 @@ def mixup_lambda(gen: torch.Generator, alpha: float) -> float:
 def mixup(images: Tensor, labels: Tensor, num_classes: int, lam: float) -> tuple[Tensor, Tensor]:
     """MixUp (Zhang et al. 2018): each image with its neighbour in the batch (pairs 0-1, 2-3, ...).
 
-    images (B, C, H, W), labels (B,) -> mixed images and soft targets (B, K), both
-    lam * own + (1 - lam) * partner. NOTE: DeiT mixes each image with the flipped local batch,
-    whose pairs change with the number of processes; the batch order is a random permutation,
-    so a neighbour is as random a partner, and the pairs of neighbours are the same on any
-    number of processes (each holds a contiguous share of the global batch, of even size). The
-    last image of an odd batch (bad images dropped) is its own partner: it is not mixed.
-    """
+    images (B, C, H, W), labels (B,) -> mixed images and soft targets (B, K), both lam * own +
+    (1 - lam) * partner. NOTE: DeiT mixes each image with the flipped local batch, whose pairs
+    change with the number of processes; in the (randomly ordered) batch a neighbour is as
+    random a partner, and the same on any number of processes (each holds a contiguous, even
+    share of the global batch). The last image of an odd batch (bad images dropped) is its own
+    partner: it is not mixed."""
     B = images.shape[0]
     partner = torch.arange(B, device=images.device) ^ 1                           # 0<->1, 2<->3, ...
     partner[partner == B] = B - 1
@@ -791,10 +759,7 @@ class FovealSupervised(nn.Module):
         return {"encoder": export_part(self.model, cfg=self.model.cfg)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints of train.py -> frozen models (one home, used by distill, dino, grpo and eval)
-# ----------------------------------------------------------------------------------------------
-#
+# ---- Checkpoints of train.py -> frozen models (one home: distill, dino, grpo, eval) ----------
 # A train.py checkpoint: the run's "config", its trained "model" (for resuming) and "export",
 # named parts for downstream use (`export_part`: a foveal_sup run's "encoder", a vit_sup run's
 # "classifier" and "backbone", ...), asked for by name and class (`load_frozen`). It is read here,
@@ -866,10 +831,7 @@ def rebuild(entry: dict, cls: type) -> nn.Module:
     return model
 
 
-# ----------------------------------------------------------------------------------------------
-# Demo (`python fovea.py`); the benchmarks are in bench.py
-# ----------------------------------------------------------------------------------------------
-
+# ---- Demo (`python fovea.py`); the benchmarks are in bench.py --------------------------------
 def _test_image(size: int) -> Tensor:
     """A deterministic (1, 3, size, size) float image in [0, 1] with detail at every scale:
     smooth colour gradients, rings, a checkerboard whose squares shrink towards the centre."""
@@ -887,14 +849,12 @@ def _test_image(size: int) -> Tensor:
 def _demo(out_path: str, size: int = 512) -> None:
     """Draw the multi-zoom patches and the foveal grid over an image, and the patches seen."""
     from PIL import Image, ImageDraw
-
     img = _test_image(size)
     gaze = torch.tensor([[0.15, -0.2]])                                           # (y, x)
     mz = multizoom_patches(gaze, (size, size), num_patches=8, max_z=3.5)
     fg = foveal_grid(gaze, (size, size), grid=5, z=4.5)
     table = integral_image(img)
     patches = box_patches(table, cat_patches(mz, fg).boxes, 32, compiled=False)[0]  # (P, 3, p, p)
-
     to_pil = lambda t: Image.fromarray((t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
     canvas = Image.new("RGB", (size + 16 + 8 * 36, size), "white")
     scene = to_pil(img[0])
