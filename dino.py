@@ -54,10 +54,7 @@ from torch import Tensor, nn
 import fovea
 
 
-# ----------------------------------------------------------------------------------------------
-# --- The DINO pieces, as the official code computes them ---
-# ----------------------------------------------------------------------------------------------
-
+# ---- --- The DINO pieces, as the official code computes them --- -----------------------------
 def _trunc_normal_(w: Tensor, std: float, a: float = -2.0, b: float = 2.0) -> Tensor:
     """Fill w in place with N(0, std^2) truncated to [a, b] (absolute bounds), by inverse CDF.
     NOTE(paper): as official DINO (uniform -> erfinv), so a seeded head is identical to the
@@ -78,9 +75,8 @@ def _distributed() -> bool:
 class _WeightNormLinear(nn.Module):
     """A bias-free Linear(in_features, out_features) with weight-normalised rows (dim 0):
     row k = g_k * v_k / ||v_k||. NOTE(paper): official DINO wraps a Linear with the deprecated
-    `nn.utils.weight_norm`; this is the same computation without its hooks (and FutureWarning),
-    with its parameter names and shapes (`weight_g` (out, 1), `weight_v` (out, in)), so official
-    DINO heads load with strict=True."""
+    `nn.utils.weight_norm`; the same computation without its hooks (and warning), its parameter
+    names and shapes (`weight_g` (out, 1), `weight_v` (out, in)): official heads load strictly."""
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
@@ -98,17 +94,15 @@ class _WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """DINO v1's projection head: MLP -> L2-normalised bottleneck -> weight-normed prototypes;
-    x (B, in_dim) -> (B, out_dim) logits, the state-dict keys those of the official v1 head.
-
-    MLP: Linear(in_dim, hidden_dim), GELU, Linear(hidden_dim, hidden_dim), GELU,
-    Linear(hidden_dim, bottleneck_dim) (v1's defaults: 3 layers, no BatchNorm); the prototypes:
-    K = out_dim rows of a _WeightNormLinear. Init, as official: trunc-normal(std 0.02) weights
-    and zero biases for the MLP Linears only; the prototypes keep PyTorch's default Linear init
-    for v and g = 1: at init every prototype is a unit vector, every logit a cosine in [-1, 1].
-    norm_last_layer=True freezes g (DINO v1's default; DINOv2's head trains it).
-    NOTE(paper): DINOv3's head has no weight norm at all; [000] follows DINO / DINOv2 here.
-    """
+    """DINO v1's projection head: MLP -> L2-normalised bottleneck -> weight-normed prototypes; x
+    (B, in_dim) -> (B, out_dim) logits, the state-dict keys those of the official v1 head. MLP:
+    Linear(in_dim, hidden_dim), GELU, Linear(hidden_dim, hidden_dim), GELU, Linear(hidden_dim,
+    bottleneck_dim) (v1's defaults: 3 layers, no BatchNorm); the prototypes: K = out_dim rows of
+    a _WeightNormLinear. Init, as official: trunc-normal(std 0.02) weights and zero biases for
+    the MLP Linears only; the prototypes keep PyTorch's default Linear init for v and g = 1: at
+    init every prototype is a unit vector, every logit a cosine in [-1, 1]. norm_last_layer=True
+    freezes g (DINO v1's default; DINOv2's head trains it).
+    NOTE(paper): DINOv3's head has no weight norm at all; [000] follows DINO / DINOv2 here."""
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, norm_last_layer: bool = True):
         super().__init__()
@@ -170,13 +164,11 @@ def centered_probs(teacher_logits: Tensor, center: Tensor, teacher_temp: float) 
 @torch.no_grad()
 def update_center(center: Tensor, teacher_logits: Tensor, momentum: float) -> Tensor:
     """DINO Eq. 4, v1's centre EMA: c <- m c + (1 - m) mean_rows(t), over the global batch.
-
     center (1, K) or (K,); teacher_logits (B, K) raw (before the temperature), every teacher row
     of the step (both global crops); momentum m (0.9 in DINO). Returns a new float32 centre of
     `center`'s shape. Official order: a step's loss uses the centre from before the step, then
     the centre is updated. NOTE(paper): DINO v1 calls all_reduce unconditionally; here only when
-    a process group is up, so one process works without one.
-    """
+    a process group is up, so one process works without one."""
     if teacher_logits.dim() != 2 or center.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(f"expected (B, K) logits and a (1, K) centre, got "
                          f"{tuple(teacher_logits.shape)} and {tuple(center.shape)}")
@@ -196,21 +188,18 @@ def update_center(center: Tensor, teacher_logits: Tensor, momentum: float) -> Te
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
     """DINOv2's Sinkhorn-Knopp teacher: targets with (roughly) equal mass on every prototype.
-
     teacher_logits (B_local, K) of this rank; teacher_temp tau_t. On the global batch when a
     process group is up (B counts all ranks' samples; the total and per-prototype sums are
-    all-reduced, per-sample sums local). Returns (B_local, K) float32 probabilities without
-    gradient: rows sum to 1, each prototype gets about B / K of the mass (exactly only after
-    many iterations)."""
+    all-reduced, per-sample sums local). -> (B_local, K) float32 probabilities, no gradient:
+    rows sum to 1, each prototype gets about B / K of the mass (exactly after many iterations)."""
     if teacher_logits.dim() != 2:
         raise ValueError(f"expected (B, K) teacher logits, got {tuple(teacher_logits.shape)}")
     distributed = _distributed()
     scores = teacher_logits.float() / teacher_temp                                # (B_local, K)
     # NOTE(paper): official DINOv2 exponentiates the scores directly, which overflows (inf, then
-    # NaN) once a score exceeds ~88 in float32. Subtracting one constant shared by every rank
-    # (the global max) scales Q by a constant, which the first normalisation removes: the same
-    # result. (Still unsafe: a sample whose best score is ~100 below the global max underflows
-    # to an all-zero column, 0/0; DINO heads' bounded logits stay far from both limits.)
+    # NaN) past ~88 in float32. Subtracting the global max (shared by every rank) scales Q by a
+    # constant, which the first normalisation removes. (A sample whose best score is ~100 below
+    # it would still underflow to 0/0; DINO heads' bounded logits stay far from both limits.)
     shift = scores.max()
     if distributed:
         dist.all_reduce(shift, op=dist.ReduceOp.MAX)
@@ -239,13 +228,12 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
 
 def koleo_loss(x: Tensor) -> Tensor:
     """DINOv2's KoLeo regulariser: -mean_i log(d_i + eps), d_i the distance from z_i to its
-    nearest neighbour in the batch (picked by cosine, without gradient), z the L2-normalised rows
-    of x (B, D), B >= 2 (DINOv2 and [000]: the student's pre-head CLS / first state token of one
-    global crop, per crop and summed, weight 0.1). Returns a float32 scalar.
-    NOTE(paper): DINOv2's eps are kept exactly: normalize eps 1e-8; nn.PairwiseDistance eps 1e-8,
-    which is added to the difference vector (identical rows give 1e-8 * sqrt(D), not 0); 1e-8
-    inside the log. As there, autocast is off; unlike there, a half input is cast to float32.
-    """
+    nearest neighbour in the batch (picked by cosine, without gradient), z the L2-normalised
+    rows of x (B, D), B >= 2 (DINOv2 and [000]: the student's pre-head CLS / first state token
+    of one global crop, per crop and summed, weight 0.1). Returns a float32 scalar.
+    NOTE(paper): DINOv2's eps are kept exactly: normalize eps 1e-8; nn.PairwiseDistance eps
+    1e-8, which is added to the difference vector (identical rows give 1e-8 * sqrt(D), not 0);
+    1e-8 inside the log. As there, autocast is off; unlike there, half inputs become float32."""
     if x.dim() != 2 or x.shape[0] < 2:
         raise ValueError(f"KoLeo needs (B, D) features with B >= 2, got {tuple(x.shape)}")
     eps = 1e-8
@@ -259,10 +247,7 @@ def koleo_loss(x: Tensor) -> Tensor:
         return -torch.log(d + eps).mean()
 
 
-# ----------------------------------------------------------------------------------------------
-# Views of one image, all top-down [000, Sec. 3.1, App. B], and DINO's photometric augmentation
-# ----------------------------------------------------------------------------------------------
-
+# ---- Views of one image, all top-down [000, Sec. 3.1, App. B]; DINO's augmentation -----------
 @dataclass
 class Augment:
     """DINO's per-view augmentation [DINO, App.; v2], as probabilities (each view draws its own)."""
@@ -282,9 +267,8 @@ LOCAL = Augment(blur=0.5)
 
 
 class ViewAugment(NamedTuple):
-    """The augmentation drawn for R views: which are flipped, greyed, solarized, the colour
-    jitter factors (R, 4: brightness, contrast, saturation, hue shift; 1, 1, 1, 0 = none) and the
-    blur sigma (R,; 0 = none)."""
+    """The augmentation drawn for R views: which are flipped, greyed, solarized, the colour jitter
+    (R, 4: brightness, contrast, saturation, hue shift; 1, 1, 1, 0 = none), blur sigma (R,; 0)."""
     flip: Tensor
     grey: Tensor
     solarize: Tensor
@@ -375,10 +359,7 @@ def _blur(x: Tensor, sigma: Tensor) -> Tensor:
     return flat.view(R, P, C, p, p)
 
 
-# ----------------------------------------------------------------------------------------------
-# The sequential-to-global objective [000, Sec. 3.1, 5.2, App. C]
-# ----------------------------------------------------------------------------------------------
-
+# ---- The sequential-to-global objective [000, Sec. 3.1, 5.2, App. C] -------------------------
 @dataclass
 class DINOConfig:
     """[000]'s pretraining; defaults: the paper's ViT-S recipe (Sec. 4, 5.2, App. B)."""
@@ -410,8 +391,7 @@ class DINOConfig:
 
 
 class DINOModel(nn.Module):
-    """A foveal ViT with DINO's head on its first state token [000, Sec. 3.1, 4]; the student
-    and the EMA teacher are two of them."""
+    """A foveal ViT, DINO's head on its first state token [000, Sec. 3.1, 4]: student or teacher."""
     def __init__(self, cfg: DINOConfig):
         super().__init__()
         self.backbone = fovea.FovealViT(cfg.model)
@@ -450,8 +430,7 @@ def gather_rows(x: Tensor) -> Tensor:
 
 
 def teacher_temperature(cfg: DINOConfig, step: int, steps_per_epoch: int) -> float:
-    """[000] Sec. 5.2: linear 0.04 -> 0.07 over the first 30 epochs, then 0.07 (per iteration,
-    as DINOv2)."""
+    """[000] Sec. 5.2: linear 0.04 -> 0.07 over 30 epochs, then 0.07 (per iteration, as DINOv2)."""
     warm = cfg.warmup_teacher_temp_epochs * steps_per_epoch
     if step >= warm:
         return cfg.teacher_temp
@@ -464,23 +443,21 @@ def teacher_momentum(cfg: DINOConfig, step: int, total_steps: int) -> float:
 
 
 class DINOSequentialToGlobal(nn.Module):
-    """[000] Sec. 3.1, App. C: sequential-to-global DINO; train.py's objective `dino`.
-
-    Views of each image, all top-down implicit crops of the image as it is (App. B): global (a
-    16 x 16 grid over 32-100% of the area), local (7 x 7 over 5-32%) and sequential (8 random
-    foveal glimpses carried through the state). The EMA teacher sees a global and a sequential
-    view (its target after the last glimpse only); the student another global view, 8 local
-    views and another sequential view (an output after every glimpse). Every student output is
-    matched with every teacher output by DINO's cross-entropy, the teacher's targets from
-    Sinkhorn-Knopp over the global batch, the head on the first state token only. Each step's
-    loss is backpropagated on its own: no gradient crosses glimpses, memory is flat in steps.
+    """[000] Sec. 3.1, App. C: sequential-to-global DINO; train.py's objective `dino`. Views of
+    each image, all top-down implicit crops of the image as it is (App. B): global (a 16 x 16
+    grid over 32-100% of the area), local (7 x 7 over 5-32%) and sequential (8 random foveal
+    glimpses carried through the state). The EMA teacher sees a global and a sequential view
+    (its target after the last glimpse only); the student another global view, 8 local views and
+    another sequential view (an output after every glimpse). Every student output is matched
+    with every teacher output by DINO's cross-entropy, the teacher's targets from Sinkhorn-Knopp
+    over the global batch, the head on the first state token only. Each step's loss is
+    backpropagated on its own: no gradient crosses glimpses, memory is flat in steps.
 
     NOTE(paper): KoLeo [000, App. C] "as DINOv2": weight 0.1 on the student's pre-head first
     state token of its global view, the neighbours searched over the global batch (as DINOv3's
     distributed KoLeo; DINOv2: within each GPU's batch), so the run does not depend on the
     number of processes. Randomness (views, augmentations) is drawn for the global batch from a
-    generator seeded by (seed, step); each process takes its contiguous share.
-    """
+    generator seeded by (seed, step); each process takes its contiguous share."""
     augment = False                # the views are its own augmentation (the data: one fixed view)
 
     def __init__(self, cfg: DINOConfig, seed: int):
@@ -557,7 +534,6 @@ class DINOSequentialToGlobal(nn.Module):
         take = lambda name, rows: (pick(views["patches"][name], rows), aug(name, rows))
         table = fovea.integral_image(images)
         temp = teacher_temperature(cfg, step, run.steps_per_epoch)
-
         # The teacher: a global view and the last state of a sequential view (no gradient).
         with torch.no_grad(), run.autocast():
             _, tok = self.teacher.view(table, *take("global_t", mine))
@@ -568,7 +544,6 @@ class DINOSequentialToGlobal(nn.Module):
             t_logits.append(self.teacher.head(tok))
         t_logits = torch.cat(t_logits).float()                                     # (2B, K)
         q = self.targets(t_logits, temp).view(2, B, -1)                           # (2, B, K)
-
         # The student: every output against both teacher targets; 2 (1 + L + T) terms in all.
         n_terms = 2 * (1 + L + cfg.seq_steps)
         ce = lambda logits, reps: sum(cross_entropy(logits, q[i].repeat_interleave(reps, 0), cfg.student_temp)
