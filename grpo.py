@@ -16,13 +16,10 @@ T glimpses per image; each action is scored by what it did to the task head's be
 true class, normalised over the image's G traces at each step; the clipped ratio objective is
 maximised for several inner epochs.
 
-Conventions
-  * An action is a gaze (y, x) = (row, col) in [-1, 1]^2, (-1, -1) the top-left corner, as in
-    fovea.py; [002] writes (x, y) in [0, 1], so lengths in [0, 1] units (a std from another
-    code) are doubled here. A third coordinate (A = 3) can carry a CanViT scale.
-  * Actions are stored raw; both log-probs are taken at the raw sample; only the glimpse
-    extraction clamps (`to_gaze`; see sample_mixture).
-  * Log-probs, ratios, advantages and the mixture parameters are float32 (GazePolicy.forward).
+An action is a gaze (y, x) = (row, col) in [-1, 1]^2, (-1, -1) the top-left corner, as in
+fovea.py ([002]: (x, y) in [0, 1], so lengths from other codes are doubled here), stored raw
+(only the extraction clamps: sample_mixture); A = 3 adds a CanViT scale. Log-probs, ratios,
+advantages and the mixture parameters are float32 (GazePolicy.forward).
 
 Shapes
   B images, G traces per image (a group), T steps (actions per trace), N state tokens,
@@ -42,10 +39,8 @@ Paper -> code
   002 A.3.3; 000 Sec. 4     DETR-like policy, K + 1 queries        GazePolicyConfig, GazePolicy
   (RAM, PR #30)             clamp only at extraction               to_gaze
   002 A.3.4                 the frozen encoder and its task head   FovealEncoder, load_encoder
-  (beyond the papers)       CanViT's viewpoint as an action,
-                            its zero-shot classifier as the head   CanViTEncoder
-  002 A.2, A.3.4            G traces of T steps, B * G as a batch,
-                            inner epochs on the stored states      GazeGRPO (rollout, train_step)
+  (beyond the papers)       CanViT's viewpoint, zero-shot head     CanViTEncoder
+  002 A.2, A.3.4            G traces of T, inner epochs on states  GazeGRPO (rollout, train_step)
 
 Run `python train.py --cfg grpo_tiny.yaml` (after foveal_tiny.yaml), `python eval.py --ckpt
 runs/grpo_tiny/ckpt.pt --out_dir DIR`, `python bench.py grpo`, `pytest tests/test_grpo.py`.
@@ -68,10 +63,7 @@ def _float(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-# ----------------------------------------------------------------------------------------------
-# GRPO: rewards, returns and group-normalised advantages [002, A.2; 000, Sec. 3.3]
-# ----------------------------------------------------------------------------------------------
-
+# ---- GRPO: rewards, returns and group-normalised advantages [002, A.2; 000, Sec. 3.3] --------
 ADVANTAGE_KINDS = ("final", "improvement", "prob")
 
 
@@ -91,7 +83,6 @@ def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
 
 def raw_advantages(logp_true: Tensor, kind: str, gamma: float = 1.0) -> Tensor:
     """The un-normalised advantages alpha of the T actions of each trace: (B, G, T+1) -> (B, G, T).
-
     logp_true[..., t] is log P(true class) from the task head on the state after t glimpses
     (t = 0: the initial state, before any glimpse). Action t (0-based) takes the state from
     index t to t + 1; [002]'s 1-based s_{i,t} is our index t - 1.
@@ -134,7 +125,6 @@ def raw_advantages(logp_true: Tensor, kind: str, gamma: float = 1.0) -> Tensor:
 
 def group_advantages(alpha: Tensor, eps: float = 1e-6, scale: str = "group") -> Tensor:
     """[002] Eq. 4: normalise over the G traces of each image, separately at each step.
-
     alpha: (B, G, T) -> A (B, G, T), A = (alpha - mean_G) / (std_G + eps) in every (image, step)
     cell; a cell of G equal values gives exactly 0. scale="none" only centres (Dr. GRPO, arXiv
     2503.20783): a tiny std turns noise (late steps, saturated P) into unit-size advantages."""
@@ -158,10 +148,7 @@ def group_advantages(alpha: Tensor, eps: float = 1e-6, scale: str = "group") -> 
     return adv.masked_fill(flat, 0.0)
 
 
-# ----------------------------------------------------------------------------------------------
-# GRPO: the clipped ratio objective [002, A.2, Eq. 1]
-# ----------------------------------------------------------------------------------------------
-
+# ---- GRPO: the clipped ratio objective [002, A.2, Eq. 1] -------------------------------------
 LOG_RATIO_CLAMP = 20.0   # verl's bound on log(pi / pi_old) before exp
 
 
@@ -180,8 +167,7 @@ def clipped_objective(logp: Tensor, logp_old: Tensor, advantages: Tensor, clip_e
                       clip_eps_high: float | None = None) -> Tensor:
     """[002] Eq. 1, to MAXIMISE: mean of min(rho A, clip(rho, 1 - eps, 1 + eps) A) over cells, a
     0-dim float32 tensor. logp (with gradient), logp_old (the rollout's), advantages: one shape,
-    (B, G, T) here. clip_eps_high replaces the upper bound (DAPO's "clip-higher"; [002]: one eps).
-    """
+    (B, G, T) here. clip_eps_high replaces the upper bound (DAPO's "clip-higher"; [002]: one)."""
     if advantages.shape != logp.shape:
         raise ValueError(f"advantages {tuple(advantages.shape)} and logp {tuple(logp.shape)} "
                          "differ")
@@ -215,10 +201,7 @@ def ratio_stats(logp: Tensor, logp_old: Tensor, advantages: Tensor, clip_eps: fl
             "ratio_mean": rho.mean()}
 
 
-# ----------------------------------------------------------------------------------------------
-# The action distribution: K isotropic Gaussians, fixed std [002, A.3.3; 000, Sec. 3.3]
-# ----------------------------------------------------------------------------------------------
-
+# ---- The action distribution: K isotropic Gaussians, fixed std [002, A.3.3; 000, Sec. 3.3] ---
 def _std_tensor(std: float | Tensor, like: Tensor) -> Tensor:
     """The std as a float32 tensor on like's device: 0-dim, or the batch shape (...)."""
     if isinstance(std, Tensor):
@@ -256,13 +239,11 @@ def sample_mixture(means: Tensor, logits: Tensor, std: float | Tensor, u: Tensor
     noise (..., A) ~ N(0, I) -> action (..., A) float32, component (...,) int64. The random
     numbers are given: a caller draws them for the global batch and takes its rows (the traces
     do not depend on the number of processes).
-
     NOTE(paper): not clamped. [002] wants actions "between 0 and 1"; we store the raw sample,
     take both log-probs at it and clamp only the glimpse centre (to_gaze), as RAM since its PR
     #30: an unbiased policy gradient for an environment that clips its input. Clamping first
     (GFNet, AdaptiveNN) evaluates the density at a point never sampled, onto which every sample
-    past the border collapses, with the density there rather than the tail's mass.
-    """
+    past the border collapses, with the density there rather than the tail's mass."""
     _check_mixture(means, logits)
     K, A = means.shape[-2:]
     cdf = F.softmax(logits.float(), -1).cumsum(-1)                                # (..., K)
@@ -273,8 +254,9 @@ def sample_mixture(means: Tensor, logits: Tensor, std: float | Tensor, u: Tensor
 
 def mixture_mode(means: Tensor, logits: Tensor) -> Tensor:
     """The deterministic action at inference [002, A.3.3]: (..., K, A), (..., K) -> (..., A).
-    NOTE(paper): read as the mean of the heaviest component, the usual cheap proxy for the mode
-    (the exact mode needs a search, and differs only where components overlap within a std)."""
+    NOTE(paper): "deterministic actions during inference" is read as the mean of the heaviest
+    component, the usual cheap proxy for the mode (the exact mode needs a search, and differs
+    only where components overlap within a std)."""
     _check_mixture(means, logits)
     k = logits.argmax(-1)                                                         # (...)
     idx = k[..., None, None].expand(*k.shape, 1, means.shape[-1])                 # (..., 1, A)
@@ -291,9 +273,8 @@ def std_schedule(step: int, total: int, start: float, end: float, kind: str = "c
     """The policy std at a training step: start at step 0, end at step >= total. [000] Sec. 3.3:
     "a fixed diagonal variance schedule"; [002] A.3.3: "a fixed parameter" (kind="constant").
     NOTE(paper): neither gives values. AdaptiveNN's 0.25 -> 0.10 (cosine or linear) in [0, 1]
-    units is 0.5 -> 0.2 in our [-1, 1] (GazePolicyConfig's defaults). A rollout keeps its std for
-    all its inner epochs: old and new log-probs need the same std, or the first ratio is not 1.
-    """
+    units is 0.5 -> 0.2 in our [-1, 1] (GazePolicyConfig's defaults). A rollout keeps its std
+    for all its inner epochs: with another, old and new log-probs differ at the first epoch."""
     if total <= 0:
         raise ValueError(f"total must be > 0, got {total}")
     frac = min(max(step / total, 0.0), 1.0)
@@ -312,10 +293,7 @@ def to_gaze(action: Tensor) -> Tensor:
     return action.clamp(-1.0, 1.0)
 
 
-# ----------------------------------------------------------------------------------------------
-# The policy network: a DETR-like decoder with K + 1 queries [002, A.3.3; 000, Sec. 3.3, 4]
-# ----------------------------------------------------------------------------------------------
-
+# ---- The policy: a DETR-like decoder with K + 1 queries [002, A.3.3; 000, Sec. 3.3, 4] -------
 @dataclass
 class GazePolicyConfig:
     """The gaze policy. Defaults: [002]'s one-decoder reading, small next to the encoder."""
@@ -391,8 +369,7 @@ class GazePolicy(nn.Module):
     memory_dims: each memory stream's width: the foveal ViT's state tokens (B, N, D); CanViT's
     recurrent CLS (B, 1, D) and canvas (B, h*w, D_canvas). Each stream gets its own LayerNorm +
     Linear to `dim` (its bias tells the streams apart), then they are concatenated. No dropout:
-    the rollout's log-probs and the update's must come from one function.
-    """
+    the rollout's log-probs and the update's must come from one function."""
     def __init__(self, cfg: GazePolicyConfig, memory_dims: tuple[int, ...],
                  positional: tuple[bool, ...] | None = None):
         super().__init__()
@@ -420,10 +397,9 @@ class GazePolicy(nn.Module):
         self.logit_head = nn.Linear(D, K)     # on the last query
         # Component k's mean is tanh(atanh(anchor_k) + mean_head(q_k)). NOTE(paper): our init.
         # Small output weights (std head_init_std, zero bias) put the means within ~1e-2 of K
-        # anchors spread over the image and the weights ~uniform: without anchors every mean
-        # starts at tanh(0), one spot to explore; large outputs would start means in tanh's
-        # flat tails and the weights peaked. Not zero: a zero layer passes no gradient back on
-        # the first step. The anchors are a fixed buffer (a learned copy = the head's bias).
+        # anchors spread over the image, the weights ~uniform (no anchors: all means at tanh(0),
+        # one spot; large outputs: means in tanh's flat tails, peaked weights). Not zero: no
+        # gradient would pass back on the first step. Anchors are a buffer (learned = the bias).
         self.register_buffer("mean_offsets", torch.atanh(anchor_grid(K, A)))   # (K, A)
         for head in (self.mean_head, self.logit_head):
             nn.init.normal_(head.weight, std=cfg.head_init_std)
@@ -431,9 +407,8 @@ class GazePolicy(nn.Module):
 
     def forward(self, memories: list[Tensor], positions: list[Tensor | None] | None = None
                 ) -> tuple[Tensor, Tensor]:
-        """memories: one (B, N_i, memory_dims[i]) tensor per stream (and, for a positional
-        stream, positions[i] (N_i, 2) (y, x) in [-1, 1]) -> means (B, K, A) in (-1, 1) and
-        logits (B, K), float32."""
+        """memories: one (B, N_i, memory_dims[i]) tensor per stream (a positional one with
+        positions[i] (N_i, 2) (y, x) in [-1, 1]) -> means (B, K, A) in (-1, 1), logits (B, K)."""
         if len(memories) != len(self.memory_dims):
             raise ValueError(f"expected {len(self.memory_dims)} memory streams, "
                              f"got {len(memories)}")
@@ -442,10 +417,9 @@ class GazePolicy(nn.Module):
                 raise ValueError(f"memory stream {i} must be (B, N, {d}) with a common B, "
                                  f"got {tuple(m.shape)}")
         K = self.cfg.num_components
-        # NOTE(paper): the policy runs in float32 even under autocast. Its means enter the
-        # log-ratio as (a - mu) dmu / std^2: a bf16 rounding of the means (~4e-3 at 1) moves
-        # log rho by ~0.08 at std 0.05, 40% of a 0.2 clip range, and the rollout (B*G rows a step)
-        # and the update (other batch shapes) need not round alike. The policy is small.
+        # NOTE(paper): float32 even under autocast (the policy is small). The means enter the
+        # log-ratio as (a - mu) dmu / std^2: bf16 rounding (~4e-3 at 1) moves log rho by ~0.08 at
+        # std 0.05, 40% of a 0.2 clip range, and rollout and update batches need not round alike.
         with torch.autocast(memories[0].device.type, enabled=False):
             streams = [proj(m.float()) for proj, m in zip(self.memory_proj, memories)]
             for i, pos in enumerate(positions or []):
@@ -462,15 +436,11 @@ class GazePolicy(nn.Module):
         return means, logits
 
 
-# ----------------------------------------------------------------------------------------------
-# Frozen encoders the policy steers: the foveal ViT [002, 000] and CanViT [003]
-# ----------------------------------------------------------------------------------------------
-
+# ---- Frozen encoders the policy steers: the foveal ViT [002, 000] and CanViT [003] -----------
 class FovealEncoder(nn.Module):
     """A frozen foveal ViT with its task head (a foveal_sup or probe run): the policy reads its
-    N state tokens; an action (y, x) is a gaze, whose foveal grid takes the middle of the
-    model's zoom range (NOTE(paper): the policy gives the centre only [002 A.3.3, 000 Sec. 3.3];
-    the grid zoom was random in training)."""
+    N state tokens; an action (y, x) is a gaze, its foveal grid at the middle of the zoom range
+    (NOTE(paper): the policy gives only the centre [002 A.3.3, 000 Sec. 3.3]; training drew z)."""
     action_dim = 2
 
     def __init__(self, model: fovea.FovealViT):
@@ -588,10 +558,7 @@ def episode(policy: GazePolicy, encoder: nn.Module, source, state, n: int, T: in
         yield observed, means, logits, action, state
 
 
-# ----------------------------------------------------------------------------------------------
-# Training the policy: rollouts of G traces, then inner epochs [002, A.2, A.3.4; 000, Sec. 3.3]
-# ----------------------------------------------------------------------------------------------
-
+# ---- Training: rollouts of G traces, then inner epochs [002, A.2, A.3.4; 000, Sec. 3.3] ------
 @dataclass
 class GRPOConfig:
     encoder: str = ""              # the frozen encoder's checkpoint (a foveal_sup, probe or distill run)
@@ -619,8 +586,7 @@ class GazeGRPO(nn.Module):
     frozen encoder (an image's summed-area table shared by its traces), actions sampled without
     gradient; the rewards from the task head's log P(true class) after every glimpse, normalised
     per image and step [002 Eq. 4]; then `inner_epochs` optimizer steps of the clipped objective
-    [002 Eq. 1] on the stored states and log-probs (the first epoch's ratio is exactly 1).
-    """
+    [002 Eq. 1] on the stored states and log-probs (the first epoch's ratio is exactly 1)."""
     augment = True                 # the task head's training view
     updates_per_step: int
 
