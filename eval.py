@@ -15,8 +15,7 @@ The checkpoint's objective chooses the protocol:
   distill (CanViT; or an official Hugging Face folder)  eval_canvit.py  [003] Sec. 6, App. A, E, F
   foveal_sup, probe, dino (the foveal iterative ViT)     this file       [002] Sec. 6; [000] Sec. 5
   grpo (a learned gaze policy)                           its encoder's, with the policy beside the others
-Both write results.json, tables.md and PNG pictures into --out_dir, and check that the frozen
-models are bit-identical after evaluation.
+Both write results.json, tables.md and PNGs into --out_dir, the frozen models checked unchanged.
 
 The foveal protocol (evaluate_foveal): top-1 / top-5 after every step with random gazes ([002]
 Table 2's layout) and a fixed gaze sequence; "ViT mode" ([000] Sec. 5.3); [000] Fig. 1's sweep
@@ -133,10 +132,7 @@ def parse_args(argv: list[str]) -> EvalConfig:
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints and metrics
-# ----------------------------------------------------------------------------------------------
-
+# ---- Checkpoints and metrics -----------------------------------------------------------------
 def read_checkpoint(path: str) -> tuple[str, dict | Path]:
     """-> (objective, checkpoint dict); an official Hugging Face folder is ("distill", folder)."""
     p = Path(path)
@@ -156,13 +152,9 @@ def hits(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     return (logits.topk(min(k, logits.shape[-1]), -1).indices == labels[:, None]).any(-1).float()
 
 
-# ----------------------------------------------------------------------------------------------
-# The foveal iterative ViT: per-step accuracy, ViT mode, k-NN, resolution ([002] Sec. 6, [000] Sec. 5)
-# ----------------------------------------------------------------------------------------------
-
+# ---- Foveal ViT: step accuracy, ViT mode, k-NN, resolution ([002] Sec. 6; [000] Sec. 5) ------
 def load_foveal(ckpt: dict) -> fovea.FovealViT:
-    """The frozen FovealViT a foveal_sup, probe or dino run exported (extraction uncompiled:
-    shapes vary here)."""
+    """A foveal_sup, probe or dino run's frozen FovealViT (uncompiled extraction: shapes vary)."""
     model = fovea.load_frozen(ckpt, "encoder", fovea.FovealViT)
     model.cfg.compile_extraction = False
     return model
@@ -184,10 +176,7 @@ def trained_steps(ckpt: dict) -> int:
             "dino": lambda: c["dino"]["seq_steps"]}[c["objective"]]()
 
 
-# ----------------------------------------------------------------------------------------------
-# k-NN on frozen first-state-token features [000, Sec. 5; DINO's protocol]
-# ----------------------------------------------------------------------------------------------
-
+# ---- k-NN on frozen first-state-token features [000, Sec. 5; DINO's protocol] ----------------
 @torch.inference_mode()
 def first_tokens(model: fovea.FovealViT, ds, n: int, cfg: EvalConfig, episode: fovea.FovealTrainConfig,
                  mode: str, grid: int) -> tuple[Tensor, Tensor]:
@@ -276,15 +265,13 @@ def policy_episode(model: fovea.FovealViT, policy: grpo.GazePolicy, images: Tens
 
 
 def on_badge(glimpses: list[fovea.Patches], target: Tensor) -> Tensor:
-    """(T,) how many gazes of each step fell on the badge (synthetic scenes: its centre and
-    radius in scene units are known)."""
+    """(T,) how many gazes of each step fell on the badge (synthetic scenes: its centre, radius)."""
     gaze = torch.stack([p.yxz[:, 0, :2] for p in glimpses]).cpu()                  # (T, B, 2)
     return ((gaze - target[None, :, :2]).norm(dim=-1) <= target[None, :, 2]).float().sum(1)
 
 
 def save_heatmap(gazes: list[Tensor], path: Path, tile: int = 128) -> str:
-    """Where the policy looks over many scenes: one 2-D histogram of the gazes per step, side by
-    side (white: often)."""
+    """Where the policy looks over many scenes: each step's 2-D gaze histogram (white: often)."""
     bins = 32
     canvas = Image.new("RGB", (len(gazes) * (tile + 4), tile + 16), "white")
     draw = ImageDraw.Draw(canvas)
@@ -299,9 +286,8 @@ def save_heatmap(gazes: list[Tensor], path: Path, tile: int = 128) -> str:
 
 
 class Trace:
-    """The gazes of the first scenes of an episode, for the pictures: per step the gaze (y, x),
-    the extent of what it saw sharply (the foveal grid, else the finest multi-zoom patch) and
-    whether the prediction after that step was right."""
+    """For the pictures, per step of the first scenes' episode: the gaze (y, x), what it saw
+    sharply (the foveal grid, else the finest multi-zoom patch), whether the prediction is right."""
     def __init__(self, model: fovea.FovealViT, glimpses: list[fovea.Patches], logits: list[Tensor],
                  labels: Tensor, n: int):
         g, M = model.cfg.grid, model.cfg.num_zoom
@@ -313,9 +299,8 @@ class Trace:
 
 
 def save_gaze_picture(images: Tensor, traces: dict[str, Trace], path: Path, tile: int = 192) -> str:
-    """One row per scene, one column per trace: the scene with the numbered fixations, lines
-    between them, the region each saw sharply; a number is green when the prediction after that
-    step is right, red when wrong."""
+    """One row per scene, one column per trace: the numbered fixations joined by lines, the region
+    each saw sharply, a number green when the prediction after that step is right, else red."""
     mean = torch.tensor(data.IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(data.IMAGENET_STD)[:, None, None]
     scenes = ((images * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
@@ -490,10 +475,7 @@ def foveal_tables(results: dict) -> str:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Several runs in one table, and the command line
-# ----------------------------------------------------------------------------------------------
-
+# ---- Several runs in one table, and the command line -----------------------------------------
 def summarize(dirs: list[str]) -> str:
     """`python eval.py --summarize DIR ...`: the tables of several evaluations (e.g. seeds) as
     mean (min-max) over them, from their results.json."""
