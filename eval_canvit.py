@@ -7,17 +7,13 @@ Paper
 
 The checkpoint's CanViT (objective "distill", or an official Hugging Face folder), frozen and
 checked bit-identical at the end, is rolled out on held-out scenes under each viewing policy for
-T glimpses. After every glimpse t we measure
-  * reconstruction: per-position cosine similarity between the destandardized W_spatial /
-    W_global predictions and the teacher's patch / CLS features (Table 4's metric), and the same
-    in the z-scored space of the loss (Eq. 3);
-  * segmentation: one probe (LayerNorm + Dropout + BatchNorm + 1x1 conv, F.2.1) on the canvas
-    cells, trained on frozen canvases of R-IID sequences and shared by all timesteps; mIoU;
-  * classification: a linear probe on the recurrent CLS, and F.2.2's zero-shot route: the
-    destandardized W_global prediction through a linear probe trained on the teacher's CLS.
-Probes are trained on cached frozen features of `n_train` scenes, then every policy runs on
-`n_val` other scenes. The whole evaluation is repeated at larger scenes and canvas grids of the
-same frozen model (Table 6's "Res." column, e.g. 512/32 and 1024/64), each with its own probes.
+T glimpses; after every glimpse we measure reconstruction (the cosine similarity of the
+destandardized W_spatial / W_global predictions to the teacher's features, Table 4's metric,
+and in the loss's z-scored space, Eq. 3), segmentation (mIoU of one probe on the canvas cells,
+F.2.1) and classification (a probe on the recurrent CLS, and F.2.2's zero-shot route).
+Probes train on cached frozen features of `n_train` scenes, every policy runs on `n_val` others,
+and all is repeated at larger scenes and canvas grids of the same model (Table 6's "Res."
+column, e.g. 512/32 and 1024/64), each with its own probes.
 
 Shapes
   B scenes, T glimpses, N probe-training scenes, S scene side (px), G canvas grid side,
@@ -69,10 +65,7 @@ POLICIES = {"c2f": "C2F", "entropy": "Entropy C2F", "fiid": "F-IID", "riid": "R-
 IGNORE = data.ADE20K_IGNORE                                          # mask value left out of mIoU
 
 
-# ----------------------------------------------------------------------------------------------
-# What every evaluation needs: errors, held-out batches, progress, the frozen check, seeds
-# ----------------------------------------------------------------------------------------------
-
+# ---- What every evaluation needs: errors, held-out batches, progress, frozen check -----------
 class EvalError(ValueError):
     """A bad input (missing checkpoint, wrong objective, bad option): no traceback, a message."""
 
@@ -145,10 +138,7 @@ def cell(x, scale: float = 1.0, spec: str = ".1f") -> str:
     return f"{x * scale:{spec}}"
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics (F.2.1: mIoU over a global confusion matrix; top-1)
-# ----------------------------------------------------------------------------------------------
-
+# ---- Metrics (F.2.1: mIoU over a global confusion matrix; top-1) -----------------------------
 def confusion_matrix(pred: Tensor, target: Tensor, K: int, ignore: int = IGNORE) -> Tensor:
     """(K, K) int64 pixel counts, row = true class, column = predicted, where target != ignore.
     One bincount; ignored pixels go to an extra bin (no boolean indexing: 8x faster on CPU)."""
@@ -184,18 +174,14 @@ def cell_targets(masks: Tensor, G: int, K: int, ignore: int = IGNORE) -> Tensor:
 
 def predict_masks(logits: Tensor, size: int) -> Tensor:
     """(B, K, G, G) logits -> (B, S, S) classes: bilinear upsampling then argmax (as the official
-    CanViT-eval), channels-last (3x faster on CPU) and a few images at a time, so that the
-    (B, K, S, S) logits never exist at once."""
+    CanViT-eval), channels-last (3x faster on CPU), a few images at a time (never (B, K, S, S))."""
     n = max(1, 2 ** 22 // (logits.shape[1] * size * size))
     logits = logits.float().contiguous(memory_format=torch.channels_last)
     return torch.cat([F.interpolate(chunk, size=(size, size), mode="bilinear",
                                     align_corners=False).argmax(1) for chunk in logits.split(n)])
 
 
-# ----------------------------------------------------------------------------------------------
-# Probes (F.2.1, F.2.2) and their training on cached frozen features
-# ----------------------------------------------------------------------------------------------
-
+# ---- Probes (F.2.1, F.2.2) and their training on cached frozen features ----------------------
 class SegProbe(nn.Module):
     """F.2.1: LayerNorm + Dropout (0.1) + BatchNorm + Conv 1x1; (B, G, G, D) -> (B, K, G, G).
     NOTE(paper): as the official probe (and DINOv3's), the dropout drops whole channels."""
@@ -259,10 +245,7 @@ def train_probe(probe: nn.Module, loss_fn, inputs: tuple[Tensor, ...], cfg, seed
     return losses
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading CanViT and its teacher
-# ----------------------------------------------------------------------------------------------
-
+# ---- Loading CanViT and its teacher ----------------------------------------------------------
 def load_canvit(source: dict | Path, cfg) -> tuple[canvit.CanViT, nn.Module | None,
                                                                 dict]:
     """CanViT, its teacher (None when unknown) and the run's settings, from a train.py
@@ -291,10 +274,7 @@ def load_canvit(source: dict | Path, cfg) -> tuple[canvit.CanViT, nn.Module | No
     return model, teacher, info
 
 
-# ----------------------------------------------------------------------------------------------
-# Rollouts under a policy (App. F.1)
-# ----------------------------------------------------------------------------------------------
-
+# ---- Rollouts under a policy (App. F.1) ------------------------------------------------------
 def rollout(model: canvit.CanViT, scenes: Tensor, policy: str, T: int, G: int, glimpse_px: int,
             gen: torch.Generator, method: str = "bilinear", seg_probe: nn.Module | None = None,
             learned: tuple | None = None):
@@ -345,10 +325,7 @@ def canvas_cells(model: canvit.CanViT, canvas: Tensor) -> Tensor:
     return cells.reshape(cells.shape[0], G, G, -1)
 
 
-# ----------------------------------------------------------------------------------------------
-# One resolution: cache frozen features, train probes, evaluate every policy
-# ----------------------------------------------------------------------------------------------
-
+# ---- One resolution: cache frozen features, train probes, evaluate every policy --------------
 def datasets(cfg, info: dict, S: int):
     """(probe-training, held-out) datasets at scene size S: train / val (synthetic, ImageFolder:
     resize + centre crop, F.2.2) or training / validation (ADE20K: resized to S x S, F.2.1)."""
@@ -429,10 +406,9 @@ def train_probes(model, feats: dict, ds, cfg, device) -> tuple[dict, dict]:
 
 
 def fit_standardizers(model, feats: dict, G: int) -> tuple[tuple, str]:
-    """The (CLS, patch) standardizers of grid G: the checkpoint's, or, for a grid it has none
-    for (a larger canvas), fitted here on the probe-training scenes' teacher features at that
-    resolution, outside the model (which stays unchanged). NOTE(paper): the official models
-    keep one standardizer pair per canvas grid (`canvas_patch_grid_sizes`) in the same way."""
+    """The (CLS, patch) standardizers of grid G: the checkpoint's, or, for a grid it has none for
+    (a larger canvas), fitted on the probe-training scenes' teacher features outside the model.
+    NOTE(paper): as the official models, one pair per canvas grid (`canvas_patch_grid_sizes`)."""
     if str(G) in model.scene_standardizers:
         return model.standardizers(G), "checkpoint"
     cls_std = canvit.Standardizer(1, model.cfg.teacher_dim)
@@ -555,10 +531,7 @@ def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg, info: dict,
     return results, pics
 
 
-# ----------------------------------------------------------------------------------------------
-# App. A: pictures (Pillow)
-# ----------------------------------------------------------------------------------------------
-
+# ---- App. A: pictures (Pillow) ---------------------------------------------------------------
 def pca_rgb(tokens: Tensor) -> np.ndarray:
     """App. A: (N, D) tokens -> (N, 3) uint8: LayerNorm each token, PCA across tokens, the first
     three components as RGB, each min-max scaled over the tokens shown."""
@@ -581,9 +554,9 @@ def _palette(K: int) -> np.ndarray:
 
 
 def save_pictures(pics: dict, path_prefix: Path, K: int | None, tile: int = 128) -> list[str]:
-    """One PNG per policy: for each scene, rows = scene with the glimpse boxes so far (the current
-    one yellow), canvas PCA, predicted segmentation; columns = reference (scene, teacher PCA, true
-    mask), then the tables' timesteps. Returns the paths written."""
+    """One PNG per policy (-> the paths): per scene, rows = the scene with the glimpse boxes so
+    far (the current one yellow), canvas PCA, predicted segmentation; columns = reference (scene,
+    teacher PCA, true mask), then the tables' timesteps."""
     mean = torch.tensor(data.IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(data.IMAGENET_STD)[:, None, None]
     scenes = ((pics["images"] * std + mean).clamp(0, 1) * 255).round().byte()
@@ -598,7 +571,6 @@ def save_pictures(pics: dict, path_prefix: Path, K: int | None, tile: int = 128)
     def mask_image(mask: Tensor) -> Image.Image:
         rgb = pal[mask.numpy().astype(np.int64)]                          # (S, S, 3)
         return Image.fromarray(rgb).resize((tile, tile), Image.NEAREST)
-
     for policy, steps in pics["policies"].items():
         cols = _columns(len(steps))                                   # the tables' timesteps
         canvas = Image.new("RGB", ((len(cols) + 1) * tile, len(scenes) * 3 * tile + head), "white")
@@ -633,10 +605,7 @@ def save_pictures(pics: dict, path_prefix: Path, K: int | None, tile: int = 128)
     return written
 
 
-# ----------------------------------------------------------------------------------------------
-# Tables 4, 6, 7 (markdown)
-# ----------------------------------------------------------------------------------------------
-
+# ---- Tables 4, 6, 7 (markdown) ---------------------------------------------------------------
 def _columns(T: int) -> list[int]:
     """Table 6's timesteps (0-4, 9, 16, 20) for long rollouts, every step for short ones."""
     return [t for t in (0, 1, 2, 3, 4, 9, 16, 20) if t < T] if T > 10 else list(range(T))
@@ -683,10 +652,7 @@ def tables(results: dict) -> str:
                 out += f"{what} at {r['scene_px']}/{r['canvas_grid']}²: {', '.join(ref)}\n\n"
     return out
 
-# ----------------------------------------------------------------------------------------------
-# Driver
-# ----------------------------------------------------------------------------------------------
-
+# ---- Driver ----------------------------------------------------------------------------------
 def check_options(cfg) -> None:
     if {"learned", "learned_sampled"} & set(cfg.policies):
         raise EvalError("--policies: 'learned' and 'learned_sampled' come from a grpo checkpoint (--ckpt runs/<grpo run>/ckpt.pt)")
@@ -697,8 +663,7 @@ def check_options(cfg) -> None:
 
 
 def evaluate(source: dict | Path, cfg) -> tuple[dict, str]:
-    """[003] Sec. 6: every metric at every resolution -> (results, markdown tables); the PNGs
-    go into out_dir."""
+    """[003] Sec. 6, all metrics at all resolutions -> (results, markdown tables); PNGs: out_dir."""
     check_options(cfg)
     learned = None
     if isinstance(source, dict) and source["config"]["objective"] == "grpo":   # a learned policy
