@@ -89,10 +89,7 @@ class DataConfig:
     fragment_px: int = 9        # fashion_mnist: fragment side in item pixels (RAM: 8)
 
 
-# ----------------------------------------------------------------------------------------------
-# Synthetic scenes: the generative process
-# ----------------------------------------------------------------------------------------------
-#
+# ---- Synthetic scenes: the generative process ------------------------------------------------
 # A scene lives in continuous coordinates (y, x) in [-1, 1]^2 (DESIGN.md), and a pixel is the
 # *area mean* of the scene over the pixel's box, computed analytically, so a render at any size
 # is an anti-aliased view of the same scene: `render(i, 4S)` area-pooled 4x4 is `render(i, S)`
@@ -182,8 +179,7 @@ def _gratings(ys: np.ndarray, xs: np.ndarray, hy: float, hx: float, f: np.ndarra
     """Pixel-area means of sum_k amp_k cos(2 pi (f_k . (y, x)) + phase_k) on a pixel grid:
     ys: (h,), xs: (w,) pixel centres; f: (K, 2) cycles per unit (fy, fx); phase: (K,); amp: (K, 3)
     -> (3, h, w) float32. Separable: cos(a + b) = cos a cos b - sin a sin b, so one (3h, 2K) x
-    (2K, w) product; the mean over a pixel (hy, hx) multiplies a grating by sinc(fy hy) sinc(fx hx).
-    """
+    (2K, w) product; a pixel (hy, hx) mean multiplies a grating by sinc(fy hy) sinc(fx hx)."""
     att = np.sinc(f[:, 0] * hy) * np.sinc(f[:, 1] * hx)                           # (K,)
     ay = 2 * np.pi * f[:, 0, None] * ys[None, :]                                   # (K, h)
     bx = 2 * np.pi * f[:, 1, None] * xs[None, :] + phase[:, None]                  # (K, w)
@@ -251,9 +247,7 @@ def sample_scene(index: int, seed: int = 0, split: str = "train", num_classes: i
     return dict(label=label, background=background, objects=objects, target=target)
 
 
-# ----------------------------------------------------------------------------------------------
-# Synthetic scenes: rendering
-# ----------------------------------------------------------------------------------------------
+# ---- Synthetic scenes: rendering -------------------------------------------------------------
 def _span(c: float, rb: float, lo: float, step: float, n: int) -> slice:
     """Pixels whose centres lie within rb (+ one pixel) of c, along one axis starting at lo."""
     i0 = max(int(math.floor((c - rb - lo) / step - 1.5)), 0)
@@ -392,9 +386,7 @@ class SyntheticScenes(Dataset):
                 "mask": torch.from_numpy(s.mask), "index": i, "target": torch.from_numpy(s.target)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Decoding real images with Pillow: any mode -> RGB; bad files become "bad" items
-# ----------------------------------------------------------------------------------------------
+# ---- Decoding real images with Pillow: any mode -> RGB; bad files become "bad" items ---------
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff",
                     ".webp", ".gif")
 ALPHA_BACKGROUND = (255, 255, 255)   # transparent pixels are composited on white, as viewers show them
@@ -448,9 +440,7 @@ def _bad(index: int, path: str, e: BaseException) -> dict:
     return {"index": index, "bad": f"{path}: {type(e).__name__}: {e}"}
 
 
-# ----------------------------------------------------------------------------------------------
-# ImageFolder [003, Table 1, App. D.2]: Resize(S) + CenterCrop(S), ImageNet normalisation
-# ----------------------------------------------------------------------------------------------
+# ---- ImageFolder [003, Table 1, App. D.2]: Resize(S) + CenterCrop(S), ImageNet norm ----------
 def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     """Shorter side -> size (bilinear, antialiased), then the centre size x size crop, as
     torchvision's Resize(size) + CenterCrop(size). Done as one resize of the source box that
@@ -490,19 +480,17 @@ def random_resized_crop_box(rng: np.random.Generator, W: int, H: int,
 class ImageFolder(Dataset):
     """root/<class>/**/<image> (classes are the sorted folder names), as torchvision's.
 
-    Item i: image (3, S, S) float32 normalised, label () int64, index i; or, when the file cannot
-    be decoded (truncated, empty, not an image, too large), {"index": i, "bad": reason}. Files
-    without an image extension are listed in `self.ignored`. Paths (UTF-8 bytes) and labels are
-    numpy arrays: lists of Python objects would be copied into every DataLoader worker (refcounts).
+    Item i: image (3, S, S) float32 normalised, label () int64, index i; or, when the file
+    cannot be decoded (truncated, empty, not an image, too large), {"index": i, "bad": reason}.
+    Files without an image extension are listed in `self.ignored`. Paths (UTF-8 bytes) and
+    labels are numpy arrays: lists of objects would be copied into every worker (refcounts).
 
     augment=False: Resize(S) + CenterCrop(S) [003, Table 1]. augment=True: ImageNet's training
     view, RandomResizedCrop(S, scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip with p 1/2
     ([002] Sec. 2 calls random resized crops "very important" for ViTs). NOTE(paper): the papers
     give no details; as DeiT, the crop is resized bicubically, and nothing else of DeiT's recipe
-    (RandAugment, random erasing, CutMix) is applied: [002] A.3.4 names only MixUp. The draws are
-    a function of (seed, epoch, index) (`set_epoch`), not of the worker: a resumed run sees the
-    same crops.
-    """
+    (RandAugment, random erasing, CutMix) is applied: [002] A.3.4 names only MixUp. Draws depend
+    on (seed, epoch, index) (`set_epoch`), not on the worker: a resumed run sees the same crops."""
     def __init__(self, root: str, image_size: int, max_pixels: int = Image.MAX_IMAGE_PIXELS,
                  augment: bool = False, seed: int = 0):
         if not os.path.isdir(root):
@@ -556,9 +544,7 @@ class ImageFolder(Dataset):
         return {"image": image, "label": torch.tensor(label, dtype=torch.int64), "index": i}
 
 
-# ----------------------------------------------------------------------------------------------
-# ADE20K (SceneParse150) segmentation [003, App. F.2.1]
-# ----------------------------------------------------------------------------------------------
+# ---- ADE20K (SceneParse150) segmentation [003, App. F.2.1] -----------------------------------
 ADE20K_IGNORE = 255
 # Annotation PNG values: 0 = "other" (not one of the 150 classes), 1..150 the classes. Training
 # labels: 1..150 -> 0..149, and 0 (or anything above 150) -> 255, the ignore index.
@@ -626,10 +612,9 @@ def _random_resized_crop(im: Image.Image, ann: Image.Image, S: int, rng: np.rand
     S x S window: a crop when n >= S; when n < S, the scene is placed at a random offset inside
     the window, on the mean colour (0 after normalisation) with the ignore label. Returns image
     (3, S, S) float32 normalised and mask (S, S) int64.
-    NOTE(paper): F.2.1 says "random resized crop with scale range [0.5, 2.0]"; a crop scale above 1
-    only makes sense as the mmsegmentation / DINOv3 recipe it follows (random rescale by a ratio in
-    [0.5, 2], then a random crop of the target size, padded with ignore), read on the square scene.
-    """
+    NOTE(paper): F.2.1 says "random resized crop with scale range [0.5, 2.0]"; a crop scale
+    above 1 only makes sense as the mmsegmentation / DINOv3 recipe it follows (random rescale by
+    a ratio in [0.5, 2], then a random crop of the target size, padded with ignore), on a square."""
     n = max(1, round(rng.uniform(*scale) * S))
     W, H = im.size
     if n >= S:
@@ -648,10 +633,7 @@ def _random_resized_crop(im: Image.Image, ann: Image.Image, S: int, rng: np.rand
     return image, mask
 
 
-# ----------------------------------------------------------------------------------------------
-# Fashion-MNIST scenes: the IDX files; plain, cluttered translated [RAM] and item-crop scenes
-# ----------------------------------------------------------------------------------------------
-#
+# ---- Fashion-MNIST scenes: IDX files; plain, cluttered translated [RAM], item crops ----------
 # Fashion-MNIST (Xiao, Rasul and Vollgraf, arXiv 1708.07747): 60,000 training and 10,000 test
 # photographs of clothing, 28 x 28 grey, 10 classes, in four IDX files. The train split's scenes
 # are made only of the 60k training items, the val split's only of the 10k test items, clutter
@@ -707,8 +689,7 @@ def read_idx(path: str, shape: tuple[int, ...]) -> np.ndarray:
     when it is missing, unreadable, of another type or shape, truncated or too long.
 
     IDX (LeCun's MNIST format): 4 magic bytes 0, 0, the type code (0x08: unsigned byte) and the
-    number of dimensions; each dimension's size as a big-endian uint32; the values in C order.
-    """
+    number of dimensions; each dimension's size as a big-endian uint32; the values in C order."""
     want = f"IDX of unsigned bytes, {' x '.join(map(str, shape))}"
     try:
         with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
@@ -742,8 +723,8 @@ def load_fashion_mnist(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """The items of split "train" (the 60k file) or "val" (the 10k test file) in folder `root`
     ('' = FASHION_MNIST_ROOT): images (N, 28, 28) uint8, labels (N,) int64 in 0..9. Each file
     is NAME.gz or NAME; loaded once per process (47 MB for the 60k items) and kept (DataLoader
-    workers inherit them). DataError (path, what was expected, how to get the files) when a file
-    is missing or damaged."""
+    workers inherit them). DataError (path, what was expected, how to get the files) for a
+    missing or damaged file."""
     if split not in FASHION_MNIST_FILES:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     root = root or FASHION_MNIST_ROOT
@@ -860,8 +841,7 @@ class FashionMNISTScenes(Dataset):
     image (3, S, S) float32 normalised (grey in R, G and B), label () int64 (the item's; clutter
     never counts), index i, target (3,) float32 (the item's centre y, x and half-side).
     Deterministic per (seed, split, index); the same scene at any image_size S. Not augmented:
-    the random placement varies the views; plain scenes are the benchmark's unaugmented setting.
-    """
+    the random placement varies the views; plain scenes are the benchmark's unaugmented set."""
     num_classes = len(FASHION_MNIST_CLASSES)
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, length: int, image_size: int,
@@ -902,16 +882,13 @@ class FashionMNISTScenes(Dataset):
                 "target": torch.from_numpy(target)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Batching and building from the config
-# ----------------------------------------------------------------------------------------------
+# ---- Batching and building from the config ---------------------------------------------------
 def collate(samples: list[dict | None]) -> dict:
     """Batch dataset items: tensors stacked to (B, ...), ints to a (B,) int64 tensor, anything
-    else listed. Bad items ({"bad": reason}) and None are dropped: the batch carries `n_bad` (int)
-    and `bad` (list of reasons, each beginning with the file's path), so the training loop can sum
-    them. When every item is bad the batch holds only n_bad and bad (B = 0): skip it, and under
-    DDP still run the step's collectives (e.g. a zero loss) so the other ranks do not wait.
-    """
+    else listed. Bad items ({"bad": reason}) and None are dropped: the batch carries `n_bad`
+    (int) and `bad` (list of reasons, each beginning with the file's path), so the training loop
+    can sum them. When every item is bad the batch holds only n_bad and bad (B = 0): skip it,
+    and under DDP still run the step's collectives (e.g. a zero loss) the other ranks wait on."""
     good = [s for s in samples if s is not None and "bad" not in s]
     batch: dict = {"n_bad": len(samples) - len(good),
                    "bad": [s["bad"] for s in samples if s is not None and "bad" in s]}
@@ -962,9 +939,7 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = False, 
     raise DataError(f"data.dataset = {cfg.dataset!r}: one of {', '.join(DATASETS)}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Demo (`python data.py`); the benchmarks are in bench.py
-# ----------------------------------------------------------------------------------------------
+# ---- Demo (`python data.py`); the benchmarks are in bench.py ---------------------------------
 def save_grid(path: str, n: int = 6, size: int = 256, seed: int = 0) -> None:
     """One row per scene: the scene, its mask, a 64 px render (what a coarse view sees), and a
     zoomed render of the target window (what a glimpse on it sees)."""
