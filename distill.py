@@ -72,10 +72,7 @@ class DistillConfig:
     shard_size: int = 4096         # [003] D.2: scenes per feature shard
 
 
-# ----------------------------------------------------------------------------------------------
-# Sec. 5.1: the teacher and the loss
-# ----------------------------------------------------------------------------------------------
-
+# ---- Sec. 5.1: the teacher and the loss ------------------------------------------------------
 class RandomTeacherWarning(UserWarning):
     """Distilling a randomly initialised teacher (no weights given)."""
 
@@ -109,18 +106,14 @@ def teacher_features(teacher: canvit.DINOv3ViT, images: Tensor, grid: int | None
 def reconstruction_loss(pred: canvit.Predictions, cls_target: Tensor, patch_target: Tensor
                         ) -> tuple[Tensor, Tensor]:
     """Eq. (3) for one timestep: (patch term, CLS term), targets z-scored, in float32.
-    NOTE(paper): Eq. (3) writes squared norms (summed over features); we follow the official
-    code, which averages over features too (mse_loss): a 1 / Dt scale, which matters for the
-    gradient clipping at 1.0 (Table 2)."""
+    NOTE(paper): Eq. (3) writes squared norms (summed over features); as the official code, we
+    average over features too (mse_loss): a 1 / Dt scale that matters to clipping (Table 2)."""
     patch = F.mse_loss(pred.patches.float(), patch_target)          # (B, G*G, Dt)
     cls = F.mse_loss(pred.cls.float(), cls_target)                    # (B, Dt)
     return patch, cls
 
 
-# ----------------------------------------------------------------------------------------------
-# Sec. 5.2: rollouts
-# ----------------------------------------------------------------------------------------------
-
+# ---- Sec. 5.2: rollouts ----------------------------------------------------------------------
 def num_chunks(gen: torch.Generator, p_stop: float, max_chunks: int) -> int:
     """Sec. 5.2: after each chunk the rollout stops with probability p_stop: a geometric count
     (mean 1 / p_stop chunks), shared by every rollout of the step."""
@@ -149,8 +142,7 @@ class Distillation(nn.Module):
     length, viewpoints) is drawn for the global batch from a generator seeded by (seed, step),
     each process taking its scenes: the same on any number of processes and after a resume."""
     # One fixed view per scene, Resize + CenterCrop [003, Table 2; App. D.2], as the official
-    # feature shards hold; the teacher run in the loop sees that same view, so the two modes
-    # train on identical targets and precomputing changes only the speed.
+    # shards hold and the teacher in the loop sees: precomputing changes only the speed.
     augment = False
 
     def __init__(self, cfg: DistillConfig, seed: int):
@@ -246,7 +238,6 @@ class Distillation(nn.Module):
             raise ValueError(f"teacher features hold {patch_t.shape[1]} patches, a {S} px scene has "
                              f"{G}x{G}: were they exported at another image size?")
         cls_t, patch_t = model.standardize_targets(cls_t, patch_t)
-
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         T = cfg.chunk * num_chunks(gen, cfg.p_stop, cfg.max_chunks)
         R = cfg.n_fiid + cfg.n_riid
@@ -254,7 +245,6 @@ class Distillation(nn.Module):
         # This process's scenes within each rollout: global sample j = rank * B + i.
         mine = (torch.arange(R)[:, None] * B * world + rank * B + torch.arange(B)[None]).view(-1)
         vp = canvit.Viewpoint(vp.center_yx[:, mine].to(images.device), vp.scale[:, mine].to(images.device))
-
         # All rollouts as one batch of R*B (same length), rollout r on scene b at row r*B + b.
         if cfg.glimpse_method == "integral":                      # R rows share each scene's table
             source = fovea.integral_image(images).select(torch.arange(B).repeat(R))
@@ -281,10 +271,7 @@ class Distillation(nn.Module):
                 "rollout_len": torch.tensor(float(T)), "glimpses": R * B * T}
 
 
-# ----------------------------------------------------------------------------------------------
-# App. D.2: teacher features precomputed into float16 shards
-# ----------------------------------------------------------------------------------------------
-
+# ---- App. D.2: teacher features precomputed into float16 shards ------------------------------
 def shard_path(folder: str | Path, k: int) -> Path:
     return Path(folder) / f"shard_{k:06d}.pt"
 
@@ -297,8 +284,7 @@ def export_features(teacher: nn.Module, dataset, folder: str | Path, shard_size:
     {"index": (n,) int64 dataset indices, "cls": (n, Dt) float16, "patches": (n, G*G, Dt)
     float16}; returns the shards this process wrote. The scenes are shuffled once (seeded): shard
     k holds perm[k*n:(k+1)*n], shards in order are a random order. Shard k is written by process
-    k % world, atomically (a temporary file renamed); shards on disk are kept: a cut export
-    resumes."""
+    k % world, atomically (a temporary file renamed); shards on disk are kept: an export resumes."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
