@@ -145,8 +145,12 @@ def test_fresh_init_matches_official_init(ref):
     model.add_standardizers(ref["canvas_grid"])
     ours = model.state_dict()
     assert sorted(ours) == sorted(ref["state_dict_init"])
-    assert [k for k, v in ref["state_dict_init"].items() if not torch.equal(ours[k], v)] == []
-    assert torch.equal(canvit.VPE(64).B, ref["state_dict"]["vpe.B"])   # the frozen RFF matrix
+    # The same draws; the uniform -> erfinv (trunc-normal) and Box-Muller (randn) kernels round
+    # by CPU kind, up to a few float32 ulps from the official values computed on another CPU.
+    ulps = dict(rtol=4 * torch.finfo(torch.float32).eps, atol=1e-12)
+    for k, v in ref["state_dict_init"].items():
+        torch.testing.assert_close(ours[k], v, **ulps, msg=k)
+    torch.testing.assert_close(canvit.VPE(64).B, ref["state_dict"]["vpe.B"], **ulps)   # the frozen RFF matrix
 
 
 def test_key_bias_is_masked(ref):

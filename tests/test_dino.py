@@ -551,7 +551,7 @@ def test_hue_shift_matches_colorsys_and_blur_a_direct_convolution():
     want = torch.stack([torch.stack([torch.stack([(padded[c, i:i + 9, j:j + 9] * k2).sum() for j in range(8)])
                                      for i in range(8)]) for c in range(3)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert torch.equal(dino._blur(patch, torch.tensor([0.0])), patch)     # sigma 0: untouched
+    torch.testing.assert_close(dino._blur(patch, torch.tensor([0.0])), patch)   # sigma 0: untouched
 
 
 def test_collapse_statistics():

@@ -117,8 +117,12 @@ def test_cell_targets_match_brute_force():
 
 def test_predicted_masks_are_bilinear_upsampling_then_argmax():
     logits = torch.randn(7, 4, 3, 3)
-    expect = F.interpolate(logits, size=(48, 48), mode="bilinear", align_corners=False).argmax(1)
-    assert torch.equal(ec.predict_masks(logits, 48), expect)
+    up = F.interpolate(logits, size=(48, 48), mode="bilinear", align_corners=False)
+    got = ec.predict_masks(logits, 48)
+    # channels-last interpolation rounds apart from the default layout's by an ulp at most: a
+    # pixel may differ only where its two best classes are that close
+    top2 = up.topk(2, dim=1).values
+    assert ((got == up.argmax(1)) | (top2[:, 0] - top2[:, 1] < 1e-5)).all()
 
 
 def test_policy_metrics_match_a_brute_force_recomputation(tiny):
