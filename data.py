@@ -818,31 +818,50 @@ def render_layers(layers: list[tuple[np.ndarray, float, float, float]], size: in
     return np.einsum("id,jd->ij", rows, ox).astype(np.float32)                 # (S, S)
 
 
+def fashion_layers(images: np.ndarray, layout: dict, scene: str = "cluttered",
+                   fragment_px: int = 9) -> tuple[list, list, tuple, np.ndarray]:
+    """The layers of `layout` (from `sample_layout`) made of `images` (N, 28, 28) uint8: the
+    item's and the fragments', the window rendered (the crop scene: the item's square), and the
+    target (3,) float32, the item's centre (y, x) and half-side in that window's [-1, 1]."""
+    cy, cx, h = layout["box"]
+    item = [(images[layout["item"]] / 255.0, cy - h, cx - h, 2 * h)]
+    side = 2 * h * fragment_px / ITEM_PX
+    clutter = [(images[j, top:top + fragment_px, left:left + fragment_px] / 255.0,
+                fy - side / 2, fx - side / 2, side) for j, top, left, fy, fx in layout["fragments"]]
+    if scene == "crop":
+        return item, clutter, (cy - h, cx - h, cy + h, cx + h), np.array([0, 0, 1], np.float32)
+    return item, clutter, (-1.0, -1.0, 1.0, 1.0), np.array([cy, cx, h], np.float32)
+
+
 def render_fashion(images: np.ndarray, layout: dict, size: int, scene: str = "cluttered",
                    fragment_px: int = 9) -> tuple[np.ndarray, np.ndarray]:
-    """The scene of `layout` (from `sample_layout`) made of `images` (N, 28, 28) uint8, at size
-    x size px. Returns grey (S, S) float32 in [0, 1] and target (3,) float32: the item's centre
-    (y, x) and half-side in the rendered window's [-1, 1] coordinates."""
-    cy, cx, h = layout["box"]
-    layers = [(images[layout["item"]] / 255.0, cy - h, cx - h, 2 * h)]
-    side = 2 * h * fragment_px / ITEM_PX
-    for j, top, left, fy, fx in layout["fragments"]:
-        crop = images[j, top:top + fragment_px, left:left + fragment_px] / 255.0
-        layers.append((crop, fy - side / 2, fx - side / 2, side))
-    if scene == "crop":
-        window = (cy - h, cx - h, cy + h, cx + h)                           # the item's square
-        return render_layers(layers, size, window), np.array([0, 0, 1], np.float32)
-    return render_layers(layers, size), np.array([cy, cx, h], np.float32)
+    """The scene of `layout` at size x size px: grey (S, S) float32 in [0, 1] and the target."""
+    item, clutter, window, target = fashion_layers(images, layout, scene, fragment_px)
+    return render_layers(item + clutter, size, window), target
+
+
+def fashion_mask(images: np.ndarray, layout: dict, label: int, size: int, scene: str = "cluttered",
+                 fragment_px: int = 9) -> np.ndarray:
+    """(S, S) int64 segment classes: 2 + label where the item shows, 1 where a clutter fragment
+    does, 0 elsewhere. NOTE: Fashion-MNIST has no masks; a pixel shows a layer where that layer
+    alone would be at least 0.1 bright there and the other no brighter (the silhouette, as the
+    max compositing draws it)."""
+    item, clutter, window, _ = fashion_layers(images, layout, scene, fragment_px)
+    a = render_layers(item, size, window)
+    b = render_layers(clutter, size, window) if clutter else np.zeros_like(a)
+    return np.where((a >= 0.1) & (a >= b), 2 + label, np.where(b >= 0.1, 1, 0)).astype(np.int64)
 
 
 class FashionMNISTScenes(Dataset):
     """Scenes of Fashion-MNIST items (see "Fashion-MNIST scenes" above) of one split: images
     (N, 28, 28) uint8 and labels (N,) int64 of that split only (load_fashion_mnist). Item i:
     image (3, S, S) float32 normalised (grey in R, G and B), label () int64 (the item's; clutter
-    never counts), index i, target (3,) float32 (the item's centre y, x and half-side).
+    never counts), index i, target (3,) float32 (the item's centre y, x and half-side), mask
+    (S, S) int64 (fashion_mask: 0 background, 1 clutter, 2 + label the item).
     Deterministic per (seed, split, index); the same scene at any image_size S. Not augmented:
     the random placement varies the views; plain scenes are the benchmark's unaugmented set."""
     num_classes = len(FASHION_MNIST_CLASSES)
+    num_segment_classes = 2 + num_classes
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, length: int, image_size: int,
                  scene: str = "cluttered", item_size: tuple[float, float] = (0.4375, 0.4375),
@@ -878,8 +897,11 @@ class FashionMNISTScenes(Dataset):
     def __getitem__(self, i: int) -> dict:
         grey, label, target = self.render(i)
         image = _normalise(np.repeat(grey[:, :, None], 3, axis=2))                # (3, S, S)
+        layout = sample_layout(i, len(self.images), self.seed, self.split, self.scene, self.item_size,
+                               self.clutter, self.fragment_px)
+        mask = fashion_mask(self.images, layout, label, self.image_size, self.scene, self.fragment_px)
         return {"image": image, "label": torch.tensor(label, dtype=torch.int64), "index": i,
-                "target": torch.from_numpy(target)}
+                "target": torch.from_numpy(target), "mask": torch.from_numpy(mask)}
 
 
 # ---- Batching and building from the config ---------------------------------------------------

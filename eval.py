@@ -4,6 +4,7 @@
     python eval.py --ckpt runs/foveal_tiny/ckpt.pt --baseline runs/vit_tiny/ckpt.pt --out_dir DIR
     python eval.py --cfg my_eval.yaml --ckpt ... --n_val=512 --policies=c2f,riid   # overrides
     python eval.py --summarize DIR DIR DIR       # several evaluations (seeds): mean (min-max)
+    python eval.py --compare A1,A2,A3 B1,B2,B3   # systems side by side: accuracy by glimpses, GFLOPs
 
 Papers
   [002] Prisadnikov et al., "Vision encoders should be image size agnostic and task driven",
@@ -15,13 +16,17 @@ The checkpoint's objective chooses the protocol:
   distill (CanViT; or an official Hugging Face folder)  eval_canvit.py  [003] Sec. 6, App. A, E, F
   foveal_sup, probe, dino (the foveal iterative ViT)     this file       [002] Sec. 6; [000] Sec. 5
   grpo (a learned gaze policy)                           its encoder's, with the policy beside the others
+  vit_sup (the passive ViT, alone)                       this file       its top-1 on its own scenes
 Both write results.json, tables.md and PNGs into --out_dir, the frozen models checked unchanged.
 
 The foveal protocol (evaluate_foveal): top-1 / top-5 after every step with random gazes ([002]
 Table 2's layout) and a fixed gaze sequence; "ViT mode" ([000] Sec. 5.3); [000] Fig. 1's sweep
 over scenes 2x, 4x, 8x larger than in training (the same gazes in scene units), beside a passive
 ViT baseline (`--baseline`, a `vit_sup` checkpoint) whose patches shrink as the scene grows;
-k-NN on a dino or probe backbone; a grpo checkpoint's policy, rolled out as trained.
+k-NN on a dino or probe backbone; a grpo checkpoint's policy, rolled out as trained. Every
+policy also gets [002]'s "compute follows the task" as an anytime rule (--stop_at): an episode
+ends at the first glimpse whose top class probability reaches a threshold; the accuracy against
+the mean glimpses an image spent, a table and anytime.png.
 
 Config: EvalConfig below, through config.py: an optional YAML file (--cfg), then `--key=value`
 or `--key value` (lists as `a,b,c`); unknown keys and bad values stop before any work.
@@ -35,6 +40,7 @@ Paper -> code
   [000] Sec. 5.3 ViT mode; Fig. 1 resolution robustness        evaluate_foveal
   [000] Sec. 5   k-NN on frozen first state tokens             knn, knn_top1
   [000] Table 1, 3; [002] A.3.3  learned policy, deterministic  policy_episode
+  [002] Sec. 1-3 compute follows the task: stop when sure     eval_canvit.anytime_curve
                  markdown tables, gaze pictures                 foveal_tables, save_gaze_picture
 
 Tests: `python -m pytest tests/test_eval.py tests/test_eval_canvit.py`.
@@ -59,7 +65,8 @@ import data
 import eval_canvit
 import fovea
 import grpo
-from eval_canvit import EvalError, Progress, batches, cell, check_unchanged, device_of, merge, snapshot
+from eval_canvit import (EvalError, Progress, anytime_curve, anytime_table, batches, cell, check_unchanged,
+                         device_of, gflops, merge, save_curves, snapshot)
 
 
 def _opt(default, help: str):
@@ -73,8 +80,9 @@ class EvalConfig:
     ckpt: str = _opt("", "train.py checkpoint (ckpt.pt) or official Hugging Face folder (required)")
     out_dir: str = _opt("", "where results.json, tables.md and the PNGs go (required)")
     T: int = _opt(0, "glimpses per rollout (0: CanViT's 21, [003] F.2; a foveal model's episode)")
-    data: str = _opt("", "synthetic | ade20k | imagefolder ('' = the checkpoint's dataset)")
-    root: str = _opt("", "ADEChallengeData2016 folder, or an ImageFolder root with train/ val/")
+    data: str = _opt("", "synthetic | fashion_mnist | ade20k | imagefolder ('' = the checkpoint's)")
+    root: str = _opt("", "the data's folder where it moved ('' = the checkpoint's): Fashion-MNIST's "
+                         "files, ADEChallengeData2016, or an ImageFolder root with train/ val/")
     scene_size: int = _opt(0, "scene side S in px (0 = the checkpoint's; 512 for an HF folder)")
     res_factors: tuple[int, ...] = _opt((), "evaluate at k S (and k G) for each k (none: CanViT 1,2, "
                                         "[003] 512/32, 1024/64; foveal 1,2,4,8, [000] Fig. 1)")
@@ -102,6 +110,10 @@ class EvalConfig:
     baseline: str = _opt("", "foveal: a vit_sup checkpoint (the passive ViT) to compare with")
     repeats: int = _opt(3, "foveal: random gaze sequences averaged per scene")
     vit_grid: int = _opt(0, "foveal: ViT-mode grid side (0: scene px / patch px)")
+    stop_at: tuple[float, ...] = _opt((0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
+                                      "stop when sure: an image's episode ends after the first glimpse "
+                                      "whose top class probability reaches a threshold; the accuracy "
+                                      "against mean glimpses at each (none: no stopping curves)")
 
 
 def usage() -> str:
@@ -209,9 +221,8 @@ def knn_top1(train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Ten
     return (votes.argmax(1) == test_labels).float().mean().item()
 
 
-def knn(model: fovea.FovealViT, ckpt: dict, cfg: EvalConfig, T: int, grid: int) -> dict:
+def knn(model: fovea.FovealViT, dcfg: data.DataConfig, cfg: EvalConfig, T: int, grid: int) -> dict:
     """k-NN top-1 (%) of the first state token, after ViT mode and after T random gazes."""
-    dcfg = data.DataConfig(**ckpt["config"]["data"])
     train_ds = data.build_dataset(dataclasses.replace(dcfg, length=max(cfg.n_train, 1)), "train")
     val_ds = data.build_dataset(dataclasses.replace(dcfg, val_length=cfg.n_val), "val")
     episode = fovea.FovealTrainConfig(model=model.cfg, steps=T)
@@ -264,10 +275,13 @@ def policy_episode(model: fovea.FovealViT, policy: grpo.GazePolicy, images: Tens
     return glimpses, logits
 
 
-def on_badge(glimpses: list[fovea.Patches], target: Tensor) -> Tensor:
-    """(T,) how many gazes of each step fell on the badge (synthetic scenes: its centre, radius)."""
+def on_target(glimpses: list[fovea.Patches], target: Tensor, square: bool) -> Tensor:
+    """(T,) how many gazes of each step fell on the target: the synthetic badge, a disc (centre,
+    radius), or a Fashion-MNIST item, a square (centre, half-side)."""
     gaze = torch.stack([p.yxz[:, 0, :2] for p in glimpses]).cpu()                  # (T, B, 2)
-    return ((gaze - target[None, :, :2]).norm(dim=-1) <= target[None, :, 2]).float().sum(1)
+    d = gaze - target[None, :, :2]
+    d = d.abs().amax(-1) if square else d.norm(dim=-1)
+    return (d <= target[None, :, 2]).float().sum(1)
 
 
 def save_heatmap(gazes: list[Tensor], path: Path, tile: int = 128) -> str:
@@ -328,6 +342,11 @@ def save_gaze_picture(images: Tensor, traces: dict[str, Trace], path: Path, tile
     return str(path)
 
 
+def eval_data(dcfg: data.DataConfig, cfg: EvalConfig, **changes) -> data.DataConfig:
+    """The run's data config, with --data / --root where the files moved, and `changes`."""
+    return dataclasses.replace(dcfg, dataset=cfg.data or dcfg.dataset, root=cfg.root or dcfg.root, **changes)
+
+
 def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
     """The foveal protocol (see the module's docstring) -> (results, markdown tables); pictures
     of the gazes go into out_dir. A grpo checkpoint's policy: deterministic and sampled."""
@@ -341,7 +360,7 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
     baseline, base_S = load_baseline(cfg.baseline) if cfg.baseline else (None, None)
     frozen = [m.to(device) for m in (model, baseline, policy) if m is not None]
     snaps = snapshot(*frozen)
-    mcfg, dcfg = model.cfg, data.DataConfig(**ckpt["config"]["data"])
+    mcfg, dcfg = model.cfg, eval_data(data.DataConfig(**ckpt["config"]["data"]), cfg)
     objective = ckpt["config"]["objective"]
     S, T = dcfg.image_size, cfg.T or trained_steps(ckpt)
     if baseline is not None and base_S != S:
@@ -353,7 +372,7 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
         results["policy"] = {"first_gaze": grpo_cfg["first_gaze"], "std_sampled": grpo_cfg["policy"]["std_end"]}
     names = ("random", "fixed") + (("policy", "policy_sampled") if policy is not None else ())
     if objective in ("probe", "dino"):                          # [000]: k-NN on the backbone
-        results["knn"] = knn(model, ckpt, cfg, T, grid)
+        results["knn"] = knn(model, dcfg, cfg, T, grid)
         print(f"k-NN top-1 (first state token): ViT mode {results['knn']['vit']}, after {T} random "
               f"gazes {results['knn']['random']}", flush=True)
     if model.head is None:                                      # a dino backbone: k-NN only
@@ -361,11 +380,18 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
         return results, foveal_tables(results)
     train_cfg = episode_config(ckpt, model, T)
     results["glimpse"] = train_cfg.glimpse
+    table1 = fovea.integral_image(torch.zeros(1, 3, S, S, device=device))
+    results["gflops"] = {"glimpse": gflops(lambda: model.classify(model.step(table1, None, torch.zeros(1, 2, device=device)))),
+                         "vit_mode": gflops(lambda: model.classify(model.vit_mode(table1, grid)))}
+    if baseline is not None:
+        results["gflops"]["baseline"] = gflops(lambda: baseline(torch.zeros(1, 3, S, S, device=device)))
     for k in cfg.res_factors or (1, 2, 4, 8):
         ds = data.build_dataset(dataclasses.replace(dcfg, image_size=S * k, val_length=cfg.n_val), "val")
+        square = isinstance(ds, data.FashionMNISTScenes)        # the target: an item, else a badge
         gen = torch.Generator().manual_seed(cfg.seed)           # the same glimpses at every resolution
         top = {name: torch.zeros(2, T) for name in names}       # hits: top-1, top-5
-        badge = {name: torch.zeros(T) for name in names}        # gazes on the badge
+        on = {name: torch.zeros(T) for name in names}           # gazes on the target
+        sure = {name: ([], []) for name in names}               # top probability, right, (B, T) each
         gazes = [[] for _ in range(T)]                          # the policy's, for the heat map
         vit_top, base_top, n = torch.zeros(2), torch.zeros(2), 0
         policy_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -377,27 +403,29 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
                                                 hits(logits, labels, 5).sum()]).cpu()
             hw = tuple(images.shape[-2:])
             traces = {}
+
+            def tally(name, glimpses, logits, weight=1.0):
+                for t, lt in enumerate(logits):
+                    top[name][:, t] += score(lt) * weight
+                if "target" in batch:
+                    on[name] += on_target(glimpses, batch["target"], square) * weight
+                probs = torch.stack(logits, 1).float().softmax(-1).cpu()                 # (B, T, K)
+                sure[name][0].append(probs.amax(-1))
+                sure[name][1].append(probs.argmax(-1) == labels.cpu()[:, None])
             for r in range(cfg.repeats):
                 glimpses = fovea.episode_patches(model, train_cfg, gen, B, hw, device)
                 logits = per_step(model, images, glimpses)
-                for t, lt in enumerate(logits):
-                    top["random"][:, t] += score(lt) / cfg.repeats
-                if "target" in batch:
-                    badge["random"] += on_badge(glimpses, batch["target"]) / cfg.repeats
+                tally("random", glimpses, logits, 1 / cfg.repeats)
                 if r == 0:
                     traces["random gazes"] = Trace(model, glimpses, logits, labels, cfg.pictures)
             episodes = {"fixed": (fovea.episode_patches(model, train_cfg, None, B, hw, device), None)}
             if policy is not None:
                 for name, gen_p in (("policy", None), ("policy_sampled", policy_gen)):
-                    glimpses, logits = policy_episode(model, policy, images, T, grpo_cfg["first_gaze"],
-                                                      grpo_cfg["policy"]["std_end"], gen_p)
-                    episodes[name] = (glimpses, logits)
+                    episodes[name] = policy_episode(model, policy, images, T, grpo_cfg["first_gaze"],
+                                                    grpo_cfg["policy"]["std_end"], gen_p)
             for name, (glimpses, logits) in episodes.items():
                 logits = logits or per_step(model, images, glimpses)
-                for t, lt in enumerate(logits):
-                    top[name][:, t] += score(lt)
-                if "target" in batch:
-                    badge[name] += on_badge(glimpses, batch["target"])
+                tally(name, glimpses, logits)
                 label = {"fixed": "fixed gazes", "policy": "learned policy"}.get(name)
                 if label:
                     traces[label] = Trace(model, glimpses, logits, labels, cfg.pictures)
@@ -417,7 +445,14 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
         res = {"scene_px": S * k, "n": n, "vit_mode": dict(zip(("top1", "top5"), pct(vit_top))),
                **{name: {"top1": pct(h[0]), "top5": pct(h[1])} for name, h in top.items()}}
         if "target" in ds[0]:
-            res["on_badge"] = {name: pct(b) for name, b in badge.items()}
+            res["on_target"] = {name: pct(b) for name, b in on.items()}
+        if cfg.stop_at:                                          # stop when sure, per policy
+            res["anytime"] = {name: anytime_curve(torch.cat(c), torch.cat(r), cfg.stop_at)
+                              for name, (c, r) in sure.items()}
+            if k == 1:
+                Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+                results.setdefault("pictures", []).append(save_curves(
+                    {NAMES[name]: c for name, c in res["anytime"].items()}, Path(cfg.out_dir) / "anytime.png"))
         if policy is not None and k == 1 and cfg.pictures:
             results.setdefault("pictures", []).append(
                 save_heatmap([torch.cat(g) for g in gazes], Path(cfg.out_dir) / "policy_gazes.png"))
@@ -430,6 +465,10 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
     check_unchanged(frozen, snaps)
     results["frozen_weights_unchanged"] = True
     return results, foveal_tables(results)
+
+
+NAMES = {"random": "random gazes", "fixed": "fixed gazes", "policy": "learned policy",
+         "policy_sampled": "learned policy (sampled)"}
 
 
 def foveal_tables(results: dict) -> str:
@@ -455,8 +494,8 @@ def foveal_tables(results: dict) -> str:
     if "policy" in r1:                                           # [002] Table 2, [000] Table 3
         out += (row("learned policy, top-1", r1["policy"]["top1"]) + row("learned policy, top-5", r1["policy"]["top5"])
                 + row("learned policy (sampled), top-1", r1["policy_sampled"]["top1"]))
-    if "on_badge" in r1:
-        out += "".join(row(f"gazes on the badge, {name}", r1["on_badge"][name]) for name in r1["on_badge"])
+    if "on_target" in r1:
+        out += "".join(row(f"gazes on the target, {name}", r1["on_target"][name]) for name in r1["on_target"])
     out += (f"\nViT mode ({results['vit_grid']} x {results['vit_grid']} grid, one step): top-1 "
             f"{cell(r1['vit_mode']['top1'])}, top-5 {cell(r1['vit_mode']['top5'])}\n\n")
     if results["objective"] == "probe" or "policy" in r1:       # [000] Table 1's layout
@@ -472,7 +511,74 @@ def foveal_tables(results: dict) -> str:
     out += row("foveal, ViT mode", [r["vit_mode"]["top1"] for r in res])
     if "baseline" in r1:
         out += row("passive ViT baseline", [r["baseline"]["top1"] for r in res])
+    if "anytime" in r1:
+        out += ("\nStop when sure: top-1 (%) (mean glimpses an image) when an episode ends at the first "
+                "glimpse whose top class probability reaches p:\n\n"
+                + anytime_table({NAMES[name]: c for name, c in r1["anytime"].items()}))
     return out
+
+
+# ---- The passive ViT alone: its top-1 on its own scenes ----------------------------------------
+def evaluate_passive(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
+    """A vit_sup run (the passive ViT) on its own held-out scenes, at each --res_factors (default
+    1): top-1 / top-5, and its GFLOPs for one look at the whole scene."""
+    device = device_of(cfg)
+    model = fovea.load_frozen(ckpt, "classifier", canvit.ViTClassifier).to(device)
+    snaps = snapshot(model)
+    dcfg = eval_data(data.DataConfig(**ckpt["config"]["data"]), cfg)
+    S = dcfg.image_size
+    results = {"objective": "vit_sup", "step": ckpt.get("step"), "scene_px": S, "resolution": {},
+               "gflops": {"look": gflops(lambda: model(torch.zeros(1, 3, S, S, device=device)))}}
+    for k in cfg.res_factors or (1,):
+        ds = data.build_dataset(dataclasses.replace(dcfg, image_size=S * k, val_length=cfg.n_val), "val")
+        right, n = torch.zeros(2), 0
+        for batch in batches(ds, min(cfg.n_val, len(ds)), cfg.batch_size):
+            with torch.inference_mode():
+                logits = model(batch["image"].to(device))
+            labels = batch["label"].to(device)
+            right += torch.stack([hits(logits, labels, 1).sum(), hits(logits, labels, 5).sum()]).cpu()
+            n += len(labels)
+        results["resolution"][f"{k}x"] = {"scene_px": S * k, "n": n, "top1": round(100 * right[0].item() / n, 2),
+                                          "top5": round(100 * right[1].item() / n, 2)}
+    check_unchanged([model], snaps)
+    return results, passive_tables(results)
+
+
+def passive_tables(results: dict) -> str:
+    res = results["resolution"]
+    return ("Passive ViT, top-1 / top-5 (%) on held-out scenes:\n\n| scene | top-1 | top-5 |\n|---|---:|---:|\n"
+            + "".join(f"| {r['scene_px']} px ({k}) | {cell(r['top1'])} | {cell(r['top5'])} |\n" for k, r in res.items()))
+
+
+def compare(groups: list[str]) -> str:
+    """`python eval.py --compare DIR[,DIR...] ...`: one table across systems, each group of
+    evaluations (seeds, comma-separated) merged: top-1 (%) after 1, 2, 4 and 8 glimpses and
+    GFLOPs a glimpse, for a foveal ViT (random gazes, its learned policy), a CanViT (C2F, its
+    learned policy; zero-shot through the teacher's classifier) and a passive ViT (one look at
+    the whole scene, whatever the column)."""
+    rows = []
+    steps = (1, 2, 4, 8)
+    for group in groups:
+        runs = [json.loads((Path(d) / "results.json").read_text()) for d in group.split(",")]
+        r = merge(runs)
+        at = lambda xs, scale=1.0: [cell(xs[t - 1], scale) if t <= len(xs) else "-" for t in steps]
+        if r["objective"] == "vit_sup":
+            top = r["resolution"]["1x"]["top1"]
+            rows.append(("passive ViT, the whole scene", [cell(top)] * len(steps), r["gflops"]["look"]))
+        elif r["objective"] == "distill":
+            res = r["resolutions"][0]
+            for key, name in (("c2f", "CanViT, C2F"), ("learned", "CanViT, learned policy")):
+                if key in res:
+                    rows.append((name, at(res[key]["top1_zero_shot"], 100), r["gflops"]["glimpse"]))
+        else:
+            r1 = r["resolution"]["1x"]
+            for key, name in (("random", "foveal ViT, random gazes"), ("policy", "foveal ViT, learned policy")):
+                if key in r1:
+                    rows.append((name, at(r1[key]["top1"]), r["gflops"]["glimpse"]))
+    head = ("| system | " + " | ".join(f"{t} glimpse{'s' * (t > 1)}" for t in steps)
+            + " | GFLOPs a glimpse |\n|---|" + "---:|" * (len(steps) + 1) + "\n")
+    return head + "".join(f"| {name} | " + " | ".join(cells) + f" | {cell(g, spec='.3f')} |\n"
+                          for name, cells, g in rows)
 
 
 # ---- Several runs in one table, and the command line -----------------------------------------
@@ -481,7 +587,7 @@ def summarize(dirs: list[str]) -> str:
     mean (min-max) over them, from their results.json."""
     runs = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
     merged = merge(runs)
-    tables = eval_canvit.tables if runs[0].get("objective") == "distill" else foveal_tables
+    tables = {"distill": eval_canvit.tables, "vit_sup": passive_tables}.get(runs[0].get("objective"), foveal_tables)
     return f"mean (min-max) over {len(runs)} evaluations: {', '.join(dirs)}\n\n" + tables(merged)
 
 
@@ -494,8 +600,8 @@ def write(out_dir: str, results: dict, tables: str) -> None:
 
 
 def main(argv: list[str]) -> dict:
-    if argv[:1] == ["--summarize"]:
-        print(summarize(argv[1:]), end="")
+    if argv[:1] in (["--summarize"], ["--compare"]):
+        print((summarize if argv[0] == "--summarize" else compare)(argv[1:]), end="")
         return {}
     cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
@@ -507,9 +613,11 @@ def main(argv: list[str]) -> dict:
         results, tables = eval_canvit.evaluate(source, cfg)
     elif objective in ("foveal_sup", "probe", "dino"):         # the foveal iterative ViT [002, 000]
         results, tables = evaluate_foveal(source, cfg)
+    elif objective == "vit_sup":                                # the passive ViT alone
+        results, tables = evaluate_passive(source, cfg)
     else:
-        raise EvalError(f"{cfg.ckpt} was trained with objective {objective!r}; eval.py evaluates "
-                        "'distill' (CanViT), 'foveal_sup', 'probe' and 'dino' (foveal ViT) checkpoints")
+        raise EvalError(f"{cfg.ckpt} was trained with objective {objective!r}; eval.py evaluates 'distill' "
+                        "(CanViT), 'foveal_sup', 'probe', 'dino' (foveal ViT) and 'vit_sup' checkpoints")
     write(cfg.out_dir, results, tables)
     return results
 

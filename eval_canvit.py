@@ -138,6 +138,73 @@ def cell(x, scale: float = 1.0, spec: str = ".1f") -> str:
     return f"{x * scale:{spec}}"
 
 
+# ---- Compute that follows the task: stop looking when sure [002, Sec. 1-3] -----------------
+def stop_when_sure(confidence: Tensor, threshold: float) -> Tensor:
+    """The anytime rule: each image stops after the first glimpse whose top class probability
+    reaches `threshold`, else after the last. confidence (N, T) -> the stopping step (N,)."""
+    reached = confidence >= threshold
+    return torch.where(reached.any(1), reached.float().argmax(1), confidence.shape[1] - 1)
+
+
+def anytime_curve(confidence: Tensor, correct: Tensor, thresholds) -> list[dict]:
+    """Accuracy (%) against mean glimpses per image, one point per threshold (and the plain
+    T-glimpse episode, threshold 1.01): confidence, correct (N, T) after each glimpse."""
+    rows = torch.arange(len(confidence))
+    points = []
+    for th in (*thresholds, 1.01):
+        stop = stop_when_sure(confidence, th)
+        points.append({"threshold": th, "top1": round(100 * correct[rows, stop].float().mean().item(), 2),
+                       "glimpses": round((stop + 1).float().mean().item(), 3)})
+    return points
+
+
+def save_curves(curves: dict, path: Path, size: tuple[int, int] = (480, 320)) -> str:
+    """A PNG of accuracy (%) against mean glimpses per image, one line per policy: `curves` maps a
+    name to anytime_curve's points."""
+    W, H, m = size[0], size[1], 40
+    pts = [p for c in curves.values() for p in c]
+    x_hi = max(p["glimpses"] for p in pts)
+    y_lo = min(p["top1"] for p in pts) // 10 * 10
+    to_px = lambda g, a: (m + (g - 1) / max(x_hi - 1, 1e-6) * (W - 2 * m),
+                          H - m - (a - y_lo) / max(100 - y_lo, 1e-6) * (H - 2 * m))
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    draw.line([to_px(1, y_lo), to_px(x_hi, y_lo)], fill="black")
+    draw.line([to_px(1, y_lo), to_px(1, 100)], fill="black")
+    draw.text((W // 2 - 60, H - m + 14), "mean glimpses per image", fill="black")
+    draw.text((4, 4), f"top-1 (%), {y_lo:.0f}-100", fill="black")
+    for i, (name, c) in enumerate(curves.items()):
+        colour = tuple(round(255 * v) for v in colorsys.hsv_to_rgb(i / max(len(curves), 1), 0.8, 0.8))
+        xy = [to_px(p["glimpses"], p["top1"]) for p in sorted(c, key=lambda p: p["glimpses"])]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        draw.text((W - m - 150, m + 12 * i), name, fill=colour)
+    img.save(path)
+    return str(path)
+
+
+def anytime_table(curves: dict) -> str:
+    """Markdown: per policy, top-1 (%) and mean glimpses at each stopping threshold."""
+    ths = [p["threshold"] for p in next(iter(curves.values()))]
+    head = ("| policy | " + " | ".join("no stop" if t > 1 else f"p >= {t:g}" for t in ths)
+            + " |\n|---|" + "---:|" * len(ths) + "\n")
+    return head + "".join(f"| {name} | " + " | ".join(f"{cell(p['top1'])} ({cell(p['glimpses'], spec='.2f')})"
+                                                     for p in c) + " |\n" for name, c in curves.items())
+
+
+def gflops(fn) -> float:
+    """GFLOPs of one call of fn(), as torch.utils.flop_counter counts them (matrix products,
+    convolutions and attention: what dominates a transformer); attention through the math
+    backend, whose matrix products the counter sees (it does not know the fused CPU kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.inference_mode():
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
 # ---- Metrics (F.2.1: mIoU over a global confusion matrix; top-1) -----------------------------
 def confusion_matrix(pred: Tensor, target: Tensor, K: int, ignore: int = IGNORE) -> Tensor:
     """(K, K) int64 pixel counts, row = true class, column = predicted, where target != ignore.
@@ -421,12 +488,13 @@ def fit_standardizers(model, feats: dict, G: int) -> tuple[tuple, str]:
 
 
 def step_metrics(model, probes: dict, stds, state, truth: dict, S: int
-                 ) -> tuple[dict, Tensor | None]:
-    """Sums over a batch of every metric after one glimpse, and the predicted masks (B, S, S).
+                 ) -> tuple[dict, Tensor | None, Tensor | None]:
+    """Sums over a batch of every metric after one glimpse, the predicted masks (B, S, S) and the
+    zero-shot class probabilities (B, K) (None where there is no teacher or no label).
     NOTE(paper): Table 4 does not say in which space its cosine is; the official evaluation logs
     both, so do we: destandardized predictions vs the teacher's features (F.2's decoding), and
     z-scores vs z-scored targets (the loss's space, Eq. 3)."""
-    sums, pred = {}, None
+    sums, pred, zero_shot = {}, None, None
     if "t_cls" in truth:                                 # Table 4: destandardized vs teacher
         z = model.predict(state)                                             # z-scored (Eq. 3)
         cls_hat = stds[0].destandardize(z.cls.float()[:, None])[:, 0]        # (B, Dt)
@@ -437,7 +505,8 @@ def step_metrics(model, probes: dict, stds, state, truth: dict, S: int
         sums["patch_cos_z"] = cos(z.patches.float(), truth["z_patches"]).mean(1).sum()
         sums["cls_cos_z"] = cos(z.cls.float(), truth["z_cls"]).sum()
         if "teacher_cls" in probes:                      # F.2.2: zero-shot through W_global
-            sums["zero_shot_correct"] = correct(probes["teacher_cls"](cls_hat), truth["label"])
+            zero_shot = probes["teacher_cls"](cls_hat).float().softmax(-1)
+            sums["zero_shot_correct"] = correct(zero_shot, truth["label"])
     if "seg" in probes:
         logits = probes["seg"](canvas_cells(model, state.canvas).float())      # (B, K, G, G)
         pred = predict_masks(logits, S)
@@ -445,7 +514,7 @@ def step_metrics(model, probes: dict, stds, state, truth: dict, S: int
     if "cls" in probes:
         logits = probes["cls"](state.recurrent_cls[:, 0].float())             # (B, K)
         sums["cls_correct"] = correct(logits, truth["label"])
-    return sums, pred
+    return sums, pred, zero_shot
 
 
 def correct(logits: Tensor, labels: Tensor) -> Tensor:
@@ -477,6 +546,7 @@ def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg, info: dict,
     gens = {p: torch.Generator().manual_seed(cfg.seed * 1000 + list(POLICIES).index(p))
             for p in policies}                            # the same viewpoints at every resolution
     tally, pics, n = Tally(), {"policies": {p: [] for p in policies}}, 0
+    sure = {p: ([], []) for p in policies}              # zero-shot top probability, right: (B, T)
     progress = Progress(f"[{S}/{G}x{G}] policies on held-out scenes", cfg.n_val)
     for i, batch in enumerate(batches(ds, cfg.n_val, cfg.batch_size)):
         images = batch["image"].to(device)
@@ -502,9 +572,12 @@ def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg, info: dict,
             pics.update(images=images[:k].cpu(), masks=truth["mask"][:k].cpu() if "mask" in truth else None,
                         teacher=truth["t_patches"][:k].cpu() if teacher is not None else None)
         for p in policies:
+            steps = []
             for t, vp, state in rollout(model, images, p, T, G, info["glimpse_px"], gens[p],
                                         info["glimpse_method"], probes.get("seg"), learned):
-                sums, pred = step_metrics(model, probes, stds, state, truth, S)
+                sums, pred, zero_shot = step_metrics(model, probes, stds, state, truth, S)
+                if zero_shot is not None:
+                    steps.append(zero_shot.cpu())
                 for name, value in sums.items():
                     tally.add((p, name, t), value)
                 if k:
@@ -512,6 +585,10 @@ def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg, info: dict,
                         "center": vp.center_yx[:k].cpu(), "scale": vp.scale[:k].cpu(),
                         "cells": canvas_cells(model, state.canvas)[:k].float().cpu(),
                         "seg": pred[:k].cpu() if pred is not None else None})
+            if steps:
+                probs = torch.stack(steps, 1)                                            # (B, T, K)
+                sure[p][0].append(probs.amax(-1))
+                sure[p][1].append(probs.argmax(-1) == truth["label"].cpu()[:, None])
         progress(n)
     results = {"n_val": n}
     for p in policies:
@@ -519,6 +596,8 @@ def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg, info: dict,
                       for name, key in MEANS.items() if (p, name, 0) in tally}
         if (p, "conf", 0) in tally:
             results[p]["miou"] = [miou(tally[p, "conf", t]) for t in range(T)]
+        if cfg.stop_at and sure[p][0]:                   # stop when sure, zero-shot
+            results[p]["anytime"] = anytime_curve(torch.cat(sure[p][0]), torch.cat(sure[p][1]), cfg.stop_at)
     if "pixel_counts" in tally:          # IoU of the majority class c: N_c / N; the others: 0
         pixels = tally["pixel_counts"].double()
         results["floor_miou"] = (pixels.max() / pixels.sum() / (pixels > 0).sum()).item()
@@ -642,6 +721,13 @@ def tables(results: dict) -> str:
         if rows:
             out += f"**{title}**\n\n{head}" + "\n".join(rows) + "\n\n"
     for r in res:
+        curves = {f"{POLICIES[p]}, {r['scene_px']}/{r['canvas_grid']}²": r[p]["anytime"]
+                  for p in POLICIES if p in r and "anytime" in r[p]}
+        if curves:
+            out += ("**Stop when sure** (zero-shot): top-1 (%) (mean glimpses a scene) when a rollout "
+                    "ends at the first glimpse whose top class probability reaches p\n\n"
+                    + anytime_table(curves) + "\n")
+    for r in res:
         for what, keys in (("Passive teacher (probes on its whole-scene features)",
                             ("teacher_miou", "teacher_top1")),
                            ("Floor (the most frequent class everywhere)",
@@ -691,6 +777,10 @@ def evaluate(source: dict | Path, cfg) -> tuple[dict, str]:
                "resolutions": []}
     if learned is not None:                   # the std of the sampled row: the policy's final one
         results["policy"] = {"std_sampled": learned[2]}
+    gp = info["glimpse_px"]
+    vp = canvit.Viewpoint(torch.zeros(1, 2, device=device), torch.ones(1, device=device))
+    results["gflops"] = {"glimpse": gflops(lambda: model(torch.zeros(1, 3, gp, gp, device=device),
+                                                         model.init_state(1, G0), *vp))}
     t_start = time.perf_counter()
     # NOTE(paper): each resolution gets its own probes: Table 6's 1024/64 rows use probes trained
     # at 1024/64 (the official probes are per scene size and canvas grid, "s512-c32").
@@ -715,6 +805,9 @@ def evaluate(source: dict | Path, cfg) -> tuple[dict, str]:
         if cfg.pictures:
             K = getattr(val_ds, "num_segment_classes", None) if "seg" in probes else None
             res["pictures"] = save_pictures(pics, out / f"rollout_{S}px", K)
+        curves = {POLICIES[p]: res[p]["anytime"] for p in POLICIES if p in res and "anytime" in res[p]}
+        if curves:
+            res.setdefault("pictures", []).append(save_curves(curves, out / f"anytime_{S}px.png"))
         results["resolutions"].append(res)
         del feats
         print(f"[{S}/{G}x{G}] done in {time.perf_counter() - t0:.0f} s; probe losses (first "

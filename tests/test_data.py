@@ -644,10 +644,11 @@ def test_fashion_scenes_are_deterministic_and_distinct():
         assert not np.array_equal(other.render(3)[2], a.render(3)[2])
     x = a[5]
     assert x["image"].shape == (3, 64, 64) and x["image"].dtype == torch.float32 and x["index"] == 5
-    assert x["label"].dtype == torch.int64 and x["target"].dtype == torch.float32 and "mask" not in x
+    assert x["label"].dtype == torch.int64 and x["target"].dtype == torch.float32
+    assert x["mask"].shape == (64, 64) and set(x["mask"].unique().tolist()) <= {0, 1, 2 + int(x["label"])}
     batches = {w: list(DataLoader(a, batch_size=8, num_workers=w, collate_fn=data.collate)) for w in (0, 2)}
     for b0, b2 in zip(batches[0], batches[2]):
-        for k in ("image", "label", "index", "target"):
+        for k in ("image", "label", "index", "target", "mask"):
             assert torch.equal(b0[k], b2[k]), k
 
 
@@ -767,3 +768,20 @@ def test_real_fashion_mnist_files():
         grey, label, _ = val.render(i)
         assert np.abs(grey - test_images[i] / 255).max() < 1e-6 and label == test_labels[i]
     assert not np.array_equal(train.render(0)[0], val.render(0)[0])
+
+
+def test_fashion_masks_are_the_silhouettes_of_item_and_clutter():
+    """Plain scenes at the items' own 28 px: the mask is 2 + label wherever the item's pixel is at
+    least 0.1 bright, else background; cluttered scenes mark fragments (1) too."""
+    gen = np.random.default_rng(0)
+    images = gen.integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    images[:, :4] = 0                                                  # some black rows
+    labels = np.arange(6) % 10
+    plain = data.FashionMNISTScenes(images, labels, 6, 28, scene="plain")
+    for i in range(6):
+        want = np.where(images[i] / 255.0 >= 0.1, 2 + labels[i], 0)
+        assert np.array_equal(plain[i]["mask"].numpy(), want)
+    cluttered = data.FashionMNISTScenes(images, labels, 6, 64, clutter=6)
+    masks = [cluttered[i]["mask"] for i in range(6)]
+    assert all((m == 1).any() and (m == 2 + labels[i]).any() for i, m in enumerate(masks))
+    assert cluttered.num_segment_classes == 12

@@ -184,9 +184,11 @@ def test_a_grpo_checkpoint_is_evaluated_beside_random_gazes(foveal_ckpts, tmp_pa
                    "--batch_size", "3", "--repeats", "1", "--res_factors", "1"])
     r1 = res["resolution"]["1x"]
     assert len(r1["policy"]["top1"]) == len(r1["policy_sampled"]["top1"]) == 3
-    assert set(r1["on_badge"]) == {"random", "fixed", "policy", "policy_sampled"}
-    assert all(0 <= v <= 100 for v in r1["on_badge"]["policy"])
-    assert [Path(p).name for p in res["pictures"]] == ["gazes.png", "policy_gazes.png"]
+    assert set(r1["on_target"]) == set(r1["anytime"]) == {"random", "fixed", "policy", "policy_sampled"}
+    assert all(0 <= v <= 100 for v in r1["on_target"]["policy"])
+    assert [Path(p).name for p in res["pictures"]] == ["gazes.png", "anytime.png", "policy_gazes.png"]
+    # the anytime row without stopping is the plain episode's last step
+    assert r1["anytime"]["policy"][-1] == {"threshold": 1.01, "top1": r1["policy"]["top1"][-1], "glimpses": 3.0}
     md = (tmp_path / "o" / "tables.md").read_text()
     assert "learned policy, top-1" in md and "| ViT | Rand | Policy |" in md
     # The deterministic episode, recomputed: the policy's heaviest mean at every step.
@@ -203,3 +205,36 @@ def test_a_grpo_checkpoint_is_evaluated_beside_random_gazes(foveal_ckpts, tmp_pa
         state = model(table, None, model.glimpse(gaze, (32, 32), sum(model.cfg.grid_z) / 2))
         hits = (model.classify(state).argmax(-1) == batch["label"]).float().sum().item()
     assert r1["policy"]["top1"][0] == pytest.approx(100 * hits / 6, abs=0.01)
+
+
+def test_gazes_on_the_target_are_a_disc_for_a_badge_and_a_square_for_an_item():
+    target = torch.tensor([[0.0, 0.0, 0.5]])                    # centre (0, 0), radius / half-side 0.5
+    gazes = [fovea.Patches(torch.zeros(1, 1, 4), torch.tensor([[[y, x, 0.0]]]))
+             for y, x in ((0.4, 0.4), (0.3, 0.0), (0.6, 0.0))]   # a corner, inside, outside
+    assert ev.on_target(gazes, target, square=False).tolist() == [0.0, 1.0, 0.0]
+    assert ev.on_target(gazes, target, square=True).tolist() == [1.0, 1.0, 0.0]
+
+
+def test_a_passive_vit_alone_and_the_systems_side_by_side(foveal_ckpts, tmp_path):
+    """A vit_sup checkpoint alone: its top-1 recomputed image by image; --compare puts it beside
+    the foveal model's per-glimpse rows, each with GFLOPs a glimpse."""
+    fov, vit = foveal_ckpts
+    res = ev.main(["--ckpt", str(vit), "--out_dir", str(tmp_path / "v"), "--n_val", "7", "--batch_size", "3"])
+    model = fovea.load_frozen(vit, "classifier", __import__("canvit").ViTClassifier)
+    ds = data.SyntheticScenes(7, 32, split="val")
+    order = torch.randperm(7, generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        right = sum(int(model(ds[j]["image"][None]).argmax(-1).item() == int(ds[j]["label"])) for j in order)
+    assert res["resolution"]["1x"]["top1"] == pytest.approx(100 * right / 7, abs=0.01)
+    # one look: the patch embedding and the blocks' matrix products (32 px: 16 patches + CLS)
+    n, d = 17, 32
+    block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * 4 * d
+    expected = (2 * 16 * 8 * 8 * 3 * d + block + 2 * d * 10) / 1e9
+    assert res["gflops"]["look"] == pytest.approx(expected, rel=1e-6)
+    ev.main(["--ckpt", str(fov), "--out_dir", str(tmp_path / "f"), "--n_val", "7", "--repeats", "1",
+             "--res_factors", "1", "--pictures", "0"])
+    table = ev.compare([str(tmp_path / "f"), str(tmp_path / "v")])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    assert set(rows) == {"foveal ViT, random gazes", "passive ViT, the whole scene"}
+    assert rows["passive ViT, the whole scene"][:4] == [f"{res['resolution']['1x']['top1']:.1f}"] * 4
+    assert rows["foveal ViT, random gazes"][3] == "-"                 # an episode of 3: no 8th glimpse

@@ -290,7 +290,10 @@ def test_cli_end_to_end(ckpt, tmp_path, capsys):
                 assert len(r[policy][key]) == 6 and all(np.isfinite(r[policy][key])), (policy, key)
         for path in r["pictures"]:
             assert Image.open(path).size[0] > 0
-        assert len(r["pictures"]) == len(ev.EvalConfig().policies)
+        assert len(r["pictures"]) == len(ev.EvalConfig().policies) + 1         # and anytime_<S>px.png
+        for policy in ev.EvalConfig().policies:                   # no stopping: the last glimpse's
+            assert r[policy]["anytime"][-1]["top1"] == pytest.approx(100 * r[policy]["top1_zero_shot"][-1], abs=0.01)
+    assert results["gflops"]["glimpse"] > 0
     tables = (out / "tables.md").read_text()
     assert "mIoU" in tables and "| C2F | 128/8² |" in tables and tables in stdout
     row = next(line for line in tables.splitlines() if line.startswith("| C2F | 64/4² |"))
@@ -339,8 +342,8 @@ def test_official_hugging_face_folder(ckpt, tmp_path, capsys):
 def test_bad_inputs_fail_with_clear_messages(ckpt, tmp_path, capsys):
     message, _, _ = run_cli(capsys, "--ckpt", tmp_path / "missing.pt", "--out_dir", tmp_path / "o")
     assert "not found" in message
-    with pytest.raises(ec.EvalError, match="objective 'vit_sup'"):   # a baseline is evaluated beside
-        other = save_tiny_checkpoint(tmp_path / "f.pt", "vit_sup")       # a foveal model, not alone
+    with pytest.raises(ec.EvalError, match="objective 'segment'.*evaluates 'distill'"):
+        other = save_tiny_checkpoint(tmp_path / "f.pt", "segment")      # an objective it does not know
         ev.main(["--ckpt", str(other), "--out_dir", str(tmp_path)])
     torch.save({"weights": 1}, tmp_path / "junk.pt")
     with pytest.raises(ec.EvalError, match="not a train.py checkpoint"):
@@ -451,3 +454,16 @@ def test_a_learned_canvit_policy_joins_the_policy_tables(ckpt, tmp_path):
     assert "| Learned (GRPO) | 64/4² |" in tables and "| Learned (GRPO), sampled | 64/4² |" in tables
     with pytest.raises(ec.EvalError, match="'learned' and 'learned_sampled' come from a grpo checkpoint"):
         ev.main(["--ckpt", str(ckpt), "--out_dir", str(tmp_path / "x"), "--policies", "learned"])
+
+
+def test_stop_when_sure_on_hand_built_probabilities():
+    """The anytime rule: an image stops at its first glimpse whose top probability reaches the
+    threshold (else the last) and is judged there."""
+    confidence = torch.tensor([[0.3, 0.95, 0.99], [0.9, 0.2, 0.5], [0.1, 0.2, 0.3]])
+    correct = torch.tensor([[False, True, True], [False, True, True], [True, False, True]])
+    assert ec.stop_when_sure(confidence, 0.9).tolist() == [1, 0, 2]
+    assert ec.stop_when_sure(confidence, 0.96).tolist() == [2, 2, 2]
+    curve = ec.anytime_curve(confidence, correct, (0.9, 0.96))
+    assert curve[0] == {"threshold": 0.9, "top1": pytest.approx(200 / 3, abs=0.01), "glimpses": pytest.approx(2.0)}
+    assert curve[1]["top1"] == 100.0 and curve[2] == {"threshold": 1.01, "top1": 100.0, "glimpses": 3.0}
+    assert "| a | 66.7 (2.00) | 100.0 (3.00) | 100.0 (3.00) |" in ec.anytime_table({"a": curve})
