@@ -6,26 +6,12 @@ line (device, torch version, CPU threads, the setting) and a markdown table read
 memory: CUDA max_memory_allocated, reset before each row's timed steps; on CPU the process's
 peak RSS (ru_maxrss, never reset: the peak so far in this process).
 
-  extraction  [000, App. A] one glimpse set (8 gazes x 41 patches of 16 px) against the image
-              side: integral (table ready, and with its build), bilinear grid_sample, naive crop +
-              antialiased resize per box. README: "Extraction cost does not depend on the image".
-  canvit      [003] one recurrent CanViT step at batch 1 (latency) and 64 (throughput), eager vs
-              compiled, float32 vs bf16. README: "CanViT against the official code and the paper".
-  distill     [003, Sec. 5] a CanViT-B distillation step (random ViT-B/16 teacher or --precomputed
-              features, App. D.2) against the rollout length T, and the bytes saved for backward
-              (SavedTensorMeter: flat in T, truncated BPTT). README: "Pretraining CanViT".
-  foveal      [002, A.3.4] a training step of [000]'s foveal ViT-S (8 random glimpses, AdamW).
-  dino        [000, Sec. 3.1] a sequential-to-global DINO step per number of sequential glimpses.
-  grpo        [002, A.2; 000, Sec. 3.3] GazeGRPO on a random frozen foveal ViT-S: a rollout (G = 16
-              traces of T = 8 glimpses per image) and one inner epoch.
-  flops       [003, App. G] Tables 5, 10, 16 and Table 3's parameters from the formulas.
-  data        SyntheticScenes rendering (ms per item, one thread), a DataLoader's scenes/s.
-  gpu         the prepared GPU check (~6 min on an H100; `--device cpu`: a dry run, not a
-              measurement): tests/test_cuda.py, then one row per headline figure, each section in
-              a child process under a time budget (a failure or timeout reported in its row):
-              CanViT-B distillation throughput vs the paper's ~1,670 glimpses/s on one H100 [003]
-              and its memory at T = 4 vs 20; CanViT-B latency at batch 1; extraction at 256 vs
-              8192 px ([000] Fig. 2: flat); the foveal, SSL, GRPO steps. A table into --out.
+Subcommands (each section's banner below says what it measures and from which paper):
+extraction [000, App. A], canvit [003], distill [003, Sec. 5], foveal [002, A.3.4], dino [000,
+Sec. 3.1], grpo [002, A.2; 000, Sec. 3.3], flops [003, App. G], data (scene rendering), and gpu:
+the prepared GPU check (~6 min on an H100; `--device cpu` is a dry run, not a measurement):
+tests/test_cuda.py, then one row per headline figure, each section in a child process under a
+time budget (a failure or timeout reported in its row).
 
   python bench.py extraction [--sizes 256 512 ...] [--repeats 20] [--device cuda]
   python bench.py distill [--lengths 4 20] [--batch 64] [--dtype bfloat16] [--compile]
