@@ -146,8 +146,9 @@ def test_fresh_init_matches_official_init(ref):
     ours = model.state_dict()
     assert sorted(ours) == sorted(ref["state_dict_init"])
     # The same draws; the uniform -> erfinv (trunc-normal) and Box-Muller (randn) kernels round
-    # by CPU kind, up to a few float32 ulps from the official values computed on another CPU.
-    ulps = dict(rtol=4 * torch.finfo(torch.float32).eps, atol=1e-12)
+    # by CPU kind: a few ulps apart between AVX2 and AVX-512, up to 1.3e-7 with torch's scalar
+    # kernels (ATEN_CPU_CAPABILITY=default); another draw differs by the init's std (0.02-0.1).
+    ulps = dict(rtol=4 * torch.finfo(torch.float32).eps, atol=1e-6)
     for k, v in ref["state_dict_init"].items():
         torch.testing.assert_close(ours[k], v, **ulps, msg=k)
     torch.testing.assert_close(canvit.VPE(64).B, ref["state_dict"]["vpe.B"], **ulps)   # the frozen RFF matrix

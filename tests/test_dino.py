@@ -68,12 +68,13 @@ def test_head_matches_official(head_ref):
 
 def test_seeded_head_init_is_the_official_one(head_ref):
     """Same seed, same construction order, same draws: the official init. The uniform draws
-    are identical on any CPU; erfinv's float32 rounding is not (another SIMD kernel rounds it
-    1 ulp apart: 4.7e-10 on weights of std 0.02), so the comparison allows a few ulps."""
+    are identical on any CPU; erfinv's float32 rounding is not (AVX-512 against AVX2: 4.7e-10
+    on weights of std 0.02; torch's scalar kernels: 3e-8), so the comparison allows 1e-7, about
+    40 ulps of such a weight; another draw differs by ~0.02."""
     torch.manual_seed(0)
     sd = dino.DINOHead(**head_args(head_ref)).state_dict()
     for k, v in head_ref["state_dict"].items():
-        torch.testing.assert_close(sd[k], v, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-12,
+        torch.testing.assert_close(sd[k], v, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-7,
                                    msg=k)
 
 
