@@ -258,9 +258,12 @@ class Augment:
     solarize: float = 0.0          # invert pixel values >= 1/2
 
 
-# DINO v1's probabilities per view; NOTE(paper): [000] does not say which its views get. The
-# teacher's global view is DINO's first global crop, the student's its second; the student's
-# sequential view gets a local crop's, the teacher's the first global crop's.
+# DINO v1's probabilities per view; NOTE(paper): [000] does not say which its views get. DINO's
+# teacher sees its two global crops, one always blurred (GLOBAL_1), the other rarely blurred and
+# sometimes solarised (GLOBAL_2); so do [000]'s two teacher views: the global view GLOBAL_1, the
+# sequential view GLOBAL_2. The student's global view gets GLOBAL_2 (DINO pairs the teacher's
+# crop 1 with the student's crop 2), its sequential view a local crop's (the glimpses play DINO's
+# local crops, [000] Sec. 1).
 GLOBAL_1 = Augment(blur=1.0)
 GLOBAL_2 = Augment(blur=0.1, solarize=0.2)
 LOCAL = Augment(blur=0.5)
@@ -459,6 +462,11 @@ class DINOSequentialToGlobal(nn.Module):
     number of processes. Randomness (views, augmentations) is drawn for the global batch from a
     generator seeded by (seed, step); each process takes its contiguous share."""
     augment = False                # the views are its own augmentation (the data: one fixed view)
+    # On the log line (collapse_stats): learning shows as view_match rising and teacher_entropy
+    # falling below ln K; stagnation as logit_spread and the entropies flat at ln K; collapse as
+    # marginal_entropy and prototypes_used falling while feature_cos -> 1.
+    log_keys = ("teacher_entropy", "marginal_entropy", "logit_spread", "prototypes_used",
+                "feature_cos", "view_match")
 
     def __init__(self, cfg: DINOConfig, seed: int):
         super().__init__()
@@ -509,7 +517,7 @@ class DINOSequentialToGlobal(nn.Module):
                  "seq_s": fovea.episode_patches(model, self.episode, gen, B, hw, device)}
         draw = lambda R, p: ViewAugment.draw(gen, R, p) if cfg.augment else None
         augs = {"global_t": draw(B, GLOBAL_1), "global_s": draw(B, GLOBAL_2),
-                "local": draw(B * cfg.n_local, LOCAL), "seq_t": draw(B, GLOBAL_1), "seq_s": draw(B, LOCAL)}
+                "local": draw(B * cfg.n_local, LOCAL), "seq_t": draw(B, GLOBAL_2), "seq_s": draw(B, LOCAL)}
         return {"patches": views, "augs": augs}
 
     @torch.no_grad()
@@ -537,7 +545,8 @@ class DINOSequentialToGlobal(nn.Module):
         # The teacher: a global view and the last state of a sequential view (no gradient).
         with torch.no_grad(), run.autocast():
             _, tok = self.teacher.view(table, *take("global_t", mine))
-            t_logits = [self.teacher.head(tok)]
+            t_global = self.teacher.head.normalized_bottleneck(tok)               # (B, bottleneck)
+            t_logits = [self.teacher.head.last_layer(t_global)]
             state, seq_aug = None, aug("seq_t", mine)
             for patches in views["patches"]["seq_t"]:
                 state, tok = self.teacher.view(table, pick(patches, mine), seq_aug, state)
@@ -550,7 +559,8 @@ class DINOSequentialToGlobal(nn.Module):
                                       for i in range(2))
         with run.autocast():
             _, tok = self.model.view(table, *take("global_s", mine))
-            loss_global = ce(self.model.head(tok), 1)
+            s_global = self.model.head.normalized_bottleneck(tok)                 # (B, bottleneck)
+            loss_global = ce(self.model.head.last_layer(s_global), 1)
             koleo = koleo_loss(gather_rows(tok.float()))                          # over the global batch
             _, tok_local = self.model.view(table.select(torch.arange(B).repeat_interleave(L)),
                                            *take("local", mine_local))
@@ -566,13 +576,16 @@ class DINOSequentialToGlobal(nn.Module):
             losses.append(loss_t.detach())
         frozen = (self.model.head.last_layer_parameters()
                   if step < cfg.freeze_last_layer_epochs * run.steps_per_epoch else ())
+        grads = {f"grad_{name}": grad_norm(m) for name, m in (("backbone", self.model.backbone),
+                                                              ("head", self.model.head))}
         run.optimizer_step(frozen=frozen)
         self.update_teacher(teacher_momentum(cfg, step, run.schedule_steps))
         return {"loss": torch.stack(losses).sum() / n_terms + cfg.koleo_weight * koleo.detach(),
                 "dino_loss": torch.stack(losses).sum() / n_terms, "koleo": koleo.detach(),
                 "loss_first_glimpse": losses[2] / 2, "loss_last_glimpse": losses[-1] / 2,
-                **collapse_stats(t_logits, q.view(2 * B, -1)), "teacher_temp": torch.tensor(temp),
-                "glimpses": B * (2 + L + 2 * cfg.seq_steps)}
+                **collapse_stats(t_logits, q.view(2 * B, -1), temp, t_global, s_global.detach()),
+                **grads, "weight_g": self.model.head.last_layer.weight_g.detach().float().mean(),
+                "teacher_temp": torch.tensor(temp), "glimpses": B * (2 + L + 2 * cfg.seq_steps)}
 
     @torch.no_grad()
     def update_teacher(self, m: float) -> None:
@@ -581,13 +594,43 @@ class DINOSequentialToGlobal(nn.Module):
             t.lerp_(s.detach(), 1 - m)
 
 
+def grad_norm(module: nn.Module) -> Tensor:
+    """L2 norm of this process's gradients of `module` (before averaging and clipping)."""
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
+
+
 @torch.no_grad()
-def collapse_stats(teacher_logits: Tensor, teacher_probs: Tensor) -> dict:
-    """Signs of collapse, over the global batch: the mean entropy of the teacher's targets (ln K
-    when uniform, 0 when one-hot), and how many prototypes are some image's argmax."""
+def collapse_stats(teacher_logits: Tensor, teacher_probs: Tensor, teacher_temp: float | None = None,
+                   teacher_feats: Tensor | None = None, student_feats: Tensor | None = None) -> dict:
+    """What shows collapse or stagnation coming. teacher_logits (R, K), teacher_probs (R, K) the
+    targets (after Sinkhorn-Knopp or centring); teacher_feats / student_feats (B, F) the two
+    networks' bottlenecks of one global view of each image (row b of both: image b).
+      teacher_entropy   mean entropy of a target: ln K uniform (nothing to learn), 0 one-hot
+      marginal_entropy  entropy of the batch mean of softmax(logits / tau_t), before SK or the
+                        centre: falls when every image picks the same prototypes (a collapse
+                        Sinkhorn-Knopp's equipartition hides from teacher_entropy)
+      logit_spread      std of a teacher row over the K prototypes: as it flattens, the targets
+                        turn uniform (stagnation)
+      prototypes_used   prototypes that are some row's argmax (over all processes)
+      feature_cos       mean cosine between the teacher's features of two different images (-> 1:
+                        every image the same vector)
+      view_match        how often the teacher feature nearest to the student's view of image b is
+                        image b's own: the instance signal DINO starts from
+    All but prototypes_used are this process's estimates, which the log averages."""
     K = teacher_logits.shape[1]
     used = torch.bincount(teacher_logits.argmax(1), minlength=K).float()
     if _distributed():
         dist.all_reduce(used)
-    entropy = -(teacher_probs * teacher_probs.clamp_min(1e-12).log()).sum(1).mean()
-    return {"teacher_entropy": entropy, "prototypes_used": (used > 0).sum().float()}
+    entropy = lambda p: -(p * p.clamp_min(1e-12).log()).sum(-1)
+    out = {"teacher_entropy": entropy(teacher_probs).mean(), "prototypes_used": (used > 0).sum().float(),
+           "logit_spread": teacher_logits.float().std(1).mean()}
+    if teacher_temp is not None:
+        out["marginal_entropy"] = entropy(F.softmax(teacher_logits.float() / teacher_temp, 1).mean(0))
+    if teacher_feats is not None and student_feats is not None:
+        t, s = F.normalize(teacher_feats.float(), dim=1), F.normalize(student_feats.float(), dim=1)
+        B = t.shape[0]
+        off = ~torch.eye(B, dtype=torch.bool, device=t.device)
+        out["feature_cos"] = (t @ t.t())[off].mean() if B > 1 else torch.zeros(())
+        out["view_match"] = ((s @ t.t()).argmax(1) == torch.arange(B, device=t.device)).float().mean()
+    return out

@@ -31,6 +31,7 @@ and optionally
                                 its own data (distill: precomputed feature shards)
   .clip_groups()                (default: one clip group; DINO clips backbone and head apart)
   .label_classes() -> (key, K)  the config key and class count the data must match
+  .log_keys                     metrics shown on the log line too (all go to log.jsonl)
   .extra_state() / .load_extra_state(d)   more to checkpoint (an EMA teacher, a random teacher)
   .export() -> {name: fovea.export_part(...)}   parts other runs reuse (`fovea.load_frozen`)
 `run` holds rank, world, device, steps_per_epoch, schedule_steps (the schedules' horizon),
@@ -627,8 +628,8 @@ def save(out: Path, cfg: TrainConfig, objective, run: Run, state: dict, per_epoc
 
 class Logger:
     """Metrics summed over a window, averaged over processes at log time; a line and JSONL."""
-    def __init__(self, out: Path, cfg: TrainConfig, run: Run, say):
-        self.cfg, self.run, self.say = cfg, run, say
+    def __init__(self, out: Path, cfg: TrainConfig, run: Run, say, keys: tuple[str, ...] = ()):
+        self.cfg, self.run, self.say, self.keys = cfg, run, say, keys    # keys: on the line too
         self.file = open(out / "log.jsonl", "a") if run.rank == 0 else None
         self.sums: dict[str, torch.Tensor] = {}
         self.nonfinite = torch.zeros((), device=run.device)
@@ -682,7 +683,8 @@ class Logger:
                   "mem_mb": round(memory_mb(run.device)), "bad_images": state["bad_images"],
                   "skipped_steps": state["skipped"]}
         eta = time.strftime("%H:%M:%S", time.gmtime((self.cfg.max_steps - step) * self.ema_ms / 1e3))
-        extra = (f" | {record['bad_images']} bad images" if record["bad_images"] else "")
+        extra = "".join(f" | {k} {record[k]:.4g}" for k in self.keys if k in record)
+        extra += f" | {record['bad_images']} bad images" if record["bad_images"] else ""
         loss = f"{record['loss']:.4f}" if "loss" in record else "-"
         self.say(f"step {step:>7}/{self.cfg.max_steps} | loss {loss} | lr {lr:.2e} | "
                  f"{ms:.0f} ms/step | {record['glimpses_per_s']:.0f} glimpses/s | "
@@ -727,7 +729,7 @@ def main(argv: list[str]) -> None:
         say(f"objective {cfg.objective}: {f'{n / 1e6:.2f}M' if n >= 10_000 else f'{n:,}'} trainable "
             f"parameters, {world} process(es) on {device}, global batch {cfg.batch_size}, "
             f"{len(dataset)} samples, {batches.per_epoch} steps an epoch")
-        log = Logger(out, cfg, run, say)
+        log = Logger(out, cfg, run, say, getattr(objective, "log_keys", ()))
         batches.start(state["step"])
         t_first = time.perf_counter()
         # -- the loop ------------------------------------------------------------------------

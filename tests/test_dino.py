@@ -3,6 +3,7 @@ losses assembled from the public pieces, and independent checks (brute force, in
 2 processes == 1)."""
 import datetime
 import math
+import statistics
 import weakref
 
 import pytest
@@ -563,3 +564,34 @@ def test_collapse_statistics():
     one_hot = F.one_hot(torch.tensor([2, 2, 2, 2, 2, 2]), K).float()
     stats = dino.collapse_stats(one_hot * 10, one_hot)
     assert stats["teacher_entropy"].item() == pytest.approx(0, abs=1e-6) and stats["prototypes_used"] == 1
+
+
+def test_stagnation_statistics_against_loops():
+    """The log's stagnation signs, each against a direct loop over rows and pairs."""
+    torch.manual_seed(0)
+    B, K, F_ = 5, 7, 4
+    logits, t, temp = torch.randn(B, K), torch.randn(B, F_), 0.04
+    s = t + 0.3 * torch.randn(B, F_)
+    s[3] = t[0]                                                  # image 3's view matches image 0
+    stats = dino.collapse_stats(logits, F.softmax(logits, 1), temp, t, s)
+    marginal = sum(F.softmax(logits[b] / temp, 0) for b in range(B)) / B
+    assert stats["marginal_entropy"].item() == pytest.approx(-sum(p * math.log(p) for p in marginal.tolist()), rel=1e-5)
+    spread = sum(statistics.stdev(logits[b].tolist()) for b in range(B)) / B
+    assert stats["logit_spread"].item() == pytest.approx(spread, rel=1e-5)
+    cos = [F.cosine_similarity(t[i], t[j], 0).item() for i in range(B) for j in range(B) if i != j]
+    assert stats["feature_cos"].item() == pytest.approx(sum(cos) / len(cos), rel=1e-5)
+    nearest = [max(range(B), key=lambda j: F.cosine_similarity(s[i], t[j], 0).item()) for i in range(B)]
+    assert nearest[3] == 0
+    assert stats["view_match"].item() == pytest.approx(sum(n == i for i, n in enumerate(nearest)) / B)
+
+
+def test_the_teachers_two_views_get_dinos_two_global_augmentations():
+    """DINO's teacher sees two global crops, one always blurred, the other blurred 10% of the
+    time and solarised 20%: the global view gets the first set, the sequential view the second."""
+    obj = dino.DINOSequentialToGlobal(tiny_dino(), seed=0)
+    augs = obj.draw_views(torch.Generator().manual_seed(0), 2000, (32, 32), "cpu")["augs"]
+    blurred = lambda name: (augs[name].sigma > 0).float().mean().item()
+    solarised = lambda name: augs[name].solarize.float().mean().item()
+    assert blurred("global_t") == 1.0 and solarised("global_t") == 0.0
+    assert blurred("seq_t") == pytest.approx(0.1, abs=0.02) and solarised("seq_t") == pytest.approx(0.2, abs=0.03)
+    assert blurred("global_s") == pytest.approx(0.1, abs=0.02) and blurred("seq_s") == pytest.approx(0.5, abs=0.04)

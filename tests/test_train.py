@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 import yaml
 
 import data
+import dino
 import eval as ev
 import train
 from conftest import ROOT, TINY_DISTILL_SECTION
@@ -230,6 +231,9 @@ def test_paper_recipes_hold_the_papers_values(tmp_path):
         (16, (0.32, 1.0), (0.05, 0.32), 8, 8, "sinkhorn_knopp")
     light = cfg("dino_light.yaml")                                   # [000] App. E
     assert light.max_steps * 3 == light.optim.schedule_steps == d.max_steps
+    if fmnist:                 # the tiny SSL recipe keeps DINO's prototype freeze and temperature warm-up
+        k = cfg("dino_fmnist_tiny.yaml").dino
+        assert k.freeze_last_layer_epochs == 1 and (k.warmup_teacher_temp, k.warmup_teacher_temp_epochs) == (0.04, 30)
     g = cfg("grpo.yaml")                                             # [002] A.3.4
     assert (g.batch_size, g.grpo.group, g.grpo.steps, g.grpo.inner_epochs) == (4096, 16, 8, 8)
     assert g.max_steps == 4 * (1_281_167 // 4096)
@@ -347,6 +351,18 @@ def test_objectives_do_not_depend_on_the_process_count(tmp_path, name):
     if name == "distill":      # the comparison has teeth: a third of a step's update is far above it
         run(tmp_path, with_out(cfg, tmp_path / "one_more", max_steps=4))
         assert max_diff(params(one), params(tmp_path / "one_more")) > 1e-4
+
+
+def test_the_dino_log_line_shows_collapse_and_stagnation(tmp_path):
+    """The signs a user watches (collapse_stats) are on dino's log line, and log.jsonl has them
+    with the gradient norms of backbone and head and the prototypes' mean g."""
+    printed = run(tmp_path, with_out(TINY_DINO, tmp_path / "d", max_steps=2, log_every=1))
+    line = [l for l in printed.splitlines() if l.startswith("step       2/")][0]
+    for key in dino.DINOSequentialToGlobal.log_keys:
+        assert f"| {key} " in line, (key, line)
+    record = json.loads((tmp_path / "d" / "log.jsonl").read_text().splitlines()[-1])
+    assert record["grad_backbone"] > 0 and record["grad_head"] > 0 and record["weight_g"] == pytest.approx(1.0)
+    assert 0 <= record["view_match"] <= 1 and record["marginal_entropy"] <= math.log(16) + 1e-6
 
 
 def test_a_run_is_repeatable_on_one_machine(tmp_path):
