@@ -553,9 +553,9 @@ def passive_tables(results: dict) -> str:
 def compare(groups: list[str]) -> str:
     """`python eval.py --compare DIR[,DIR...] ...`: one table across systems, each group of
     evaluations (seeds, comma-separated) merged: top-1 (%) after 1, 2, 4 and 8 glimpses and
-    GFLOPs a glimpse, for a foveal ViT (random gazes, its learned policy), a CanViT (C2F, its
-    learned policy; zero-shot through the teacher's classifier) and a passive ViT (one look at
-    the whole scene, whatever the column)."""
+    GFLOPs a glimpse, for a foveal ViT (random gazes; a grpo evaluation: its learned policy), a
+    CanViT (C2F; a grpo evaluation: its learned policy; zero-shot through the teacher's
+    classifier) and a passive ViT (one look at the whole scene, whatever the column)."""
     rows = []
     steps = (1, 2, 4, 8)
     for group in groups:
@@ -567,14 +567,11 @@ def compare(groups: list[str]) -> str:
             rows.append(("passive ViT, the whole scene", [cell(top)] * len(steps), r["gflops"]["look"]))
         elif r["objective"] == "distill":
             res = r["resolutions"][0]
-            for key, name in (("c2f", "CanViT, C2F"), ("learned", "CanViT, learned policy")):
-                if key in res:
-                    rows.append((name, at(res[key]["top1_zero_shot"], 100), r["gflops"]["glimpse"]))
+            key, name = ("learned", "CanViT, learned policy") if "learned" in res else ("c2f", "CanViT, C2F")
+            rows.append((name, at(res[key]["top1_zero_shot"], 100), r["gflops"]["glimpse"]))
         else:
-            r1 = r["resolution"]["1x"]
-            for key, name in (("random", "foveal ViT, random gazes"), ("policy", "foveal ViT, learned policy")):
-                if key in r1:
-                    rows.append((name, at(r1[key]["top1"]), r["gflops"]["glimpse"]))
+            key, name = ("policy", "foveal ViT, learned policy") if "policy" in r else ("random", "foveal ViT, random gazes")
+            rows.append((name, at(r["resolution"]["1x"][key]["top1"]), r["gflops"]["glimpse"]))
     head = ("| system | " + " | ".join(f"{t} glimpse{'s' * (t > 1)}" for t in steps)
             + " | GFLOPs a glimpse |\n|---|" + "---:|" * (len(steps) + 1) + "\n")
     return head + "".join(f"| {name} | " + " | ".join(cells) + f" | {cell(g, spec='.3f')} |\n"
