@@ -164,6 +164,11 @@ def hits(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     return (logits.topk(min(k, logits.shape[-1]), -1).indices == labels[:, None]).any(-1).float()
 
 
+def top1_top5(logits: Tensor, labels: Tensor) -> Tensor:
+    """(2,) how many of the batch's images are right at top-1 and at top-5 (on the CPU)."""
+    return torch.stack([hits(logits, labels, 1).sum(), hits(logits, labels, 5).sum()]).cpu()
+
+
 # ---- Foveal ViT: step accuracy, ViT mode, k-NN, resolution ([002] Sec. 6; [000] Sec. 5) ------
 def load_foveal(ckpt: dict) -> fovea.FovealViT:
     """A foveal_sup, probe or dino run's frozen FovealViT (uncompiled extraction: shapes vary)."""
@@ -399,8 +404,7 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
         for batch in batches(ds, min(cfg.n_val, len(ds)), cfg.batch_size):
             images, labels = batch["image"].to(device), batch["label"].to(device)
             B, first, n = images.shape[0], n == 0, n + images.shape[0]
-            score = lambda logits: torch.stack([hits(logits, labels, 1).sum(),
-                                                hits(logits, labels, 5).sum()]).cpu()
+            score = lambda logits: top1_top5(logits, labels)
             hw = tuple(images.shape[-2:])
             traces = {}
 
@@ -535,9 +539,8 @@ def evaluate_passive(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
         for batch in batches(ds, min(cfg.n_val, len(ds)), cfg.batch_size):
             with torch.inference_mode():
                 logits = model(batch["image"].to(device))
-            labels = batch["label"].to(device)
-            right += torch.stack([hits(logits, labels, 1).sum(), hits(logits, labels, 5).sum()]).cpu()
-            n += len(labels)
+            right += top1_top5(logits, batch["label"].to(device))
+            n += len(logits)
         results["resolution"][f"{k}x"] = {"scene_px": S * k, "n": n, "top1": round(100 * right[0].item() / n, 2),
                                           "top5": round(100 * right[1].item() / n, 2)}
     check_unchanged([model], snaps)
