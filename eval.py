@@ -264,12 +264,12 @@ def policy_episode(model: fovea.FovealViT, policy: grpo.GazePolicy, images: Tens
                    first_gaze: str, std: float, gen: torch.Generator | None) -> tuple[list, list]:
     """An episode whose gazes the learned policy chooses, through grpo's encoder wrapper and
     episode (as GRPO trained it) -> (Patches, logits) per step: the deterministic action (gen
-    None: the heaviest component's mean [002, A.3.3]), or actions sampled with the given std."""
+    None: the mixture's mode at the given std [002, A.3.3]), or actions sampled with that std."""
     B, hw = images.shape[0], tuple(images.shape[-2:])
     enc = grpo.FovealEncoder(model)
     source, state = enc.start(images, torch.arange(B, device=images.device))
     if gen is None:
-        choose = lambda means, logits, t: grpo.mixture_mode(means, logits)
+        choose = lambda means, logits, t: grpo.mixture_mode(means, logits, std)
     else:
         choose = lambda means, logits, t: grpo.sample_mixture(
             means, logits, std, torch.rand(B, generator=gen), torch.randn(B, 2, generator=gen))[0]

@@ -201,7 +201,7 @@ def test_a_grpo_checkpoint_is_evaluated_beside_random_gazes(foveal_ckpts, tmp_pa
     with torch.no_grad():
         state, table = None, fovea.integral_image(batch["image"])
         means, weights = policy([model.init_state(6)])
-        gaze = grpo.mixture_mode(means, weights).clamp(-1, 1)
+        gaze = grpo.mixture_mode(means, weights, grpo.GazePolicyConfig().std_end).clamp(-1, 1)
         state = model(table, None, model.glimpse(gaze, (32, 32), sum(model.cfg.grid_z) / 2))
         hits = (model.classify(state).argmax(-1) == batch["label"]).float().sum().item()
     assert r1["policy"]["top1"][0] == pytest.approx(100 * hits / 6, abs=0.01)

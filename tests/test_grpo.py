@@ -292,11 +292,29 @@ def test_sample_mixture_per_row_std():
     assert dev[: n // 2].max() < 1e-3 and dev[n // 2:].max() > 0.5
 
 
-def test_mixture_mode_is_the_heaviest_components_mean():
-    means = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)
-    logits = torch.tensor([[0.1, 2.0, -1.0], [0.0, -3.0, 0.5]])
-    torch.testing.assert_close(grpo.mixture_mode(means, logits), torch.stack([means[0, 1],
-                                                                              means[1, 2]]))
+def test_the_deterministic_action_is_the_mode_of_the_whole_mixture():
+    """[002] A.3.3's deterministic action: the policy's most likely action. Two nearby components of
+    weight 0.3 make the mode between them, not at the lone heaviest component (0.4), whose mean the
+    old rule returned; each answer is checked against a brute-force search of the density."""
+    means = torch.tensor([[[0.1, 0.0], [-0.1, 0.0], [0.8, 0.5]],        # overlapping pair + heavier loner
+                          [[0.9, 0.9], [-0.9, 0.1], [0.0, -0.9]]])      # far apart: the heaviest mean
+    logits = torch.tensor([[0.3, 0.3, 0.4], [0.2, 0.5, 0.3]]).log()
+    std = 0.15
+    mode = grpo.mixture_mode(means, logits, std)
+    g = torch.linspace(-1.2, 1.2, 481)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)     # 0.005 spacing
+    for b in range(2):
+        density = grpo.mixture_log_prob(means[b].expand(len(grid), -1, -1), logits[b].expand(len(grid), -1),
+                                        std, grid)
+        brute = grid[density.argmax()]
+        assert (mode[b] - brute).norm() < 0.01, (b, mode[b], brute)
+        assert grpo.mixture_log_prob(means[b], logits[b], std, mode[b]) >= density.max() - 1e-6
+    assert mode[0].norm() < 0.01                                         # between the pair
+    assert (mode[1] - means[1, 1]).norm() < 1e-3                         # one component dominates there
+    # a std per row, and leading batch dimensions
+    rows = grpo.mixture_mode(means[None].expand(3, -1, -1, -1), logits[None].expand(3, -1, -1),
+                             torch.full((3, 2), std))
+    torch.testing.assert_close(rows, mode[None].expand(3, -1, -1))
 
 
 def test_mixture_weight_entropy():
@@ -457,7 +475,7 @@ def test_the_first_inner_epoch_has_ratio_one_and_grpo_learns_where_to_look():
         out, state = [], torch.zeros(1, 2, 4)
         for t in range(2):
             means, logits = obj.model([state])
-            gaze = grpo.mixture_mode(means, logits)
+            gaze = grpo.mixture_mode(means, logits, 0.3)
             out.append((gaze[0] - ToyEncoder.TARGETS[t]).norm().item())
             state = obj.encoder.step(None, None if t == 0 else state, gaze)
         return out
