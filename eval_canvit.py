@@ -357,7 +357,7 @@ def rollout(model: canvit.CanViT, scenes: Tensor, policy: str, T: int, G: int, g
         net, min_scale, std, first_gaze = learned
         enc = grpo.CanViTEncoder(model, None, G, glimpse_px, min_scale, method).to(device)
         source, state = enc.start(scenes, torch.arange(B, device=device))
-        choose = (lambda means, logits, t: grpo.mixture_mode(means, logits)) if policy == "learned" else (
+        choose = (lambda means, logits, t: grpo.mixture_mode(means, logits, std)) if policy == "learned" else (
             lambda means, logits, t: grpo.sample_mixture(means, logits, std, torch.rand(B, generator=gen),
                                                          torch.randn(B, enc.action_dim, generator=gen))[0])
         with amp:
@@ -580,6 +580,8 @@ def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg, info: dict,
                     steps.append(zero_shot.cpu())
                 for name, value in sums.items():
                     tally.add((p, name, t), value)
+                where = torch.cat([vp.center_yx, vp.scale.view(-1, 1)], 1).double()    # (B, 3)
+                tally.add((p, "where", t), torch.cat([where.sum(0), where.square().sum(0)]))
                 if k:
                     pics["policies"][p].append({
                         "center": vp.center_yx[:k].cpu(), "scale": vp.scale[:k].cpu(),
@@ -596,6 +598,12 @@ def evaluate_policies(model, teacher, probes: dict, stds, ds, cfg, info: dict,
                       for name, key in MEANS.items() if (p, name, 0) in tally}
         if (p, "conf", 0) in tally:
             results[p]["miou"] = [miou(tally[p, "conf", t]) for t in range(T)]
+        # How much the viewpoints differ between scenes: the RMS distance of the centre from its
+        # mean over the scenes (scene units, the side is 2) and the scale's std; 0 for C2F.
+        var = [(tally[p, "where", t][3:] / n - (tally[p, "where", t][:3] / n).square()).clamp(min=0)
+               for t in range(T)]
+        results[p]["center_spread"] = [float(v[:2].sum().sqrt()) for v in var]
+        results[p]["scale_spread"] = [float(v[2].sqrt()) for v in var]
         if cfg.stop_at and sure[p][0]:                   # stop when sure, zero-shot
             results[p]["anytime"] = anytime_curve(torch.cat(sure[p][0]), torch.cat(sure[p][1]), cfg.stop_at)
     if "pixel_counts" in tally:          # IoU of the majority class c: N_c / N; the others: 0
@@ -704,6 +712,9 @@ TABLES = (   # (title, the key a policy's results need, one cell at step t)
     ("Classification top-1 (%), zero-shot (Table 7's layout): W_global prediction, "
      "destandardized, through the teacher-CLS probe", "top1_zero_shot",
      lambda r, t: cell(r['top1_zero_shot'][t], 100)),
+    ("Viewpoints from scene to scene: RMS distance of the centre from its mean over the scenes "
+     "(scene side = 2) / std of the scale", "center_spread",
+     lambda r, t: f"{cell(r['center_spread'][t], 1, '.2f')} / {cell(r['scale_spread'][t], 1, '.2f')}"),
 )
 
 

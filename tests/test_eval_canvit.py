@@ -161,6 +161,29 @@ def test_policy_metrics_match_a_brute_force_recomputation(tiny):
         assert res["full"]["top1_zero_shot"][step] == pytest.approx(zero_shot[step] / 7)
         assert res["full"]["patch_cos"][step] == pytest.approx(cos[step] / 7, abs=1e-5)
     assert res["n_val"] == 7
+    assert res["full"]["center_spread"] == [0.0] * 3 and res["full"]["scale_spread"] == [0.0] * 3
+
+
+def test_viewpoint_spread_is_the_spread_of_the_rollouts_viewpoints_over_the_scenes(tiny):
+    """The viewpoint-spread row: the RMS distance of the centres from their mean and the std of the
+    scale over all held-out scenes, per step, recomputed with numpy from the same R-IID rollouts."""
+    t = tiny
+    cfg = dataclasses.replace(t["cfg"], policies=("riid",), T=3, n_val=7, batch_size=3, pictures=0)
+    stds, _ = ec.fit_standardizers(t["model"], t["feats"], 4)
+    res, _ = ec.evaluate_policies(t["model"], t["teacher"], t["probes"], stds, t["val_ds"], cfg, t["info"], 64, 4)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + list(ec.POLICIES).index("riid"))
+    where = [[] for _ in range(3)]
+    with torch.inference_mode():
+        for batch in ec.batches(t["val_ds"], 7, 3):
+            for step, vp, _ in ec.rollout(t["model"], batch["image"], "riid", 3, 4, t["info"]["glimpse_px"],
+                                          gen, t["info"]["glimpse_method"]):
+                where[step] += [(*vp.center_yx[b].tolist(), vp.scale[b].item()) for b in range(len(vp.scale))]
+    for step in range(3):
+        w = np.array(where[step])                                          # (7, 3): y, x, scale
+        centre = np.sqrt(((w[:, :2] - w[:, :2].mean(0)) ** 2).sum(1).mean())
+        assert res["riid"]["center_spread"][step] == pytest.approx(centre, abs=1e-6)
+        assert res["riid"]["scale_spread"][step] == pytest.approx(w[:, 2].std(), abs=1e-6)
+        assert centre > 0.1
 
 
 # ---------------------------------------------------------------------------------------------
