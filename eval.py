@@ -110,6 +110,8 @@ class EvalConfig:
     baseline: str = _opt("", "foveal: a vit_sup checkpoint (the passive ViT) to compare with")
     repeats: int = _opt(3, "foveal: random gaze sequences averaged per scene")
     vit_grid: int = _opt(0, "foveal: ViT-mode grid side (0: scene px / patch px)")
+    inhibit: float = _opt(0.1, "foveal policy: also the deterministic rule that skips actions within this "
+                               "distance (scene units, side 2) of an earlier gaze (grpo.inhibited_mode); 0: off")
     stop_at: tuple[float, ...] = _opt((0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
                                       "stop when sure: an image's episode ends after the first glimpse "
                                       "whose top class probability reaches a threshold; the accuracy "
@@ -261,20 +263,26 @@ def per_step(model: fovea.FovealViT, images: Tensor, glimpses: list[fovea.Patche
 
 @torch.inference_mode()
 def policy_episode(model: fovea.FovealViT, policy: grpo.GazePolicy, images: Tensor, T: int,
-                   first_gaze: str, std: float, gen: torch.Generator | None) -> tuple[list, list]:
+                   first_gaze: str, std: float, gen: torch.Generator | None,
+                   inhibit: float = 0.0) -> tuple[list, list]:
     """An episode whose gazes the learned policy chooses, through grpo's encoder wrapper and
     episode (as GRPO trained it) -> (Patches, logits) per step: the deterministic action (gen
-    None: the mixture's mode at the given std [002, A.3.3]), or actions sampled with that std."""
+    None: the mixture's mode at the given std [002, A.3.3]; inhibit > 0: the best action at
+    least that far from every earlier gaze, grpo.inhibited_mode), or one sampled with that std."""
     B, hw = images.shape[0], tuple(images.shape[-2:])
     enc = grpo.FovealEncoder(model)
     source, state = enc.start(images, torch.arange(B, device=images.device))
-    if gen is None:
-        choose = lambda means, logits, t: grpo.mixture_mode(means, logits, std)
-    else:
+    visited = []                                                   # the gazes so far, (B, 2) each
+    if gen is not None:
         choose = lambda means, logits, t: grpo.sample_mixture(
             means, logits, std, torch.rand(B, generator=gen), torch.randn(B, 2, generator=gen))[0]
+    elif inhibit > 0:
+        choose = lambda means, logits, t: grpo.inhibited_mode(means, logits, std, visited, inhibit)
+    else:
+        choose = lambda means, logits, t: grpo.mixture_mode(means, logits, std)
     glimpses, logits = [], []
     for _, _, _, action, state in grpo.episode(policy, enc, source, state, B, T, choose, first_gaze):
+        visited.append(grpo.to_gaze(action))
         glimpses.append(enc.glimpse(action, hw))
         logits.append(enc.classify(state))
     return glimpses, logits
@@ -374,8 +382,11 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
     results: dict = {"objective": objective, "step": ckpt.get("step"), "scene_px": S, "steps": T,
                      "vit_grid": grid, "repeats": cfg.repeats, "resolution": {}}
     if policy is not None:
-        results["policy"] = {"first_gaze": grpo_cfg["first_gaze"], "std_sampled": grpo_cfg["policy"]["std_end"]}
-    names = ("random", "fixed") + (("policy", "policy_sampled") if policy is not None else ())
+        results["policy"] = {"first_gaze": grpo_cfg["first_gaze"], "std_sampled": grpo_cfg["policy"]["std_end"],
+                             "inhibit": cfg.inhibit}
+    names = ("random", "fixed")
+    if policy is not None:
+        names += ("policy",) + (("policy_inhibit",) if cfg.inhibit > 0 else ()) + ("policy_sampled",)
     if objective in ("probe", "dino"):                          # [000]: k-NN on the backbone
         results["knn"] = knn(model, dcfg, cfg, T, grid)
         print(f"k-NN top-1 (first state token): ViT mode {results['knn']['vit']}, after {T} random "
@@ -424,9 +435,12 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
                     traces["random gazes"] = Trace(model, glimpses, logits, labels, cfg.pictures)
             episodes = {"fixed": (fovea.episode_patches(model, train_cfg, None, B, hw, device), None)}
             if policy is not None:
-                for name, gen_p in (("policy", None), ("policy_sampled", policy_gen)):
+                rules = {"policy": (None, 0.0), "policy_inhibit": (None, cfg.inhibit),
+                         "policy_sampled": (policy_gen, 0.0)}
+                for name in names[2:]:
+                    gen_p, inhibit = rules[name]
                     episodes[name] = policy_episode(model, policy, images, T, grpo_cfg["first_gaze"],
-                                                    grpo_cfg["policy"]["std_end"], gen_p)
+                                                    grpo_cfg["policy"]["std_end"], gen_p, inhibit)
             for name, (glimpses, logits) in episodes.items():
                 logits = logits or per_step(model, images, glimpses)
                 tally(name, glimpses, logits)
@@ -472,7 +486,7 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
 
 
 NAMES = {"random": "random gazes", "fixed": "fixed gazes", "policy": "learned policy",
-         "policy_sampled": "learned policy (sampled)"}
+         "policy_inhibit": "learned policy (inhibition of return)", "policy_sampled": "learned policy (sampled)"}
 
 
 def foveal_tables(results: dict) -> str:
@@ -497,6 +511,8 @@ def foveal_tables(results: dict) -> str:
             + row(f"{fix}, top-1", r1["fixed"]["top1"]) + row(f"{fix}, top-5", r1["fixed"]["top5"]))
     if "policy" in r1:                                           # [002] Table 2, [000] Table 3
         out += (row("learned policy, top-1", r1["policy"]["top1"]) + row("learned policy, top-5", r1["policy"]["top5"])
+                + (row("learned policy (inhibition of return), top-1", r1["policy_inhibit"]["top1"])
+                   if "policy_inhibit" in r1 else "")
                 + row("learned policy (sampled), top-1", r1["policy_sampled"]["top1"]))
     if "on_target" in r1:
         out += "".join(row(f"gazes on the target, {name}", r1["on_target"][name]) for name in r1["on_target"])

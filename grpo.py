@@ -277,6 +277,33 @@ def mixture_mode(means: Tensor, logits: Tensor, std: float | Tensor, iters: int 
     return x.gather(-2, best[..., None, None].expand(*best.shape, 1, x.shape[-1])).squeeze(-2)
 
 
+def inhibited_mode(means: Tensor, logits: Tensor, std: float | Tensor, visited: list[Tensor],
+                   radius: float, grid: int = 41) -> Tensor:
+    """A deterministic action that does not look twice at one place: the mixture's highest density
+    among candidate actions at least `radius` from every visited gaze (the mode, the component
+    means and a grid x grid lattice over [-1, 1]^2). means (B, K, 2), logits (B, K), visited: the
+    earlier gazes, (B, 2) each -> (B, 2) float32. With nothing visited it is `mixture_mode`; where
+    every candidate is inhibited it falls back to the mode.
+    NOTE(paper): not in [002]; inhibition of return, an option of the deterministic rule at
+    inference. Repeating the mode re-reads the same patches (states the encoder, trained on
+    random gazes, never saw), which is where the plain mode fell behind sampled gazes."""
+    _check_mixture(means, logits)
+    if means.dim() != 3 or means.shape[-1] != 2:
+        raise ValueError(f"inhibited_mode takes (B, K, 2) means (a 2-D gaze), got {tuple(means.shape)}")
+    B, K, _ = means.shape
+    mode = mixture_mode(means, logits, std)
+    g = torch.linspace(-1, 1, grid, device=means.device)
+    lattice = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(1, -1, 2).expand(B, -1, -1)
+    cand = torch.cat([mode[:, None], means.float(), lattice], 1)                  # (B, C, 2)
+    C = cand.shape[1]
+    score = mixture_log_prob(means[:, None].expand(B, C, K, 2), logits[:, None].expand(B, C, K),
+                             _std_tensor(std, means)[..., None], cand)            # (B, C)
+    for v in visited:
+        score = score.masked_fill((cand - v.float()[:, None]).norm(dim=-1) < radius, -math.inf)
+    best = cand.gather(1, score.argmax(-1)[:, None, None].expand(-1, 1, 2))[:, 0]
+    return torch.where(torch.isfinite(score).any(-1, keepdim=True), best, mode)
+
+
 def mixture_weight_entropy(logits: Tensor) -> Tensor:
     """Entropy (nats) of the mixture weights, (..., K) -> (...), for logging: log K = uniform,
     0 = one component. (With a fixed std the components' own entropy is a constant.)"""

@@ -184,27 +184,41 @@ def test_a_grpo_checkpoint_is_evaluated_beside_random_gazes(foveal_ckpts, tmp_pa
                    "--batch_size", "3", "--repeats", "1", "--res_factors", "1"])
     r1 = res["resolution"]["1x"]
     assert len(r1["policy"]["top1"]) == len(r1["policy_sampled"]["top1"]) == 3
-    assert set(r1["on_target"]) == set(r1["anytime"]) == {"random", "fixed", "policy", "policy_sampled"}
+    assert set(r1["on_target"]) == set(r1["anytime"]) == {"random", "fixed", "policy", "policy_inhibit", "policy_sampled"}
     assert all(0 <= v <= 100 for v in r1["on_target"]["policy"])
     assert [Path(p).name for p in res["pictures"]] == ["gazes.png", "anytime.png", "policy_gazes.png"]
     # the anytime row without stopping is the plain episode's last step
     assert r1["anytime"]["policy"][-1] == {"threshold": 1.01, "top1": r1["policy"]["top1"][-1], "glimpses": 3.0}
     md = (tmp_path / "o" / "tables.md").read_text()
-    assert "learned policy, top-1" in md and "| ViT | Rand | Policy |" in md
-    # The deterministic episode, recomputed: the policy's heaviest mean at every step.
+    assert "learned policy, top-1" in md and "(inhibition of return), top-1" in md and "| ViT | Rand | Policy |" in md
+    # The deterministic episodes, recomputed step by step: the mixture's mode, and the best action
+    # at least 0.1 (eval's default) from the earlier gazes.
     model = ev.load_foveal(torch.load(foveal_ckpts[0], weights_only=False))
     policy = fovea.load_frozen(tmp_path / "grpo.pt", "policy", grpo.GazePolicy)
     ds = data.SyntheticScenes(12, 32, split="val")
     order = torch.randperm(12, generator=torch.Generator().manual_seed(0)).tolist()[:6]
     batch = data.collate([ds[j] for j in order])
-    hits = 0.0
-    with torch.no_grad():
-        state, table = None, fovea.integral_image(batch["image"])
-        means, weights = policy([model.init_state(6)])
-        gaze = grpo.mixture_mode(means, weights, grpo.GazePolicyConfig().std_end).clamp(-1, 1)
-        state = model(table, None, model.glimpse(gaze, (32, 32), sum(model.cfg.grid_z) / 2))
-        hits = (model.classify(state).argmax(-1) == batch["label"]).float().sum().item()
-    assert r1["policy"]["top1"][0] == pytest.approx(100 * hits / 6, abs=0.01)
+    std = grpo.GazePolicyConfig().std_end
+    for name in ("policy", "policy_inhibit"):
+        state, table, visited, hits = None, fovea.integral_image(batch["image"]), [], []
+        with torch.no_grad():
+            for t in range(3):
+                means, weights = policy([model.init_state(6) if state is None else state])
+                action = (grpo.mixture_mode(means, weights, std) if name == "policy"
+                          else grpo.inhibited_mode(means, weights, std, visited, 0.1))
+                visited.append(action.clamp(-1, 1))
+                state = model(table, state, model.glimpse(visited[-1], (32, 32), sum(model.cfg.grid_z) / 2))
+                hits.append(100 * (model.classify(state).argmax(-1) == batch["label"]).float().mean().item())
+        assert r1[name]["top1"] == pytest.approx(hits, abs=0.01), name
+        glimpses, _ = ev.policy_episode(model, policy, batch["image"], 3, "policy", std, None,
+                                        0.1 if name == "policy_inhibit" else 0.0)
+        gazes = [p.yxz[:, 0, :2] for p in glimpses]                # each glimpse's first patch: the gaze
+        torch.testing.assert_close(torch.stack(gazes), torch.stack(visited), atol=1e-6, rtol=0)
+        if name == "policy_inhibit":                               # never within 0.1 of an earlier gaze
+            assert all((gazes[t] - gazes[u]).norm(dim=-1).min() >= 0.1 - 1e-6 for t in range(3) for u in range(t))
+    off = ev.main(["--ckpt", str(tmp_path / "grpo.pt"), "--out_dir", str(tmp_path / "off"), "--n_val", "3",
+                   "--batch_size", "3", "--repeats", "1", "--res_factors", "1", "--inhibit", "0", "--stop_at", "0.5"])
+    assert "policy_inhibit" not in off["resolution"]["1x"] and off["policy"]["inhibit"] == 0
 
 
 def test_gazes_on_the_target_are_a_disc_for_a_badge_and_a_square_for_an_item():

@@ -292,6 +292,31 @@ def test_sample_mixture_per_row_std():
     assert dev[: n // 2].max() < 1e-3 and dev[n // 2:].max() > 0.5
 
 
+def test_inhibition_of_return_takes_the_best_action_away_from_earlier_gazes():
+    """grpo.inhibited_mode against a brute-force search of the density outside the inhibited discs
+    (a 0.005 lattice): with the heavy component's place visited it takes the best place left (the
+    light component's mean, or the heavy one's flank where that is denser); nothing visited: the
+    mode; everything inhibited: the mode."""
+    means = torch.tensor([[[0.5, 0.5], [-0.5, -0.4], [0.9, -0.9]]] * 3)
+    logits = torch.tensor([[0.6, 0.3, 0.1]] * 3).log()
+    std, radius = 0.15, 0.3
+    visited = [torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.0, 0.0]]), torch.tensor([[0.5, 0.5], [-0.5, -0.4], [0.0, 0.0]])]
+    got = grpo.inhibited_mode(means, logits, std, visited, radius)
+    g = torch.linspace(-1, 1, 401)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    for b in range(3):
+        density = grpo.mixture_log_prob(means[b].expand(len(grid), -1, -1), logits[b].expand(len(grid), -1), std, grid)
+        for v in visited:
+            density = density.masked_fill((grid - v[b]).norm(dim=-1) < radius, -float("inf"))
+        brute = grid[density.argmax()]
+        assert grpo.mixture_log_prob(means[b], logits[b], std, got[b]) >= density.max() - 0.02, (b, got[b], brute)
+        assert min((got[b] - v[b]).norm() for v in visited) >= radius
+    assert (got[0] - means[0, 1]).norm() < 1e-4                      # the light component's mean
+    assert (got[1] - means[1, 2]).norm() < 1e-4                      # both visited: the third
+    torch.testing.assert_close(grpo.inhibited_mode(means, logits, std, [], radius), grpo.mixture_mode(means, logits, std))
+    torch.testing.assert_close(grpo.inhibited_mode(means, logits, std, visited, 5.0), grpo.mixture_mode(means, logits, std))
+
+
 def test_the_deterministic_action_is_the_mode_of_the_whole_mixture():
     """[002] A.3.3's deterministic action: the policy's most likely action. Two nearby components of
     weight 0.3 make the mode between them, not at the lone heaviest component (0.4), whose mean the
