@@ -28,6 +28,7 @@ import yaml
 import data
 import dino
 import eval as ev
+import fovea
 import train
 from conftest import ROOT, TINY_DISTILL_SECTION
 
@@ -306,6 +307,25 @@ def test_torchrun_two_processes_log_the_global_loss(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     assert "step 1 done in" in printed and re.search(r"ETA \d\d:\d\d:\d\d", printed)
     assert (res.stdout + res.stderr).count("RANDOMLY INITIALISED") == 1
+
+
+def test_the_foveal_recipe_reads_the_badge_in_enough_episodes_a_step(tmp_path):
+    """foveal_tiny's early plateau: with random gazes only about one gaze in seven lands on the badge
+    that carries the label, so a step's gradient comes from the few episodes that saw it (at batch 16,
+    about 2 per glimpse, and seeds sat at ln 10 for 1,000+ steps, one for all 4,000). The recipe must
+    give at least 16 such episodes per glimpse, counted on its own scenes and random gazes."""
+    cfg = train.parse_config(["--cfg", "foveal_tiny.yaml", f"--data.root={tmp_path}"])[0]
+    obj = train.build_objective(cfg)
+    ds = data.build_dataset(cfg.data, "train")
+    hits = []
+    for step in range(4):
+        batch = data.collate([ds[step * cfg.batch_size + i] for i in range(cfg.batch_size)])
+        gen = torch.Generator().manual_seed(step)
+        episode = fovea.episode_patches(obj.model, obj.cfg, gen, cfg.batch_size, (64, 64), "cpu")
+        hits.append(ev.on_target(episode, batch["target"], square=False))           # (T,)
+    per_glimpse = torch.stack(hits).mean()
+    assert 0.08 * cfg.batch_size < per_glimpse < 0.25 * cfg.batch_size      # one gaze in 4-12 on the badge
+    assert per_glimpse >= 16, f"{per_glimpse:.1f} episodes a glimpse see the badge"
 
 
 @pytest.mark.parametrize("name", ["distill", "foveal_sup", "vit_sup", "dino", "grpo"])
