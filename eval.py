@@ -485,7 +485,7 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
     return results, foveal_tables(results)
 
 
-NAMES = {"random": "random gazes", "fixed": "fixed gazes", "policy": "learned policy",
+NAMES = {"random": "random gazes", "fixed": "fixed gazes", "policy": "learned policy (mode)",
          "policy_inhibit": "learned policy (inhibition of return)", "policy_sampled": "learned policy (sampled)"}
 
 
@@ -510,7 +510,7 @@ def foveal_tables(results: dict) -> str:
             + head + row(f"{rnd}, top-1", r1["random"]["top1"]) + row(f"{rnd}, top-5", r1["random"]["top5"])
             + row(f"{fix}, top-1", r1["fixed"]["top1"]) + row(f"{fix}, top-5", r1["fixed"]["top5"]))
     if "policy" in r1:                                           # [002] Table 2, [000] Table 3
-        out += (row("learned policy, top-1", r1["policy"]["top1"]) + row("learned policy, top-5", r1["policy"]["top5"])
+        out += (row("learned policy (mode), top-1", r1["policy"]["top1"]) + row("learned policy (mode), top-5", r1["policy"]["top5"])
                 + (row("learned policy (inhibition of return), top-1", r1["policy_inhibit"]["top1"])
                    if "policy_inhibit" in r1 else "")
                 + row("learned policy (sampled), top-1", r1["policy_sampled"]["top1"]))
@@ -598,13 +598,28 @@ def compare(groups: list[str]) -> str:
 
 
 # ---- Several runs in one table, and the command line -----------------------------------------
-def summarize(dirs: list[str]) -> str:
-    """`python eval.py --summarize DIR ...`: the tables of several evaluations (e.g. seeds) as
-    mean (min-max) over them, from their results.json."""
+def summarize(args: list[str]) -> str:
+    """`python eval.py --summarize DIR ... [--plot FILE]`: the tables of several evaluations (e.g.
+    seeds) as mean (min-max) over them, from their results.json; --plot: a PNG of the mean
+    stop-when-sure curves (accuracy against mean glimpses, per policy)."""
+    plot = args[args.index("--plot") + 1] if "--plot" in args else None
+    dirs = [a for a in args if a not in ("--plot", plot)]
     runs = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
     merged = merge(runs)
+    canvit = runs[0].get("objective") == "distill"
     tables = {"distill": eval_canvit.tables, "vit_sup": passive_tables}.get(runs[0].get("objective"), foveal_tables)
-    return f"mean (min-max) over {len(runs)} evaluations: {', '.join(dirs)}\n\n" + tables(merged)
+    out = f"mean (min-max) over {len(runs)} evaluations: {', '.join(dirs)}\n\n" + tables(merged)
+    if plot:
+        mean = lambda x: x["mean"] if isinstance(x, dict) else x
+        found = ({f"{eval_canvit.POLICIES[p]}, {r['scene_px']} px": r[p]["anytime"] for r in merged["resolutions"]
+                  for p in eval_canvit.POLICIES if "anytime" in r.get(p, {})} if canvit else
+                 {NAMES[p]: c for p, c in merged.get("resolution", {}).get("1x", {}).get("anytime", {}).items()})
+        if not found:
+            raise EvalError(f"--plot: these evaluations have no stop-when-sure curves (run them with --stop_at)")
+        curves = {name: [{"glimpses": mean(p["glimpses"]), "top1": mean(p["top1"])} for p in c]
+                  for name, c in found.items()}
+        out += f"\nwrote {save_curves(curves, Path(plot))} (the means' curves)\n"
+    return out
 
 
 def write(out_dir: str, results: dict, tables: str) -> None:

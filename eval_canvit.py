@@ -158,29 +158,41 @@ def anytime_curve(confidence: Tensor, correct: Tensor, thresholds) -> list[dict]
     return points
 
 
-def save_curves(curves: dict, path: Path, size: tuple[int, int] = (480, 320)) -> str:
-    """A PNG of accuracy (%) against mean glimpses per image, one line per policy: `curves` maps a
-    name to anytime_curve's points."""
-    W, H, m = size[0], size[1], 40
+def save_curves(curves: dict, path: Path, size: tuple[int, int] = (640, 360)) -> str:
+    """A PNG of accuracy (%) against mean glimpses per image, one line per policy (`curves` maps a
+    name to anytime_curve's points), with axis ticks and the legend beside the plot."""
+    W, H = size
+    left, right, top, bottom = 44, 230, 16, 40                    # the legend takes the right margin
     pts = [p for c in curves.values() for p in c]
-    x_hi = max(p["glimpses"] for p in pts)
+    x_hi = max(2, math.ceil(max(p["glimpses"] for p in pts)))
     y_lo = min(p["top1"] for p in pts) // 10 * 10
-    to_px = lambda g, a: (m + (g - 1) / max(x_hi - 1, 1e-6) * (W - 2 * m),
-                          H - m - (a - y_lo) / max(100 - y_lo, 1e-6) * (H - 2 * m))
+    y_hi = min(100, max(p["top1"] for p in pts) // 10 * 10 + 10)
+    to_px = lambda g, a: (left + (g - 1) / (x_hi - 1) * (W - left - right),
+                          H - bottom - (a - y_lo) / (y_hi - y_lo) * (H - top - bottom))
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
     draw.line([to_px(1, y_lo), to_px(x_hi, y_lo)], fill="black")
-    draw.line([to_px(1, y_lo), to_px(1, 100)], fill="black")
-    draw.text((W // 2 - 60, H - m + 14), "mean glimpses per image", fill="black")
-    draw.text((4, 4), f"top-1 (%), {y_lo:.0f}-100", fill="black")
+    draw.line([to_px(1, y_lo), to_px(1, y_hi)], fill="black")
+    for g in range(1, x_hi + 1):
+        x, y = to_px(g, y_lo)
+        draw.line([(x, y), (x, y + 4)], fill="black")
+        draw.text((x - 3, y + 6), str(g), fill="black")
+    step = 2 if y_hi - y_lo <= 20 else 10
+    for a in range(int(y_lo), int(y_hi) + 1, step):
+        x, y = to_px(1, a)
+        draw.line([(x - 4, y), (x, y)], fill="black")
+        draw.text((x - 28, y - 6), f"{a:3d}", fill="black")
+    draw.text((left + 60, H - 16), "mean glimpses per image", fill="black")
+    draw.text((left + 4, 2), "top-1 (%)", fill="black")
     for i, (name, c) in enumerate(curves.items()):
-        colour = tuple(round(255 * v) for v in colorsys.hsv_to_rgb(i / max(len(curves), 1), 0.8, 0.8))
+        colour = tuple(round(255 * v) for v in colorsys.hsv_to_rgb(i / max(len(curves), 1), 0.8, 0.75))
         xy = [to_px(p["glimpses"], p["top1"]) for p in sorted(c, key=lambda p: p["glimpses"])]
         if len(xy) > 1:
             draw.line(xy, fill=colour, width=2)
         for x, y in xy:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        draw.text((W - m - 150, m + 12 * i), name, fill=colour)
+        draw.line([(W - right + 12, top + 8 + 16 * i), (W - right + 30, top + 8 + 16 * i)], fill=colour, width=3)
+        draw.text((W - right + 36, top + 2 + 16 * i), name, fill=colour)
     img.save(path)
     return str(path)
 

@@ -1,5 +1,6 @@
 """eval.py: its config (train.py's system), the command line's errors, and the foveal ViT's
 protocol (per-step accuracy, ViT mode, k-NN, resolutions, baselines, learned policies)."""
+import json
 import math
 import subprocess
 import sys
@@ -190,7 +191,7 @@ def test_a_grpo_checkpoint_is_evaluated_beside_random_gazes(foveal_ckpts, tmp_pa
     # the anytime row without stopping is the plain episode's last step
     assert r1["anytime"]["policy"][-1] == {"threshold": 1.01, "top1": r1["policy"]["top1"][-1], "glimpses": 3.0}
     md = (tmp_path / "o" / "tables.md").read_text()
-    assert "learned policy, top-1" in md and "(inhibition of return), top-1" in md and "| ViT | Rand | Policy |" in md
+    assert "learned policy (mode), top-1" in md and "(inhibition of return), top-1" in md and "| ViT | Rand | Policy |" in md
     # The deterministic episodes, recomputed step by step: the mixture's mode, and the best action
     # at least 0.1 (eval's default) from the earlier gazes.
     model = ev.load_foveal(torch.load(foveal_ckpts[0], weights_only=False))
@@ -252,3 +253,23 @@ def test_a_passive_vit_alone_and_the_systems_side_by_side(foveal_ckpts, tmp_path
     assert set(rows) == {"foveal ViT, random gazes", "passive ViT, the whole scene"}
     assert rows["passive ViT, the whole scene"][:4] == [f"{res['resolution']['1x']['top1']:.1f}"] * 4
     assert rows["foveal ViT, random gazes"][3] == "-"                 # an episode of 3: no 8th glimpse
+
+
+def test_summarize_plots_the_mean_stop_when_sure_curves(tmp_path, monkeypatch):
+    """--summarize ... --plot: the curves drawn are the seeds' mean points, each policy once."""
+    def run(top1, glimpses):
+        curve = [{"threshold": 0.5, "top1": top1, "glimpses": glimpses}, {"threshold": 1.01, "top1": 90.0, "glimpses": 8.0}]
+        return {"objective": "foveal_sup", "steps": 8, "glimpse": "foveal", "repeats": 1, "scene_px": 32, "vit_grid": 4,
+                "resolution": {"1x": {"n": 5, "scene_px": 32, "random": {"top1": [1.0] * 8, "top5": [2.0] * 8},
+                                      "fixed": {"top1": [3.0] * 8, "top5": [4.0] * 8},
+                                      "vit_mode": {"top1": 5.0, "top5": 6.0},
+                                      "anytime": {"random": curve, "fixed": curve}}}}
+    for i, (top1, glimpses) in enumerate([(80.0, 2.0), (90.0, 3.0)]):
+        (tmp_path / f"s{i}").mkdir()
+        (tmp_path / f"s{i}" / "results.json").write_text(json.dumps(run(top1, glimpses)))
+    drawn = {}
+    monkeypatch.setattr(ev, "save_curves", lambda curves, path: drawn.update(curves) or str(path))
+    out = ev.summarize([str(tmp_path / "s0"), "--plot", str(tmp_path / "a.png"), str(tmp_path / "s1")])
+    assert "a.png" in out and "85.0 (80.0-90.0) (2.50 (2.00-3.00))" in out
+    assert drawn == {name: [{"glimpses": 2.5, "top1": 85.0}, {"glimpses": 8.0, "top1": 90.0}]
+                     for name in ("random gazes", "fixed gazes")}
