@@ -56,6 +56,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -422,13 +423,20 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: Path, ckpt: dict) -> None:
     """Write a temporary file, read it back, keep the current checkpoint as ckpt_prev.pt, then
-    rename: a crash or a full disk at any moment leaves a readable checkpoint behind."""
+    rename over it: a crash or a full disk at any moment leaves ckpt.pt readable (the previous
+    one is linked to ckpt_prev.pt, not moved there, so ckpt.pt never goes missing)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(ckpt, tmp)
     if fovea.read_checkpoint(tmp)["step"] != ckpt["step"]:
         raise OSError(f"{tmp} did not read back as written")
     if path.exists():
-        os.replace(path, path.with_name("ckpt_prev.pt"))
+        prev = path.with_name("ckpt_prev.pt")
+        prev_tmp = prev.with_name(prev.name + f".tmp{os.getpid()}")
+        try:
+            os.link(path, prev_tmp)                 # a second name for the same file
+        except OSError:                             # a file system without hard links
+            shutil.copyfile(path, prev_tmp)
+        os.replace(prev_tmp, prev)
     os.replace(tmp, path)
 
 
@@ -492,7 +500,7 @@ def run_folder(path: str, master: bool):
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
     lock.flush()
-    for stale in out.glob("ckpt.pt.tmp*"):                   # a write cut short by a kill
+    for stale in out.glob("ckpt*.pt.tmp*"):                  # a write cut short by a kill
         stale.unlink()
     try:
         yield out

@@ -459,6 +459,36 @@ def test_a_signal_saves_at_the_next_step_and_the_resumed_run_is_uninterrupted(tm
     assert max_diff(params(straight_run), params(stopped)) < 1e-6
 
 
+def test_ckpt_pt_exists_at_every_moment_of_a_save(tmp_path, monkeypatch):
+    """A kill can land between any two file operations of a save: each is made to fail in turn
+    (as if the process died there), and ckpt.pt must still read as the old or the new step, and
+    ckpt_prev.pt, where it exists, as the old one."""
+    real_replace, calls = os.replace, []
+    ckpt = lambda step: {"step": step, "model": {}, "config": {}}
+
+    def dies_at(k):
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == k:
+                raise KeyboardInterrupt("killed")
+            real_replace(src, dst)
+        return replace
+    for k in (1, 2):
+        out = tmp_path / f"k{k}"
+        out.mkdir()
+        train.save_checkpoint(out / "ckpt.pt", ckpt(1))
+        calls.clear()
+        monkeypatch.setattr(os, "replace", dies_at(k))
+        with pytest.raises(KeyboardInterrupt):
+            train.save_checkpoint(out / "ckpt.pt", ckpt(2))
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 1, k
+        if (out / "ckpt_prev.pt").exists():
+            assert torch.load(out / "ckpt_prev.pt", weights_only=False)["step"] == 1
+    train.save_checkpoint(out / "ckpt.pt", ckpt(3))                      # and a whole save rotates
+    assert [torch.load(out / n, weights_only=False)["step"] for n in ("ckpt.pt", "ckpt_prev.pt")] == [3, 1]
+
+
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
     out = tmp_path / "run"
     run(tmp_path, with_out(TINY_DISTILL, out, max_steps=4, ckpt_every=2))
