@@ -34,7 +34,8 @@ Paper -> code
   002 A.2, Eq. 1            clipped ratio objective (maximised)    clipped_objective, ratio_stats
   002 A.3.3; 000 Sec. 3.3   K-Gaussian mixture, fixed std          mixture_log_prob, sample_mixture,
                                                                    mixture_weight_entropy
-  002 A.3.3                 deterministic action at inference      mixture_mode
+  002 A.3.3                 deterministic action at inference      mixture_mode (the mixture's mode)
+  (beyond the papers)       the same, no gaze twice at one place   inhibited_mode
   000 Sec. 3.3              "fixed diagonal variance schedule"     std_schedule
   002 A.3.3; 000 Sec. 4     DETR-like policy, K + 1 queries        GazePolicyConfig, GazePolicy
   (RAM, PR #30)             clamp only at extraction               to_gaze
