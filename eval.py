@@ -615,7 +615,7 @@ def summarize(args: list[str]) -> str:
                   for p in eval_canvit.POLICIES if "anytime" in r.get(p, {})} if canvit else
                  {NAMES[p]: c for p, c in merged.get("resolution", {}).get("1x", {}).get("anytime", {}).items()})
         if not found:
-            raise EvalError(f"--plot: these evaluations have no stop-when-sure curves (run them with --stop_at)")
+            raise EvalError("--plot: these evaluations have no stop-when-sure curves (run them with --stop_at)")
         curves = {name: [{"glimpses": mean(p["glimpses"]), "top1": mean(p["top1"])} for p in c]
                   for name, c in found.items()}
         out += f"\nwrote {save_curves(curves, Path(plot))} (the means' curves)\n"

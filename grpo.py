@@ -253,6 +253,14 @@ def sample_mixture(means: Tensor, logits: Tensor, std: float | Tensor, u: Tensor
     return mu + _std_tensor(std, mu)[..., None] * noise.to(mu.device), k
 
 
+def _log_density_at(means: Tensor, logits: Tensor, std: float | Tensor, points: Tensor) -> Tensor:
+    """log pi at C points per row: (..., K, A), (..., K), std, (..., C, A) -> (..., C)."""
+    lead = points.shape[:-1]
+    return mixture_log_prob(means[..., None, :, :].expand(*lead, *means.shape[-2:]),
+                            logits[..., None, :].expand(*lead, means.shape[-2]),
+                            _std_tensor(std, means)[..., None], points)
+
+
 def mixture_mode(means: Tensor, logits: Tensor, std: float | Tensor, iters: int = 50) -> Tensor:
     """The deterministic action at inference [002, A.3.3]: the mode of the whole mixture, the
     action the policy finds most likely. (..., K, A), (..., K), std (as mixture_log_prob) ->
@@ -271,10 +279,7 @@ def mixture_mode(means: Tensor, logits: Tensor, std: float | Tensor, iters: int 
         d2 = (x[..., :, None, :] - mu[..., None, :, :]).square().sum(-1)          # (..., K starts, K)
         r = F.softmax(log_w[..., None, :] - 0.5 * d2 / s.square(), -1)
         x = r @ mu
-    density = mixture_log_prob(mu[..., None, :, :].expand(*x.shape[:-1], *mu.shape[-2:]),
-                               log_w[..., None, :].expand(*x.shape[:-1], mu.shape[-2]),
-                               _std_tensor(std, mu)[..., None], x)                # (..., K starts)
-    best = density.argmax(-1)
+    best = _log_density_at(mu, log_w, std, x).argmax(-1)                         # (...)
     return x.gather(-2, best[..., None, None].expand(*best.shape, 1, x.shape[-1])).squeeze(-2)
 
 
@@ -291,14 +296,12 @@ def inhibited_mode(means: Tensor, logits: Tensor, std: float | Tensor, visited: 
     _check_mixture(means, logits)
     if means.dim() != 3 or means.shape[-1] != 2:
         raise ValueError(f"inhibited_mode takes (B, K, 2) means (a 2-D gaze), got {tuple(means.shape)}")
-    B, K, _ = means.shape
+    B = means.shape[0]
     mode = mixture_mode(means, logits, std)
     g = torch.linspace(-1, 1, grid, device=means.device)
     lattice = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(1, -1, 2).expand(B, -1, -1)
     cand = torch.cat([mode[:, None], means.float(), lattice], 1)                  # (B, C, 2)
-    C = cand.shape[1]
-    score = mixture_log_prob(means[:, None].expand(B, C, K, 2), logits[:, None].expand(B, C, K),
-                             _std_tensor(std, means)[..., None], cand)            # (B, C)
+    score = _log_density_at(means.float(), logits, std, cand)                     # (B, C)
     for v in visited:
         score = score.masked_fill((cand - v.float()[:, None]).norm(dim=-1) < radius, -math.inf)
     best = cand.gather(1, score.argmax(-1)[:, None, None].expand(-1, 1, 2))[:, 0]
