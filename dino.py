@@ -254,7 +254,7 @@ class Augment:
     flip: float = 0.5              # horizontal flip
     jitter: float = 0.8            # colour jitter: brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1
     grey: float = 0.2              # random greyscale
-    blur: float = 0.5              # Gaussian blur, sigma ~ U(0.1, 2) px (of the patch grid)
+    blur: float = 0.5              # Gaussian blur, sigma ~ U(0.1, 2) px of a 16 px patch (DINO_PATCH_PX)
     solarize: float = 0.0          # invert pixel values >= 1/2
 
 
@@ -317,11 +317,16 @@ class ViewAugment(NamedTuple):
         x = ((x - g) * s + g).clamp(0, 1)
         x = _shift_hue(x, h)
         x = torch.where(dev(self.grey)[:, None, None, None, None], _grey(x).expand_as(x), x)
-        x = _blur(x, dev(self.sigma))
+        x = _blur(x, dev(self.sigma) * (x.shape[-1] / DINO_PATCH_PX))
         x = torch.where(dev(self.solarize)[:, None, None, None, None] & (x >= 0.5), 1 - x, x)
         return ((x - mean) / std).to(pix.dtype)
 
 
+# DINO blurs its crops resized to 224 / 96 px with sigma ~ U(0.1, 2) px, and ViT-S/16 cuts them
+# into 16 px patches: relative to a patch, sigma is U(0.1, 2) / 16. A view's patches here are
+# resampled to p px (8 in the tiny configs), so the drawn sigma is scaled by p / 16: the same blur
+# relative to what a patch sees (tests/test_dino.py checks the equivalence).
+DINO_PATCH_PX = 16
 IMAGENET_MEAN = (0.485, 0.456, 0.406)      # data.py's normalisation (dino.py imports no data.py)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

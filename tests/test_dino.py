@@ -556,6 +556,26 @@ def test_hue_shift_matches_colorsys_and_blur_a_direct_convolution():
     torch.testing.assert_close(dino._blur(patch, torch.tensor([0.0])), patch)   # sigma 0: untouched
 
 
+def test_blur_on_small_patches_is_dinos_blur_relative_to_a_patch():
+    """DINO blurs a crop cut into 16 px patches with sigma in pixels of that crop. The same view
+    read at 8 px a patch must come out as DINO's blurred 16 px patches reduced to 8 px (2 x 2
+    means): the blur's strength relative to a patch is DINO's, whatever patch size the model reads."""
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 96), torch.linspace(0, 1, 96), indexing="ij")
+    f = torch.randn(3, 4, 4, generator=gen)
+    img = sum(f[:, i, j, None, None] * torch.cos(6.28 * (i * yy + j * xx) + i) for i in range(4) for j in range(4))
+    integral = fovea.integral_image((0.5 + 0.08 * img).clamp(0, 1)[None])      # a smooth scene
+    view = fovea.random_grid_crops(1, (96, 96), 4, (0.5, 0.8), torch.Generator().manual_seed(1))
+    p16 = fovea.box_patches(integral, view.boxes, 16, compiled=False)
+    p8 = fovea.box_patches(integral, view.boxes, 8, compiled=False)            # = p16 in 2 x 2 means
+    for sigma in (1.0, 2.0):                                                   # DINO's sigma, 16 px patches
+        blur = dino.ViewAugment(torch.tensor([False]), torch.tensor([False]), torch.tensor([False]),
+                                torch.tensor([[1.0, 1.0, 1.0, 0.0]]), torch.tensor([sigma]))
+        dinos = F.avg_pool2d(blur(p16).flatten(0, 2), 2).view_as(p8)
+        effect = (p8 - dinos).abs().mean()                                     # what the blur changes
+        assert (blur(p8) - dinos).abs().mean() < 0.5 * effect                  # unscaled sigma: 1.9-2.5 x
+
+
 def test_collapse_statistics():
     K = 8
     uniform = torch.full((6, K), 1 / K)
