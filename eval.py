@@ -199,23 +199,36 @@ def trained_steps(ckpt: dict) -> int:
 @torch.inference_mode()
 def first_tokens(model: fovea.FovealViT, ds, n: int, cfg: EvalConfig, episode: fovea.FovealTrainConfig,
                  mode: str, grid: int) -> tuple[Tensor, Tensor]:
-    """L2-normalised first state tokens (n, D) and labels (n,): after ViT mode ("vit") or after
-    an episode of random gazes ("random", drawn from --seed)."""
+    """L2-normalised first state tokens (n, D) and labels (n,): after ViT mode ("vit"), after an
+    episode of random gazes ("random", drawn from --seed) or of gazes on the target ("target")."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     feats, labels = [], []
     for batch in batches(ds, n, cfg.batch_size):
         images = batch["image"].to(device)
-        table = fovea.integral_image(images)
+        table, hw = fovea.integral_image(images), tuple(images.shape[-2:])
         if mode == "vit":
             state = model.vit_mode(table, grid)
-        else:
+        elif mode == "random":
             state = None
-            for patches in fovea.episode_patches(model, episode, gen, len(images), tuple(images.shape[-2:]), device):
+            for patches in fovea.episode_patches(model, episode, gen, len(images), hw, device):
                 state = model(table, state, patches)
+        else:
+            state, (lo, hi) = None, model.cfg.grid_z
+            gazes = target_gazes(batch["target"], gen, episode.steps)
+            zs = lo + (hi - lo) * torch.rand(episode.steps, len(images), generator=gen)
+            for t in range(episode.steps):
+                state = model(table, state, model.glimpse(gazes[t].to(device), hw, zs[t].to(device)))
         feats.append(torch.nn.functional.normalize(state[:, 0].float(), dim=-1).cpu())
         labels.append(batch["label"])
     return torch.cat(feats), torch.cat(labels)
+
+
+def target_gazes(target: Tensor, gen: torch.Generator, T: int) -> Tensor:
+    """(T, B, 2) gazes on each scene's target (B, 3: centre y, x, and radius or half-side): the
+    centre plus a uniform offset of up to half the radius on each axis, inside a disc or a square."""
+    offset = (torch.rand(T, len(target), 2, generator=gen) * 2 - 1) * 0.5 * target[None, :, 2:3]
+    return (target[None, :, :2] + offset).clamp(-1, 1)
 
 
 def knn_top1(train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor,
@@ -229,12 +242,14 @@ def knn_top1(train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Ten
 
 
 def knn(model: fovea.FovealViT, dcfg: data.DataConfig, cfg: EvalConfig, T: int, grid: int) -> dict:
-    """k-NN top-1 (%) of the first state token, after ViT mode and after T random gazes."""
+    """k-NN top-1 (%) of the first state token, after ViT mode, after T random gazes and, where
+    the scenes mark their target (built-in, Fashion-MNIST), after T gazes on it: does the
+    sequence encode the object when it looks at it?"""
     train_ds = data.build_dataset(dataclasses.replace(dcfg, length=max(cfg.n_train, 1)), "train")
     val_ds = data.build_dataset(dataclasses.replace(dcfg, val_length=cfg.n_val), "val")
     episode = fovea.FovealTrainConfig(model=model.cfg, steps=T)
     out = {"k": 20, "n_train": min(cfg.n_train, len(train_ds))}
-    for mode in ("vit", "random"):
+    for mode in ("vit", "random") + (("target",) if "target" in val_ds[0] else ()):
         a = first_tokens(model, train_ds, min(cfg.n_train, len(train_ds)), cfg, episode, mode, grid)
         b = first_tokens(model, val_ds, min(cfg.n_val, len(val_ds)), cfg, episode, mode, grid)
         out[mode] = round(100 * knn_top1(*a, *b, train_ds.num_classes), 2)
@@ -390,7 +405,7 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
     if objective in ("probe", "dino"):                          # [000]: k-NN on the backbone
         results["knn"] = knn(model, dcfg, cfg, T, grid)
         print(f"k-NN top-1 (first state token): ViT mode {results['knn']['vit']}, after {T} random "
-              f"gazes {results['knn']['random']}", flush=True)
+              f"gazes {results['knn']['random']}, on the target {results['knn'].get('target', '-')}", flush=True)
     if model.head is None:                                      # a dino backbone: k-NN only
         check_unchanged(frozen, snaps)
         return results, foveal_tables(results)
@@ -497,7 +512,8 @@ def foveal_tables(results: dict) -> str:
         kn = results["knn"]
         out += (f"k-NN top-1 (%) on the frozen first state token (k = {kn['k']}, {kn['n_train']} "
                 f"training scenes): ViT mode {cell(kn['vit'])}, after {results['steps']} random gazes "
-                f"{cell(kn['random'])}\n\n")
+                f"{cell(kn['random'])}" + (f", after {results['steps']} gazes on the target "
+                                          f"{cell(kn['target'])}" if "target" in kn else "") + "\n\n")
     if "1x" not in results["resolution"]:
         return out
     r1, T = results["resolution"]["1x"], results["steps"]

@@ -161,8 +161,8 @@ def test_dino_and_probe_checkpoints(tmp_path):
     args = ["--n_val", "8", "--n_train", "12", "--batch_size", "4", "--repeats", "1", "--res_factors", "1",
             "--pictures", "0"]
     res = ev.main(["--ckpt", str(tmp_path / "dino.pt"), "--out_dir", str(tmp_path / "d"), *args])
-    assert set(res["knn"]) == {"k", "n_train", "vit", "random"} and res["resolution"] == {}
-    assert "k-NN top-1" in (tmp_path / "d" / "tables.md").read_text()
+    assert set(res["knn"]) == {"k", "n_train", "vit", "random", "target"} and res["resolution"] == {}
+    assert "gazes on the target" in (tmp_path / "d" / "tables.md").read_text()
     cfg = train.TrainConfig()
     config.apply_overrides(cfg, {"objective": "probe", "data": {"image_size": 32},
                                  "probe": {"backbone": str(tmp_path / "dino.pt"), "num_classes": 10, "steps": 2}})
@@ -170,6 +170,16 @@ def test_dino_and_probe_checkpoints(tmp_path):
     res = ev.main(["--ckpt", str(tmp_path / "probe.pt"), "--out_dir", str(tmp_path / "p"), *args])
     assert len(res["resolution"]["1x"]["random"]["top1"]) == 2 and "knn" in res
     assert "| this model |" in (tmp_path / "p" / "tables.md").read_text()
+
+
+def test_gazes_on_the_target_fall_inside_it_and_spread_over_its_middle():
+    """k-NN "on the target": every gaze inside the badge (a disc) and inside the Fashion-MNIST item
+    (a square), spread over the middle half of its radius on each axis."""
+    target = torch.tensor([[0.2, -0.3, 0.4], [-0.8, 0.8, 0.2], [0.0, 0.5, 0.05]])   # centre y, x; radius
+    gazes = ev.target_gazes(target, torch.Generator().manual_seed(0), 2000)       # (T, B, 2)
+    offset = (gazes - target[None, :, :2]) / target[None, :, 2:3]                 # in radii
+    assert gazes.shape == (2000, 3, 2) and offset.norm(dim=-1).max() <= 0.5 * 2 ** 0.5 + 1e-6
+    assert offset.abs().amax((0, 1)).min() > 0.49 and offset.mean((0, 1)).abs().max() < 0.02
 
 
 def test_a_grpo_checkpoint_is_evaluated_beside_random_gazes(foveal_ckpts, tmp_path):
