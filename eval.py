@@ -39,6 +39,7 @@ Paper -> code
   [002] Sec. 6.1 shuffled ViT-patch groups, as trained          fovea.episode_patches
   [000] Sec. 5.3 ViT mode; Fig. 1 resolution robustness        evaluate_foveal
   [000] Sec. 5   k-NN on frozen first state tokens             knn, knn_top1
+                 (and after gazes on the target: a diagnostic)  target_gazes
   [000] Table 1, 3; [002] A.3.3  learned policy, deterministic  policy_episode
   [002] Sec. 1-3 compute follows the task: stop when sure     eval_canvit.anytime_curve
                  markdown tables, gaze pictures                 foveal_tables, save_gaze_picture
