@@ -962,6 +962,13 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool = False, 
 
 
 # ---- Demo (`python data.py`); the benchmarks are in bench.py ---------------------------------
+def _save_rows(path: str, rows: list[list[np.ndarray]]) -> None:
+    """Save rows of RGB tiles in [0, 1] as one picture, each tile framed in white."""
+    framed = [np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=1) for t in row], 1)
+              for row in rows]
+    Image.fromarray((np.concatenate(framed, 0) * 255).round().astype(np.uint8)).save(path)
+
+
 def save_grid(path: str, n: int = 6, size: int = 256, seed: int = 0) -> None:
     """One row per scene: the scene, its mask, a 64 px render (what a coarse view sees), and a
     zoomed render of the target window (what a glimpse on it sees)."""
@@ -973,9 +980,8 @@ def save_grid(path: str, n: int = 6, size: int = 256, seed: int = 0) -> None:
         cy, cx, r = s.target
         zoom = render_params(p, size, (cy - 2 * r, cx - 2 * r, cy + 2 * r, cx + 2 * r)).image
         coarse = np.kron(render_params(p, 64).image, np.ones((size // 64, size // 64, 1)))
-        tiles = [s.image, pal[s.mask], coarse, zoom]
-        rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=1) for t in tiles], 1))
-    Image.fromarray((np.concatenate(rows, 0) * 255).round().astype(np.uint8)).save(path)
+        rows.append([s.image, pal[s.mask], coarse, zoom])
+    _save_rows(path, rows)
 
 
 def save_fashion_grid(path: str, root: str = "", n: int = 6, scene_px: int = 64,
@@ -996,11 +1002,11 @@ def save_fashion_grid(path: str, root: str = "", n: int = 6, scene_px: int = 64,
                 box = (np.array([cy - h, cx - h, cy + h, cx + h]) + 1) / 2 * size
                 y0, x0, y1, x1 = np.clip(box.round().astype(int), 0, size - 1)
                 tile[[y0, y1], x0:x1 + 1] = tile[y0:y1 + 1, [x0, x1]] = (0.5, 0.5, 0.0)
-            tiles.append(np.pad(tile, ((2, 2), (2, 2), (0, 0)), constant_values=1))
+            tiles.append(tile)
             if scene == "cluttered" and not kw:
                 names.append(FASHION_MNIST_CLASSES[label])
-        rows.append(np.concatenate(tiles, 1))
-    Image.fromarray((np.concatenate(rows, 0) * 255).round().astype(np.uint8)).save(path)
+        rows.append(tiles)
+    _save_rows(path, rows)
     return names
 
 
