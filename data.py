@@ -385,6 +385,21 @@ class SyntheticScenes(Dataset):
         return {"image": _normalise(s.image), "label": torch.tensor(s.label, dtype=torch.int64),
                 "mask": torch.from_numpy(s.mask), "index": i, "target": torch.from_numpy(s.target)}
 
+    def swapped(self, i: int) -> dict:
+        """Scene i with only its object changed: the glyph of class (label + 1 + i mod (C - 1))
+        mod C in the same badge, on the same background and clutter. The other class's scene
+        tells what a representation owes to the object (eval.py's object share). Item as
+        __getitem__'s, without the mask."""
+        if self.num_classes < 2:
+            raise ValueError("swapped scenes need at least 2 classes (another glyph to draw)")
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {i} out of range for {self.length} scenes")
+        p = sample_scene(i, self.seed, self.split, self.num_classes, self.target_size, self.clutter)
+        p["label"] = (p["label"] + 1 + i % (self.num_classes - 1)) % self.num_classes
+        s = render_params(p, self.image_size)
+        return {"image": _normalise(s.image), "label": torch.tensor(s.label, dtype=torch.int64),
+                "index": i, "target": torch.from_numpy(s.target)}
+
 
 # ---- Decoding real images with Pillow: any mode -> RGB; bad files become "bad" items ---------
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff",
@@ -902,6 +917,25 @@ class FashionMNISTScenes(Dataset):
         mask = fashion_mask(self.images, layout, label, self.image_size, self.scene, self.fragment_px)
         return {"image": image, "label": torch.tensor(label, dtype=torch.int64), "index": i,
                 "target": torch.from_numpy(target), "mask": torch.from_numpy(mask)}
+
+    def swapped(self, i: int) -> dict:
+        """Scene i with only its item changed: an item of another class (drawn from (seed, split,
+        i)) in the same square, with the same fragments. The other class's scene tells what a
+        representation owes to the object (eval.py's object share). Item as __getitem__'s,
+        without the mask."""
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {i} out of range for {self.length} scenes")
+        layout = sample_layout(i, len(self.images), self.seed, self.split, self.scene, self.item_size,
+                               self.clutter, self.fragment_px)
+        others = np.flatnonzero(self.labels != self.labels[layout["item"]])
+        if not len(others):
+            raise ValueError("swapped scenes need items of at least 2 classes")
+        rng = np.random.default_rng([self.seed, ("train", "val", "test").index(self.split), i, 1])
+        layout["item"] = int(others[rng.integers(len(others))])
+        grey, target = render_fashion(self.images, layout, self.image_size, self.scene, self.fragment_px)
+        return {"image": _normalise(np.repeat(grey[:, :, None], 3, axis=2)),
+                "label": torch.tensor(int(self.labels[layout["item"]]), dtype=torch.int64), "index": i,
+                "target": torch.from_numpy(target)}
 
 
 # ---- Batching and building from the config ---------------------------------------------------

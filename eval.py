@@ -40,6 +40,7 @@ Paper -> code
   [000] Sec. 5.3 ViT mode; Fig. 1 resolution robustness        evaluate_foveal
   [000] Sec. 5   k-NN on frozen first state tokens             knn, knn_top1
                  (and after gazes on the target: a diagnostic)  target_gazes
+                 (and what the features owe to the object)      object_share, Swapped
   [000] Table 1, 3; [002] A.3.3  learned policy, deterministic  policy_episode
   [002] Sec. 1-3 compute follows the task: stop when sure     eval_canvit.anytime_curve
                  markdown tables, gaze pictures                 foveal_tables, save_gaze_picture
@@ -108,6 +109,8 @@ class EvalConfig:
     probe_lr: float = _opt(1e-2, "CanViT: peak AdamW lr ([003] F.2.1: 3e-4 for 40k steps; CPU default)")
     probe_wd: float = _opt(1e-3, "CanViT: AdamW weight decay ([003] F.2.1)")
     # The foveal iterative ViT [002, 000]
+    knn: bool = _opt(False, "foveal: k-NN and object share of the first state token for any model "
+                     "(always for a dino backbone and its probe)")
     baseline: str = _opt("", "foveal: a vit_sup checkpoint (the passive ViT) to compare with")
     repeats: int = _opt(3, "foveal: random gaze sequences averaged per scene")
     vit_grid: int = _opt(0, "foveal: ViT-mode grid side (0: scene px / patch px)")
@@ -242,18 +245,47 @@ def knn_top1(train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Ten
     return (votes.argmax(1) == test_labels).float().mean().item()
 
 
+class Swapped(torch.utils.data.Dataset):
+    """The scenes of `ds` with only their object changed (`ds.swapped`), in the same order."""
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.ds.swapped(i)
+
+
+def object_share(feats: Tensor, swapped: Tensor) -> float:
+    """What unit features (n, D) owe to the object: the mean cosine distance between a scene's
+    feature and that of the same scene with another object (`swapped`, same gazes), over the
+    mean distance between two different scenes' features. 0: blind to the object; about 1: a
+    new object moves the feature as far as a new scene does."""
+    n = len(feats)
+    swap = (1 - (feats * swapped).sum(1)).mean()
+    between = (n * n - feats.sum(0).square().sum()) / (n * n - n)  # sum over i != j of 1 - f_i.f_j
+    return (swap / between).item()
+
+
 def knn(model: fovea.FovealViT, dcfg: data.DataConfig, cfg: EvalConfig, T: int, grid: int) -> dict:
     """k-NN top-1 (%) of the first state token, after ViT mode, after T random gazes and, where
     the scenes mark their target (built-in, Fashion-MNIST), after T gazes on it: does the
-    sequence encode the object when it looks at it?"""
+    sequence encode the object when it looks at it? Where the scenes can swap their object
+    (built-in, Fashion-MNIST), also the object share of each mode's features (`object_share`):
+    is what the features tell apart the object, or the rest of the scene?"""
     train_ds = data.build_dataset(dataclasses.replace(dcfg, length=max(cfg.n_train, 1)), "train")
     val_ds = data.build_dataset(dataclasses.replace(dcfg, val_length=cfg.n_val), "val")
     episode = fovea.FovealTrainConfig(model=model.cfg, steps=T)
-    out = {"k": 20, "n_train": min(cfg.n_train, len(train_ds))}
+    n_train, n_val = min(cfg.n_train, len(train_ds)), min(cfg.n_val, len(val_ds))
+    out = {"k": 20, "n_train": n_train}
     for mode in ("vit", "random") + (("target",) if "target" in val_ds[0] else ()):
-        a = first_tokens(model, train_ds, min(cfg.n_train, len(train_ds)), cfg, episode, mode, grid)
-        b = first_tokens(model, val_ds, min(cfg.n_val, len(val_ds)), cfg, episode, mode, grid)
+        a = first_tokens(model, train_ds, n_train, cfg, episode, mode, grid)
+        b = first_tokens(model, val_ds, n_val, cfg, episode, mode, grid)
         out[mode] = round(100 * knn_top1(*a, *b, train_ds.num_classes), 2)
+        if hasattr(val_ds, "swapped") and val_ds.num_classes > 1 and n_val > 1:   # same gazes: same seed
+            swapped = first_tokens(model, Swapped(val_ds), n_val, cfg, episode, mode, grid)[0]
+            out.setdefault("object_share", {})[mode] = round(object_share(b[0], swapped), 3)
     return out
 
 
@@ -403,10 +435,11 @@ def evaluate_foveal(ckpt: dict, cfg: EvalConfig) -> tuple[dict, str]:
     names = ("random", "fixed")
     if policy is not None:
         names += ("policy",) + (("policy_inhibit",) if cfg.inhibit > 0 else ()) + ("policy_sampled",)
-    if objective in ("probe", "dino"):                          # [000]: k-NN on the backbone
+    if objective in ("probe", "dino") or cfg.knn:              # [000]: k-NN on the backbone
         results["knn"] = knn(model, dcfg, cfg, T, grid)
         print(f"k-NN top-1 (first state token): ViT mode {results['knn']['vit']}, after {T} random "
-              f"gazes {results['knn']['random']}, on the target {results['knn'].get('target', '-')}", flush=True)
+              f"gazes {results['knn']['random']}, on the target {results['knn'].get('target', '-')}; object "
+              f"share {results['knn'].get('object_share', '-')}", flush=True)
     if model.head is None:                                      # a dino backbone: k-NN only
         check_unchanged(frozen, snaps)
         return results, foveal_tables(results)
@@ -515,6 +548,10 @@ def foveal_tables(results: dict) -> str:
                 f"training scenes): ViT mode {cell(kn['vit'])}, after {results['steps']} random gazes "
                 f"{cell(kn['random'])}" + (f", after {results['steps']} gazes on the target "
                                           f"{cell(kn['target'])}" if "target" in kn else "") + "\n\n")
+        if "object_share" in kn:
+            out += ("Object share of those features (the cosine distance to the same scene with another "
+                    "object over that between two scenes; 0: blind to the object): "
+                    + ", ".join(f"{m} {v:.3f}" for m, v in kn["object_share"].items()) + "\n\n")
     if "1x" not in results["resolution"]:
         return out
     r1, T = results["resolution"]["1x"], results["steps"]

@@ -167,6 +167,46 @@ def test_synthetic_mask_holds_the_label_target():
         assert -1 < cy - r and cy + r < 1 and -1 < cx - r and cx + r < 1
 
 
+def _outside(size: int, target, margin: float) -> np.ndarray:
+    """(size, size) bool: pixels whose centre lies outside the target's disc (radius + margin)."""
+    c = (np.arange(size) + 0.5) / size * 2 - 1
+    cy, cx, r = (float(v) for v in target)
+    return (c[:, None] - cy) ** 2 + (c[None, :] - cx) ** 2 > (r + margin) ** 2
+
+
+def test_synthetic_swapped_scene_changes_only_the_glyph():
+    """`swapped(i)`: another class's glyph in the same badge; every pixel away from the badge
+    as drawn, and the scene as drawn again afterwards."""
+    ds = data.SyntheticScenes(20, 64, 10, split="val", target_size=(0.35, 0.5))
+    labels = set()
+    for i in range(20):
+        a, b = ds[i], ds.swapped(i)
+        assert b["label"] != a["label"] and torch.equal(b["target"], a["target"])
+        labels.add(int(b["label"]))
+        away = torch.from_numpy(_outside(64, a["target"], 2 / 64 * 1.5))
+        assert torch.equal(a["image"][:, away], b["image"][:, away])
+        assert (a["image"] - b["image"]).abs().amax() > 0.3                 # the glyph did change
+        assert torch.equal(ds.swapped(i)["image"], b["image"]) and torch.equal(ds[i]["image"], a["image"])
+    assert len(labels) >= 8
+    with pytest.raises(ValueError, match="2 classes"):
+        data.SyntheticScenes(4, 32, 1).swapped(0)
+
+
+def test_fashion_swapped_scene_changes_only_the_item():
+    """`swapped(i)`: an item of another class in the same square, the fragments unchanged."""
+    images, labels = _fashion_items()
+    ds = data.FashionMNISTScenes(images, labels, 40, 64, "cluttered", **data.OBJECT_CENTRIC)
+    for i in range(10):
+        a, b = ds[i], ds.swapped(i)
+        assert b["label"] != a["label"] and torch.equal(b["target"], a["target"])
+        cy, cx, h = a["target"].tolist()
+        c = (torch.arange(64) + 0.5) / 64 * 2 - 1
+        away = ((c[:, None] - cy).abs() > h + 2 / 64) | ((c[None, :] - cx).abs() > h + 2 / 64)
+        assert torch.equal(a["image"][:, away], b["image"][:, away])
+        assert (a["image"] - b["image"]).abs().amax() > 0.3
+        assert torch.equal(ds.swapped(i)["image"], b["image"])
+
+
 def test_synthetic_non_square():
     s = data.render_scene(2, (40, 72))
     assert s.image.shape == (40, 72, 3) and s.mask.shape == (40, 72)

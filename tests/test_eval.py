@@ -115,9 +115,11 @@ def test_foveal_evaluation(foveal_ckpts, tmp_path):
                 correct += (model.classify(state).argmax(-1) == batch["label"]).sum().item() / 2
     assert r1["random"]["top1"][0] == pytest.approx(100 * correct / 12, abs=0.01)
     # The seed draws the random gazes (recomputed above from it) and nothing else.
-    other = ev.main([*args[:-2], "--res_factors", "1", "--out_dir", str(tmp_path / "c"), "--seed", "1"])
+    other = ev.main([*args[:-2], "--res_factors", "1", "--out_dir", str(tmp_path / "c"), "--seed", "1",
+                     "--knn", "true", "--n_train", "10"])
     o1 = other["resolution"]["1x"]
     assert o1["fixed"] == r1["fixed"] and o1["vit_mode"] == r1["vit_mode"] and o1["random"] != r1["random"]
+    assert "knn" not in res and set(other["knn"]["object_share"]) == {"vit", "random", "target"}
 
 
 def test_shuffled_vit_evaluation(tmp_path):
@@ -154,6 +156,19 @@ def test_knn_matches_a_brute_force_vote():
     assert ev.knn_top1(train_f, train_y, test_f, test_y, 3, k=5) == pytest.approx(right / 10)
 
 
+def test_object_share_is_the_swap_distance_over_the_distance_between_scenes():
+    """Against a loop over pairs; 0 where the features ignore the object, about 1 where a new
+    object is as new as a new scene (the swapped features another draw of the same kind)."""
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)
+    feats, other = unit(torch.randn(40, 8, dtype=torch.float64)), unit(torch.randn(40, 8, dtype=torch.float64))
+    between = [1 - feats[i] @ feats[j] for i in range(40) for j in range(40) if i != j]
+    swap = [1 - feats[i] @ other[i] for i in range(40)]
+    assert ev.object_share(feats, other) == pytest.approx((sum(swap) / 40 / (sum(between) / len(between))).item())
+    assert ev.object_share(feats, feats) == pytest.approx(0, abs=1e-12)
+    big, big_other = unit(torch.randn(4000, 8)), unit(torch.randn(4000, 8))
+    assert ev.object_share(big, big_other) == pytest.approx(1, abs=0.05)
+
+
 def test_dino_and_probe_checkpoints(tmp_path):
     """A dino backbone: k-NN only; its probe: the per-step tables, [000] Table 1's layout, k-NN."""
     from test_fovea import dino_checkpoint
@@ -161,7 +176,8 @@ def test_dino_and_probe_checkpoints(tmp_path):
     args = ["--n_val", "8", "--n_train", "12", "--batch_size", "4", "--repeats", "1", "--res_factors", "1",
             "--pictures", "0"]
     res = ev.main(["--ckpt", str(tmp_path / "dino.pt"), "--out_dir", str(tmp_path / "d"), *args])
-    assert set(res["knn"]) == {"k", "n_train", "vit", "random", "target"} and res["resolution"] == {}
+    assert set(res["knn"]) == {"k", "n_train", "vit", "random", "target", "object_share"} and res["resolution"] == {}
+    assert set(res["knn"]["object_share"]) == {"vit", "random", "target"}
     assert "gazes on the target" in (tmp_path / "d" / "tables.md").read_text()
     cfg = train.TrainConfig()
     config.apply_overrides(cfg, {"objective": "probe", "data": {"image_size": 32},
@@ -170,6 +186,17 @@ def test_dino_and_probe_checkpoints(tmp_path):
     res = ev.main(["--ckpt", str(tmp_path / "probe.pt"), "--out_dir", str(tmp_path / "p"), *args])
     assert len(res["resolution"]["1x"]["random"]["top1"]) == 2 and "knn" in res
     assert "| this model |" in (tmp_path / "p" / "tables.md").read_text()
+
+
+def test_object_share_sees_the_scenes_twice_with_the_same_gazes(tmp_path, monkeypatch):
+    """With `swapped` giving the scene unchanged, every mode's share is 0: the second pass draws
+    the same gazes (random, and on the target) for the same scenes."""
+    from test_fovea import dino_checkpoint
+    dino_checkpoint(tmp_path / "dino.pt")
+    monkeypatch.setattr(data.SyntheticScenes, "swapped", data.SyntheticScenes.__getitem__)
+    res = ev.main(["--ckpt", str(tmp_path / "dino.pt"), "--out_dir", str(tmp_path / "d"), "--n_val", "9",
+                   "--n_train", "6", "--batch_size", "4", "--res_factors", "1", "--pictures", "0"])
+    assert res["knn"]["object_share"] == {"vit": 0.0, "random": 0.0, "target": 0.0}
 
 
 def test_gazes_on_the_target_fall_inside_it_and_spread_over_its_middle():
