@@ -211,6 +211,9 @@ def _random_gratings(rng: np.random.Generator, k: int, f_lo: float, f_hi: float,
     return f, rng.uniform(0, 2 * np.pi, k), amp
 
 
+SPLITS = ("train", "val", "test")   # a scene's split is part of its seed
+
+
 def sample_scene(index: int, seed: int = 0, split: str = "train", num_classes: int = 10,
                  target_size: tuple[float, float] = (0.06, 0.12),
                  clutter: tuple[int, int] = (3, 8)) -> dict:
@@ -221,10 +224,9 @@ def sample_scene(index: int, seed: int = 0, split: str = "train", num_classes: i
     if not 0 < target_size[0] <= target_size[1] <= TARGET_MAX:
         raise ValueError(f"target_size {target_size}: badge diameters must satisfy 0 < min <= max <= "
                          f"{TARGET_MAX:.3f} of the side (the badge and its margin must fit in the scene)")
-    splits = ("train", "val", "test")
-    if split not in splits:
-        raise ValueError(f"split must be one of {splits}, got {split!r}")
-    rng = np.random.default_rng([seed, splits.index(split), index])
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
     label = int(rng.integers(num_classes))
     background = (_colour(rng, (0.0, 0.6), (0.3, 0.8)),
                   *_random_gratings(rng, 6, 0.25, 16.0, rng.uniform(0.03, 0.15)))
@@ -780,7 +782,7 @@ def sample_layout(index: int, n_items: int, seed: int = 0, split: str = "train",
     item = index % n_items
     if scene == "plain":
         return dict(item=item, box=(0.0, 0.0, 1.0), fragments=[])
-    rng = np.random.default_rng([seed, ("train", "val", "test").index(split), index])
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
     h = rng.uniform(*item_size)                              # half-side = side / scene side
     cy, cx = rng.uniform(-1 + h, 1 - h, 2)                   # fully inside the scene
     hf = h * fragment_px / ITEM_PX                           # a fragment at the item's scale
@@ -867,6 +869,11 @@ def fashion_mask(images: np.ndarray, layout: dict, label: int, size: int, scene:
     return np.where((a >= 0.1) & (a >= b), 2 + label, np.where(b >= 0.1, 1, 0)).astype(np.int64)
 
 
+def _grey_image(grey: np.ndarray) -> Tensor:
+    """(S, S) grey in [0, 1] -> (3, S, S) normalised, grey in R, G and B."""
+    return _normalise(np.repeat(grey[:, :, None], 3, axis=2))
+
+
 class FashionMNISTScenes(Dataset):
     """Scenes of Fashion-MNIST items (see "Fashion-MNIST scenes" above) of one split: images
     (N, 28, 28) uint8 and labels (N,) int64 of that split only (load_fashion_mnist). Item i:
@@ -899,23 +906,24 @@ class FashionMNISTScenes(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def render(self, i: int, size: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
-        """Scene i at `size` px (default image_size): grey (S, S) float32, label, target (3,)."""
+    def layout(self, i: int) -> dict:
+        """Where scene i puts what (`sample_layout` with this dataset's settings)."""
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for {self.length} scenes")
-        layout = sample_layout(i, len(self.images), self.seed, self.split, self.scene, self.item_size,
-                               self.clutter, self.fragment_px)
+        return sample_layout(i, len(self.images), self.seed, self.split, self.scene, self.item_size,
+                             self.clutter, self.fragment_px)
+
+    def render(self, i: int, size: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
+        """Scene i at `size` px (default image_size): grey (S, S) float32, label, target (3,)."""
+        layout = self.layout(i)
         grey, target = render_fashion(self.images, layout, size or self.image_size, self.scene,
                                       self.fragment_px)
         return grey, int(self.labels[layout["item"]]), target
 
     def __getitem__(self, i: int) -> dict:
         grey, label, target = self.render(i)
-        image = _normalise(np.repeat(grey[:, :, None], 3, axis=2))                # (3, S, S)
-        layout = sample_layout(i, len(self.images), self.seed, self.split, self.scene, self.item_size,
-                               self.clutter, self.fragment_px)
-        mask = fashion_mask(self.images, layout, label, self.image_size, self.scene, self.fragment_px)
-        return {"image": image, "label": torch.tensor(label, dtype=torch.int64), "index": i,
+        mask = fashion_mask(self.images, self.layout(i), label, self.image_size, self.scene, self.fragment_px)
+        return {"image": _grey_image(grey), "label": torch.tensor(label, dtype=torch.int64), "index": i,
                 "target": torch.from_numpy(target), "mask": torch.from_numpy(mask)}
 
     def swapped(self, i: int) -> dict:
@@ -923,17 +931,14 @@ class FashionMNISTScenes(Dataset):
         i)) in the same square, with the same fragments. The other class's scene tells what a
         representation owes to the object (eval.py's object share). Item as __getitem__'s,
         without the mask."""
-        if not 0 <= i < self.length:
-            raise IndexError(f"index {i} out of range for {self.length} scenes")
-        layout = sample_layout(i, len(self.images), self.seed, self.split, self.scene, self.item_size,
-                               self.clutter, self.fragment_px)
+        layout = self.layout(i)
         others = np.flatnonzero(self.labels != self.labels[layout["item"]])
         if not len(others):
             raise ValueError("swapped scenes need items of at least 2 classes")
-        rng = np.random.default_rng([self.seed, ("train", "val", "test").index(self.split), i, 1])
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i, 1])
         layout["item"] = int(others[rng.integers(len(others))])
         grey, target = render_fashion(self.images, layout, self.image_size, self.scene, self.fragment_px)
-        return {"image": _normalise(np.repeat(grey[:, :, None], 3, axis=2)),
+        return {"image": _grey_image(grey),
                 "label": torch.tensor(int(self.labels[layout["item"]]), dtype=torch.int64), "index": i,
                 "target": torch.from_numpy(target)}
 
